@@ -1,0 +1,64 @@
+"""bdtk: attack, inspect and purify backdoored PyTorch image classifiers.
+
+This module is the public API that plugins (built-in and third-party alike) import from.
+"""
+
+from .config import StrictConfig, build_config
+from .data import DataSpec, DefenseData, ImageData, to_float
+from .errors import BdtkError, ConfigError, ModelRequirementError
+from .hookspecs import hookimpl
+from .interfaces import (
+    Attack,
+    AttackConfig,
+    AttackContext,
+    InversionResult,
+    PluginMeta,
+    PoisonedTrainingSet,
+    PurificationResult,
+    Purifier,
+    TrainingSettings,
+    TriggerInverter,
+)
+from .metrics import accuracy, attack_scores, predict
+from .models import Capability, ImageClassifier, create_model
+from .plugins import get_attack, get_inverter, get_purifier
+from .training import augment_batch, iterate_batches, seed_everything, train_classifier
+from .triggers import MaskTrigger, Trigger
+
+__all__ = [
+    "Attack",
+    "AttackConfig",
+    "AttackContext",
+    "BdtkError",
+    "Capability",
+    "ConfigError",
+    "DataSpec",
+    "DefenseData",
+    "ImageClassifier",
+    "ImageData",
+    "InversionResult",
+    "MaskTrigger",
+    "ModelRequirementError",
+    "PluginMeta",
+    "PoisonedTrainingSet",
+    "PurificationResult",
+    "Purifier",
+    "StrictConfig",
+    "TrainingSettings",
+    "Trigger",
+    "TriggerInverter",
+    "accuracy",
+    "attack_scores",
+    "augment_batch",
+    "build_config",
+    "create_model",
+    "get_attack",
+    "get_inverter",
+    "get_purifier",
+    "hookimpl",
+    "iterate_batches",
+    "predict",
+    "seed_everything",
+    "to_float",
+    "train_classifier",
+]

@@ -1,0 +1,111 @@
+"""Validated configuration: a strict pydantic base for plugin configs and the run configs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class StrictConfig(BaseModel):
+    """Base of every bdtk config: unknown or misspelt fields are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def build_config(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
+    """Validate `values` into `cls`, turning pydantic's error into a ConfigError naming `where`."""
+    try:
+        return cls.model_validate(values or {})
+    except ValidationError as exc:
+        raise ConfigError.from_validation(where, exc) from None
+
+
+def config_hash(payload: Any) -> str:
+    """A stable short hash of any JSON-serialisable payload (configs, cache keys)."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class PluginChoice(StrictConfig):
+    """A plugin by name with its config values (validated later against the plugin's Config)."""
+
+    name: str = Field(description="Registered plugin name")
+    config: dict[str, Any] = Field(default_factory=dict, description="Values for its Config")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def label(self) -> str:
+        """The name, with the config's hash when it differs from the defaults."""
+        return self.name if not self.config else f"{self.name}[{config_hash(self.config)[:6]}]"
+
+
+class TrainingConfig(StrictConfig):
+    """How the (backdoored) model is trained: SGD with momentum and a cosine schedule."""
+
+    epochs: int = Field(default=2, ge=1, le=1000, description="Training epochs")
+    batch_size: int = Field(default=128, ge=1, le=8192, description="Batch size")
+    lr: float = Field(default=0.05, gt=0, le=10, description="Initial learning rate")
+    weight_decay: float = Field(default=5e-4, ge=0, le=1, description="Weight decay")
+    augment: bool = Field(default=True, description="Random crop (and flips where they fit)")
+
+
+class BenchmarkConfig(StrictConfig):
+    """Everything that determines a benchmark run; a config file holds exactly these fields."""
+
+    dataset: str = Field(default="fashion-mnist", description="Dataset name")
+    data_dir: str | None = Field(default=None, description="Root of torchvision-format data")
+    download: bool = Field(default=False, description="Let torchvision download missing data")
+    model: str = Field(default="wrn-16-1", description="Model name from the zoo")
+    train_size: int | None = Field(
+        default=None, ge=100, description="Use a seeded, class-stratified subset of the training set"
+    )
+    test_size: int | None = Field(
+        default=None, ge=100, description="Use a seeded, class-stratified subset of the test set"
+    )
+    attacks: list[PluginChoice] = Field(
+        default_factory=lambda: [PluginChoice(name="badnets")], min_length=1, description="Attacks"
+    )
+    defenses: list[PluginChoice] = Field(
+        default_factory=lambda: [PluginChoice(name="finetune")], description="Defenses"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Attack training")
+    clean_ratio: float = Field(
+        default=0.05, gt=0, le=0.5, description="Defender's clean budget, share of the training set"
+    )
+    val_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="Share of the budget held out for choosing thresholds"
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+    cache_dir: str | None = Field(default=None, description="Artifact cache (default: user cache)")
+    output: str = Field(default="bdtk-results/results.json", description="Results JSON path")
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a dict; errors name the file."""
+    if not path.exists():
+        raise ConfigError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            return tomllib.loads(text)
+        return dict(json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Cannot parse config file {path}: {exc}") from None

@@ -1,0 +1,370 @@
+"""Datasets as in-memory uint8 tensors, and the splits a backdoor experiment needs.
+
+Images stay uint8 (N, C, H, W) until a batch is drawn, then become float in [0, 1]; normalisation
+is the model's first layer. Whole datasets fit in memory, which makes CPU training far faster
+than per-sample PIL pipelines.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import BdtkError, DatasetNotFoundError, UnknownNameError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model and a trigger need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # horizontal flips are a label-preserving augmentation here
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def check_images(self, images: Tensor) -> None:
+        """Fail clearly when a batch does not have this dataset's image shape."""
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise BdtkError(
+                f"Images of shape {tuple(images.shape)} do not match dataset {self.name!r}, "
+                f"which has images of shape (N, {', '.join(map(str, self.image_shape))})."
+            )
+
+
+@dataclass
+class ImageData:
+    """A labelled image set: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: Tensor) -> ImageData:
+        return ImageData(self.images[index], self.labels[index])
+
+    def float_images(self) -> Tensor:
+        """All images as float in [0, 1] (uint8 is scaled; float is passed through)."""
+        return to_float(self.images)
+
+
+def to_float(images: Tensor) -> Tensor:
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+@dataclass
+class Dataset:
+    spec: DataSpec
+    train: ImageData
+    test: ImageData
+
+
+Loader = Callable[[Path | None, bool], tuple[ImageData, ImageData]]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: DataSpec
+    loader: Loader
+    how_to_get: str
+
+
+_DATASETS: dict[str, _Entry] = {}
+
+
+def _register(spec: DataSpec, how_to_get: str) -> Callable[[Loader], Loader]:
+    def deco(fn: Loader) -> Loader:
+        _DATASETS[spec.name] = _Entry(spec, fn, how_to_get)
+        return fn
+
+    return deco
+
+
+def available_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def dataset_spec(name: str) -> DataSpec:
+    if name not in _DATASETS:
+        raise UnknownNameError("dataset", name, available_datasets())
+    return _DATASETS[name].spec
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    """Load a dataset by name; a missing dataset raises one message that says how to get it."""
+    spec = dataset_spec(name)
+    entry = _DATASETS[name]
+    root = Path(data_dir).expanduser() if data_dir is not None else None
+    if root is None and os.environ.get("BDTK_DATA_DIR"):
+        root = Path(os.environ["BDTK_DATA_DIR"]).expanduser()
+    try:
+        train, test = entry.loader(root, download)
+    except DatasetNotFoundError:
+        raise
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        where = f" under {root}" if root else ""
+        raise DatasetNotFoundError(
+            f"Dataset {name!r} was not found{where} ({exc}). {entry.how_to_get}"
+        ) from None
+    return Dataset(spec, train, test)
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    magic = int.from_bytes(data[0:4], "big")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _idx_pair(folder: Path, prefix: str) -> ImageData | None:
+    img = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+    lbl = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    if img is None or lbl is None:
+        return None
+    images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(lbl).astype(np.int64))
+    return ImageData(images, labels)
+
+
+def _mnist_like(
+    folders: list[Path], tv_name: str, root: Path | None, download: bool
+) -> tuple[ImageData, ImageData]:
+    for folder in folders:
+        train, test = _idx_pair(folder, "train"), _idx_pair(folder, "t10k")
+        if train is not None and test is not None:
+            return train, test
+    if root is None:
+        raise DatasetNotFoundError("no data directory given")
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, tv_name)
+    tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
+    return (
+        ImageData(tr.data.unsqueeze(1).clone(), tr.targets.long().clone()),
+        ImageData(te.data.unsqueeze(1).clone(), te.targets.long().clone()),
+    )
+
+
+_GRAY = ((0.5,), (0.5,))
+
+
+@_register(
+    DataSpec("fashion-mnist", 10, 1, 28, 28, (0.2860,), (0.3530,), hflip=True),
+    "Install it with `apt-get install dataset-fashion-mnist` (files in "
+    "/usr/share/datasets/fashion-mnist), or pass --data-dir to a torchvision root "
+    "(add --download where a network is reachable).",
+)
+def _fashion_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    folders = [DEBIAN_FASHION_MNIST]
+    if root is not None:
+        folders = [root, root / "FashionMNIST" / "raw", *folders]
+    return _mnist_like(folders, "FashionMNIST", root, download)
+
+
+@_register(
+    DataSpec("mnist", 10, 1, 28, 28, (0.1307,), (0.3081,), hflip=False),
+    "Pass --data-dir to a folder with the MNIST IDX files or a torchvision root "
+    "(add --download where a network is reachable).",
+)
+def _mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    folders = [root, root / "MNIST" / "raw"] if root is not None else []
+    return _mnist_like(folders, "MNIST", root, download)
+
+
+def _require_root(root: Path | None) -> Path:
+    if root is None:
+        raise DatasetNotFoundError("no data directory given (use --data-dir)")
+    return root
+
+
+def _hwc_to_chw(array: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+_TV_HINT = "Pass --data-dir to its torchvision root (add --download where a network is reachable)."
+
+
+@_register(
+    DataSpec("cifar10", 10, 3, 32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    _TV_HINT,
+)
+def _cifar10(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    from torchvision.datasets import CIFAR10
+
+    r = _require_root(root)
+    tr, te = CIFAR10(r, train=True, download=download), CIFAR10(r, train=False, download=download)
+    return (
+        ImageData(_hwc_to_chw(tr.data), torch.tensor(tr.targets)),
+        ImageData(_hwc_to_chw(te.data), torch.tensor(te.targets)),
+    )
+
+
+@_register(
+    DataSpec("cifar100", 100, 3, 32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    _TV_HINT,
+)
+def _cifar100(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    from torchvision.datasets import CIFAR100
+
+    r = _require_root(root)
+    tr = CIFAR100(r, train=True, download=download)
+    te = CIFAR100(r, train=False, download=download)
+    return (
+        ImageData(_hwc_to_chw(tr.data), torch.tensor(tr.targets)),
+        ImageData(_hwc_to_chw(te.data), torch.tensor(te.targets)),
+    )
+
+
+@_register(
+    DataSpec("svhn", 10, 3, 32, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False),
+    _TV_HINT,
+)
+def _svhn(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    from torchvision.datasets import SVHN
+
+    r = _require_root(root)
+    tr = SVHN(r, split="train", download=download)
+    te = SVHN(r, split="test", download=download)
+    return (
+        ImageData(torch.from_numpy(tr.data.copy()), torch.from_numpy(tr.labels.astype(np.int64))),
+        ImageData(torch.from_numpy(te.data.copy()), torch.from_numpy(te.labels.astype(np.int64))),
+    )
+
+
+@_register(
+    DataSpec("gtsrb", 43, 3, 32, 32, (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669), False),
+    _TV_HINT + " Images are resized to 32×32.",
+)
+def _gtsrb(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
+    from torchvision import transforms
+    from torchvision.datasets import GTSRB
+
+    r = _require_root(root)
+    tf = transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor()])
+
+    def read(split: str) -> ImageData:
+        ds = GTSRB(r, split=split, transform=tf, download=download)
+        pairs = [ds[i] for i in range(len(ds))]
+        return ImageData(torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]))
+
+    return read("train"), read("test")
+
+
+def stratified_subset(data: ImageData, size: int | None, num_classes: int, seed: int) -> ImageData:
+    """A class-stratified random subset of `size` images (all of them when size is None or larger)."""
+    if size is None or size >= len(data):
+        return data
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    labels = data.labels[order]
+    pools = [order[labels == c] for c in range(num_classes)]
+    quotas = _stratified_quotas([int(p.numel()) for p in pools], size)
+    index = torch.cat([p[:q] for p, q in zip(pools, quotas, strict=True)]).sort().values
+    return data.subset(index)
+
+
+# --- splits ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DefenseData:
+    """The defender's clean budget, drawn from the training split only.
+
+    `train` is what a defense may learn from; `val` is held out from the same budget for choosing
+    thresholds, pruning ratios and epochs. `index_train`/`index_val` are positions in the
+    original training set, recorded so a run can be audited and repeated.
+    """
+
+    spec: DataSpec
+    train: ImageData
+    val: ImageData
+    index_train: Tensor
+    index_val: Tensor
+
+
+def draw_defense_data(
+    dataset: Dataset,
+    excluded: Tensor,
+    clean_ratio: float,
+    val_fraction: float,
+    seed: int,
+) -> DefenseData:
+    """Draw `clean_ratio` of the training set, avoiding `excluded` (the poisoned indices).
+
+    The budget is stratified by class so a small budget still covers every class.
+    """
+    n = len(dataset.train)
+    budget = round(clean_ratio * n)
+    if budget < 2:
+        raise BdtkError(f"clean_ratio={clean_ratio} leaves fewer than 2 images of {n}.")
+    allowed = torch.ones(n, dtype=torch.bool)
+    allowed[excluded] = False
+    gen = torch.Generator().manual_seed(seed)
+    candidates = torch.nonzero(allowed).squeeze(1)
+    if candidates.numel() < budget:
+        raise BdtkError(
+            f"Only {candidates.numel()} clean training images remain; clean_ratio={clean_ratio} "
+            f"asks for {budget}."
+        )
+    order = candidates[torch.randperm(candidates.numel(), generator=gen)]
+    labels = dataset.train.labels[order]
+    k = dataset.spec.num_classes
+    per_class = [order[labels == c] for c in range(k)]
+    quotas = _stratified_quotas([int(p.numel()) for p in per_class], budget)
+    index = torch.cat([pool[:quota] for pool, quota in zip(per_class, quotas, strict=True)])
+    index = index[torch.randperm(index.numel(), generator=gen)]
+    n_val = max(1, round(val_fraction * budget)) if val_fraction > 0 else 0
+    index_val, index_train = index[:n_val], index[n_val:]
+    return DefenseData(
+        dataset.spec,
+        dataset.train.subset(index_train),
+        dataset.train.subset(index_val),
+        index_train,
+        index_val,
+    )
+
+
+def _stratified_quotas(available: list[int], total: int) -> list[int]:
+    """Split `total` over classes in proportion to availability, never above it."""
+    size = sum(available)
+    quotas = [min(a, int(total * a / size)) for a in available]
+    remainder = total - sum(quotas)
+    for i in sorted(range(len(available)), key=lambda j: -available[j]):
+        if remainder == 0:
+            break
+        if quotas[i] < available[i]:
+            quotas[i] += 1
+            remainder -= 1
+    return quotas

@@ -1,0 +1,139 @@
+"""One device-agnostic training loop, seeding, and batch augmentation on tensors."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .console import progress
+from .errors import BdtkError
+from .interfaces import BatchHook, TrainingSettings
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so a CPU re-run reproduces its numbers."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BdtkError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BdtkError("Device 'cuda' was asked for but CUDA is not available here; use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BdtkError("Device 'mps' was asked for but MPS is not available here; use --device cpu.")
+    return device
+
+
+def augment_batch(images: Tensor, hflip: bool, generator: torch.Generator) -> Tensor:
+    """Random crop with zero padding (1/8 of the side) and, where it fits, horizontal flips."""
+    b, _, h, w = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(images.device)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(images.device)
+    batch_idx = torch.arange(b, device=images.device).view(b, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[batch_idx, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
+    if hflip:
+        flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        out = torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+    return out.contiguous()
+
+
+def iterate_batches(
+    images: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator, shuffle: bool = True
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (float images in [0, 1], labels) batches from uint8 or float tensors."""
+    n = labels.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        x = images[idx]
+        yield (x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()), labels[idx]
+
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+"""(model, x, y) → (loss, logits or None); logits feed the accuracy shown in the progress bar."""
+
+
+def cross_entropy_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def train_classifier(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    settings: TrainingSettings,
+    seed: int,
+    batch_hook: BatchHook | None = None,
+    loss_fn: LossFn = cross_entropy_loss,
+    description: str = "train",
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """SGD (momentum 0.9) with a cosine schedule over the run's real length; returns epoch losses.
+
+    `batch_hook` lets training-controlled attacks rewrite each batch; `loss_fn` lets defenses add
+    terms; `after_step` runs after each optimiser step (e.g. to keep pruned weights at zero).
+    """
+    if labels.numel() == 0:
+        raise BdtkError("Cannot train on an empty set.")
+    device = settings.device
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-labels.numel() // settings.batch_size)
+    total = max(1, settings.epochs * steps_per_epoch)
+    optimiser = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=settings.lr,
+        momentum=0.9,
+        weight_decay=settings.weight_decay,
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
+    epoch_losses: list[float] = []
+    with progress() as bar:
+        task = bar.add_task(description, total=total, status="")
+        for epoch in range(settings.epochs):
+            seen, loss_sum, correct = 0, 0.0, 0
+            for x, y in iterate_batches(images, labels, settings.batch_size, gen):
+                if batch_hook is not None:
+                    x, y = batch_hook(x, y)
+                if settings.augment:
+                    x = augment_batch(x, settings.hflip, gen)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss, logits = loss_fn(model, x, y)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                if after_step is not None:
+                    after_step()
+                seen += y.numel()
+                loss_sum += float(loss.detach()) * y.numel()
+                status = f"epoch {epoch + 1}/{settings.epochs} loss {loss_sum / seen:.3f}"
+                if logits is not None:
+                    correct += int((logits.detach().argmax(1) == y).sum())
+                    status += f" acc {correct / seen:.1%}"
+                bar.update(task, advance=1, status=status)
+            epoch_losses.append(loss_sum / max(seen, 1))
+    model.eval()
+    return epoch_losses

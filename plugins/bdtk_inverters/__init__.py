@@ -1,0 +1,1 @@
+"""Trigger inverters (Neural Cleanse) and the NC-unlearning purifier."""

@@ -1,0 +1,1 @@
+"""MCLDef: trigger synthesis, then model-contrastive purification."""
