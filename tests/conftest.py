@@ -1,0 +1,20 @@
+"""Test-wide settings: quiet progress bars and a private artifact cache per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("BDTK_QUIET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Never touch the user's cache; one cache per session so tests can share trained models."""
+    root = tmp_path_factory.getbasetemp() / "bdtk-cache"
+    monkeypatch.setenv("BDTK_CACHE_DIR", str(root))
+    return root

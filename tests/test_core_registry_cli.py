@@ -1,0 +1,125 @@
+"""The registry through the CLI: built-ins come from entry points, a throwaway plugin registered
+through the hook is listed and usable by `bdtk benchmark`, and bad input gets one clear message."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import Field
+from typer.testing import CliRunner
+
+from backdoor_toolkit import (
+    DefenseData,
+    ImageClassifier,
+    PluginMeta,
+    PurificationResult,
+    Purifier,
+    StrictConfig,
+    hookimpl,
+)
+from backdoor_toolkit.cli import app
+from backdoor_toolkit.plugins import get_registry, register_plugin, unregister_plugin
+
+runner = CliRunner()
+
+
+class ZeroHeadConfig(StrictConfig):
+    scale: float = Field(default=0.0, ge=0.0, le=1.0, description="Factor applied to the head's weights")
+
+
+class ZeroHead(Purifier):
+    """A throwaway defense: scales the classifier head, which makes every prediction a tie."""
+
+    name = "zero-head"
+    Config = ZeroHeadConfig
+    config: ZeroHeadConfig
+    meta = PluginMeta(summary="test-only purifier")
+
+    def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
+        with torch.no_grad():
+            model.fc.weight.mul_(self.config.scale)
+        return PurificationResult(model=model, notes="head scaled")
+
+
+class _Plugin:
+    @hookimpl
+    def register_purifiers(self, register):  # type: ignore[no-untyped-def]
+        register(ZeroHead)
+
+
+@pytest.fixture
+def zero_head() -> Iterator[None]:
+    register_plugin(_Plugin(), "test-zero-head")
+    yield
+    unregister_plugin("test-zero-head")
+
+
+def test_builtins_are_found_through_entry_points() -> None:
+    infos = {(i.kind, i.name): i for i in get_registry().all()}
+    assert infos[("attack", "badnets")].source.distribution == "backdoor-toolkit"
+    assert infos[("purifier", "finetune")].source.plugin == "baselines"
+
+
+def test_plugins_json_lists_kind_name_distribution_version(zero_head: None) -> None:
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {(p["kind"], p["name"]): p for p in json.loads(result.stdout)["plugins"]}
+    assert rows[("purifier", "zero-head")]["distribution"] == "(in-process)"
+    assert rows[("attack", "badnets")]["version"]
+
+
+def test_throwaway_plugin_runs_in_benchmark(zero_head: None, tmp_path: Path) -> None:
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": "small-cnn", "train_size": 400, "test_size": 200}))
+    out = tmp_path / "results.json"
+    result = runner.invoke(
+        app,
+        ["benchmark", "--config", str(config), "--defense", "zero-head", "--epochs", "1",
+         "--device", "cpu", "--output", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert [r["defense"] for r in rows] == ["none", "zero-head"]
+    zeroed = rows[1]
+    assert zeroed["status"] == "ok" and zeroed["notes"] == "head scaled"
+    # a constant head predicts one class for everything: BA collapses to about one class's share
+    assert zeroed["ba"] <= 0.2
+    assert zeroed["provenance"]["defense_plugin"] == "(in-process) "
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attack", "badnet"], "Unknown attack 'badnet'. Did you mean 'badnets'"),
+        (["--defense", "fine-tune"], "Did you mean 'finetune'"),
+        (["--dataset", "fmnist"], "Unknown dataset 'fmnist'"),
+        (["--model", "wrn-16"], "Unknown model 'wrn-16'"),
+        (["--set", "finetune.epoch=3"], "finetune.*epoch.*Extra inputs"),
+        (["--set", "finetune.epochs=0"], "epochs.*greater than or equal to 1"),
+        (["--set", "badnets.target=12"], "target 12 is outside"),
+        (["--set", "nad.beta=1"], "no attack or defense named 'nad'"),
+        (["--clean-ratio", "0.9"], "clean_ratio"),
+        (["--config", "missing.toml"], "does not exist"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "available|Unknown"),
+    ],
+)
+def test_bad_input_gets_one_clear_message(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["benchmark", *args])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert __import__("re").search(message, result.output.replace("\n", " ")), result.output
+
+
+def test_malformed_config_file(tmp_path: Path) -> None:
+    bad = tmp_path / "run.toml"
+    bad.write_text("model = [unclosed")
+    result = runner.invoke(app, ["benchmark", "--config", str(bad)])
+    assert result.exit_code == 2 and "Cannot parse config file" in result.output
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('modle = "wrn-16-1"\n')
+    result = runner.invoke(app, ["benchmark", "--config", str(wrong)])
+    assert result.exit_code == 2 and "modle" in result.output
