@@ -1,0 +1,116 @@
+"""MCLDef against the attack suite on the shared bench setting, with fine-tuning for reference.
+
+    python -m benchmarks.mcldef [--attack badnets --attack blended ...] [--variant faithful ...]
+
+Each attack named (default: the whole suite) that is not registered is skipped with a note.
+Variants are MCLDef configs: `faithful` is the authors' recipe (defaults); the others are the
+options docs/defenses/mcldef.md explains. Rows are appended to a JSON-lines file as they finish
+and the table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from backdoor_toolkit import get_purifier
+from backdoor_toolkit.benchmark import CellResult, run_benchmark
+from backdoor_toolkit.config import PluginChoice
+from backdoor_toolkit.plugins import get_registry
+
+from .setting import bench_config
+
+SUITE = ["badnets", "blended", "trojan", "sig", "wanet", "input-aware"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "faithful": {},
+    "tau0.1": {"temperature": 0.1},
+    "ce": {"ce_weight": 1.0},
+    "tau0.1+ce": {"temperature": 0.1, "ce_weight": 1.0},
+}
+
+
+def _label(row: CellResult) -> str:
+    if row.defense != "mcldef":
+        return row.defense
+    defaults = get_purifier("mcldef").Config().model_dump()
+    for name, cfg in VARIANTS.items():
+        if row.defense_config == {**defaults, **cfg}:
+            return f"mcldef ({name})"
+    return "mcldef (custom)"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def table(rows: list[CellResult]) -> str:
+    lines = [
+        "| attack | defense | BA | ASR | RA | DER | time (s) | inversion / purification (s) "
+        "| flagged | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        stages = " / ".join(
+            f"{r.stage_seconds[k]:.0f}" for k in ("inversion", "purification") if k in r.stage_seconds
+        )
+        flagged = r.diagnostics.get("flagged", "")
+        status = r.notes if r.status == "ok" else f"FAILED: {r.error}"
+        lines.append(
+            f"| {r.attack} | {_label(r)} | {_pct(r.ba)} | {_pct(r.asr)} | {_pct(r.ra)} | "
+            f"{'—' if r.der is None else f'{r.der:.3f}'} | "
+            f"{'—' if r.seconds is None else f'{r.seconds:.0f}'} | "
+            f"{stages or '—'} | {flagged} | {status.replace('|', '/')[:120]} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attack", action="append", help="Attack to run (repeatable; default: the suite)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="MCLDef variant (repeatable; default: all)",
+    )
+    parser.add_argument("--no-finetune", action="store_true", help="Skip the fine-tuning reference rows")
+    parser.add_argument("--full", action="store_true", help="Whole dataset instead of the bench subsets")
+    parser.add_argument(
+        "--output", type=Path, default=Path("bdtk-results/mcldef.jsonl"), help="JSON-lines rows"
+    )
+    args = parser.parse_args(argv)
+
+    registered = set(get_registry().by_kind["attack"])
+    wanted = args.attack or SUITE
+    attacks = [a for a in wanted if a in registered]
+    for name in wanted:
+        if name not in registered:
+            print(f"skipping attack {name!r}: not registered")
+    if not attacks:
+        raise SystemExit("No registered attack to run.")
+    defenses = [PluginChoice(name="mcldef", config=VARIANTS[v]) for v in (args.variant or list(VARIANTS))]
+    if not args.no_finetune:
+        defenses.append(PluginChoice(name="finetune"))
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[CellResult] = []
+
+    def record(row: CellResult) -> None:
+        rows.append(row)
+        with args.output.open("a") as fh:
+            fh.write(json.dumps(row.model_dump()) + "\n")
+        print(table([row]).splitlines()[-1], flush=True)
+
+    for attack in attacks:  # one run per attack, so a failing attack does not stop the others
+        run_benchmark(
+            bench_config(full=args.full, attacks=[PluginChoice(name=attack)], defenses=defenses),
+            on_result=record,
+        )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
