@@ -2,9 +2,13 @@
 
 from backdoor_toolkit import hookimpl
 
+from .anp import ANP
+from .fine_pruning import FinePruning
 from .finetune import FineTuning
+from .nad import NAD
 
 
 @hookimpl
 def register_purifiers(register):  # type: ignore[no-untyped-def]
-    register(FineTuning)
+    for cls in (FineTuning, FinePruning, NAD, ANP):
+        register(cls)

@@ -1,8 +1,16 @@
-"""Fine-tuning: plain supervised training on the clean budget — the baseline to beat."""
+"""Fine-tuning: plain supervised training on the clean budget — the baseline to beat.
+
+`fine_tune` is the training step the other baselines reuse (fine-pruning after pruning, NAD for
+its teacher and, with an extra loss term, its student), so they all train alike.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from backdoor_toolkit import (
     DefenseData,
@@ -16,6 +24,14 @@ from backdoor_toolkit import (
     train_classifier,
 )
 
+LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+"""(model, x, y) → (loss, logits), the shape `train_classifier` accepts as `loss_fn`."""
+
+
+def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
 
 class FineTuningConfig(StrictConfig):
     epochs: int = Field(default=10, ge=1, le=500, description="Epochs over the clean budget")
@@ -23,6 +39,35 @@ class FineTuningConfig(StrictConfig):
     batch_size: int = Field(default=64, ge=1, le=4096, description="Batch size")
     weight_decay: float = Field(default=5e-4, ge=0, le=0.1, description="SGD weight decay")
     augment: bool = Field(default=True, description="Random crop (and flips where they fit)")
+
+
+def fine_tune(
+    model: nn.Module,
+    data: DefenseData,
+    config: FineTuningConfig,
+    purifier: Purifier,
+    loss_fn: LossFn = cross_entropy,
+    description: str = "fine-tune",
+) -> list[float]:
+    """Train `model` in place on the clean budget's train part; returns the epoch losses."""
+    settings = TrainingSettings(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        augment=config.augment,
+        hflip=data.spec.hflip,
+        device=purifier.device,
+    )
+    return train_classifier(
+        model,
+        data.train.images,
+        data.train.labels,
+        settings,
+        seed=purifier.seed,
+        loss_fn=loss_fn,
+        description=description,
+    )
 
 
 class FineTuning(Purifier):
@@ -36,19 +81,7 @@ class FineTuning(Purifier):
     )
 
     def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
-        c = self.config
-        settings = TrainingSettings(
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            weight_decay=c.weight_decay,
-            augment=c.augment,
-            hflip=data.spec.hflip,
-            device=self.device,
-        )
-        losses = train_classifier(
-            model, data.train.images, data.train.labels, settings, seed=self.seed, description="fine-tune"
-        )
+        losses = fine_tune(model, data, self.config, self)
         return PurificationResult(
             model=model,
             diagnostics={"final_loss": losses[-1], "val_accuracy": accuracy(model, data.val, self.device)},

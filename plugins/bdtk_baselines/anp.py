@@ -1,0 +1,276 @@
+"""ANP — Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021).
+
+Backdoor neurons are those whose small perturbation makes the model misbehave on clean data. Each
+BatchNorm neuron k gets a mask m_k ∈ [0, 1] on its weight, and multiplicative perturbations
+(1 + δ_k) on its weight and (1 + ξ_k) on its bias, |δ_k|, |ξ_k| ≤ ε. On clean batches the masks
+minimise  α·L(m, no perturbation) + (1 − α)·L(m ⊙ (1 + δ), 1 + ξ), where δ, ξ come from one
+signed-gradient ascent step of size ε from a random start in the ε-box. Neurons whose mask ends
+low are pruned by zeroing their BatchNorm weight — with the paper's fixed threshold, or as the
+largest pruning (lowest masks first) whose clean *validation* accuracy stays within a budget.
+Never on test data: BackdoorBench's choice by lowest test ASR is an oracle no defender has.
+
+Masks and perturbations act through forward hooks that recompute each BatchNorm output from its
+input; the model stays in eval mode (running statistics), so the defender's batches neither
+change the statistics nor make the masks depend on batch composition. The original code
+optimises in train mode; this is the one deliberate difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from backdoor_toolkit import (
+    Capability,
+    DefenseData,
+    ImageClassifier,
+    ModelRequirementError,
+    PluginMeta,
+    PurificationResult,
+    Purifier,
+    StrictConfig,
+    accuracy,
+    iterate_batches,
+)
+
+
+class NeuronPerturbation:
+    """Forward hook on one BatchNorm2d: mask its weight, optionally perturb weight and bias."""
+
+    def __init__(self, bn: nn.BatchNorm2d, device: torch.device) -> None:
+        channels = bn.num_features
+        self.mask = torch.ones(channels, device=device, requires_grad=True)
+        self.delta = torch.zeros(channels, device=device)
+        self.xi = torch.zeros(channels, device=device)
+        self.perturbed = False
+        self.handle = bn.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        assert isinstance(module, nn.BatchNorm2d)
+        weight: Tensor = module.weight * self.mask
+        bias: Tensor = module.bias
+        if self.perturbed:
+            weight, bias = weight * (1 + self.delta), bias * (1 + self.xi)
+        return F.batch_norm(
+            inputs[0], module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps
+        )
+
+
+class NeuronMasks:
+    """The masks and perturbations of every BatchNorm neuron of a model, and one ANP step."""
+
+    def __init__(self, model: ImageClassifier, device: torch.device) -> None:
+        self.model = model
+        self.bns = model.batchnorms()
+        self.hooks = [NeuronPerturbation(bn, device) for bn in self.bns]
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return [h.mask for h in self.hooks]
+
+    def set_perturbed(self, on: bool) -> None:
+        for h in self.hooks:
+            h.perturbed = on
+
+    def ascend(self, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> None:
+        """Random start in the ε-box, then one signed-gradient step of size ε that raises the loss."""
+        for h in self.hooks:
+            shape = h.mask.shape
+            h.delta = ((torch.rand(shape, generator=generator) * 2 - 1) * eps).to(h.mask.device)
+            h.xi = ((torch.rand(shape, generator=generator) * 2 - 1) * eps).to(h.mask.device)
+            h.delta.requires_grad_(True)
+            h.xi.requires_grad_(True)
+        self.set_perturbed(True)
+        loss = F.cross_entropy(self.model(x), y)
+        leaves = [t for h in self.hooks for t in (h.delta, h.xi)]
+        grads = torch.autograd.grad(loss, leaves)
+        with torch.no_grad():
+            for h, g_delta, g_xi in zip(self.hooks, grads[0::2], grads[1::2], strict=True):
+                h.delta = (h.delta + eps * g_delta.sign()).clamp(-eps, eps).detach()
+                h.xi = (h.xi + eps * g_xi.sign()).clamp(-eps, eps).detach()
+
+    def mask_loss(self, x: Tensor, y: Tensor, alpha: float) -> Tensor:
+        """α·L(natural) + (1 − α)·L(perturbed) with the current perturbations."""
+        self.set_perturbed(False)
+        natural = F.cross_entropy(self.model(x), y)
+        if alpha >= 1:
+            return natural
+        self.set_perturbed(True)
+        robust = F.cross_entropy(self.model(x), y)
+        self.set_perturbed(False)
+        return alpha * natural + (1 - alpha) * robust
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.handle.remove()
+
+
+def prune_neurons(bns: list[nn.BatchNorm2d], neurons: list[tuple[int, int]]) -> None:
+    """Zero the BatchNorm weight of each (layer, channel): the neuron then outputs its bias only."""
+    with torch.no_grad():
+        for layer, channel in neurons:
+            bns[layer].weight[channel] = 0.0
+
+
+def neurons_below(masks: list[Tensor], threshold: float) -> list[tuple[int, int]]:
+    """(layer, channel) of every neuron whose mask is strictly below `threshold`."""
+    return [(layer, int(c)) for layer, m in enumerate(masks) for c in torch.nonzero(m < threshold).flatten()]
+
+
+def neurons_by_mask(masks: list[Tensor]) -> list[tuple[int, int]]:
+    """All (layer, channel) pairs, lowest mask first."""
+    flat = torch.cat([m.detach().cpu() for m in masks])
+    owners = [(layer, c) for layer, m in enumerate(masks) for c in range(m.numel())]
+    return [owners[int(i)] for i in torch.argsort(flat, stable=True)]
+
+
+class ANPConfig(StrictConfig):
+    eps: float = Field(default=0.4, ge=0, le=1, description="Bound ε of the multiplicative perturbations")
+    alpha: float = Field(
+        default=0.2, ge=0, le=1, description="Weight of the unperturbed loss (1 − α on the perturbed one)"
+    )
+    lr: float = Field(default=0.2, gt=0, le=10, description="Mask SGD learning rate (momentum 0.9)")
+    iterations: int = Field(default=2000, ge=1, le=100000, description="Mask optimisation steps")
+    batch_size: int = Field(default=128, ge=1, le=4096, description="Clean batch size")
+    prune_by: Literal["threshold", "val-budget"] = Field(
+        default="threshold",
+        description="threshold: prune masks below `threshold`; val-budget: the largest lowest-mask "
+        "pruning whose clean validation accuracy drop stays within `max_val_drop`",
+    )
+    threshold: float = Field(default=0.2, ge=0, le=1, description="Fixed mask threshold (paper: 0.2)")
+    max_val_drop: float = Field(
+        default=0.05, gt=0, le=1, description="val-budget: allowed absolute drop of clean val accuracy"
+    )
+    step: float = Field(
+        default=0.01, gt=0, le=0.5, description="val-budget: share of all neurons pruned per step"
+    )
+    max_prune_ratio: float = Field(
+        default=0.5, gt=0, lt=1, description="val-budget: never prune more than this share of neurons"
+    )
+
+
+def _cycle(
+    images: Tensor, labels: Tensor, batch_size: int, gen: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless shuffled batches: the iteration count, not epochs, sets ANP's length."""
+    while True:
+        yield from iterate_batches(images, labels, batch_size, gen)
+
+
+class ANP(Purifier):
+    name = "anp"
+    Config = ANPConfig
+    config: ANPConfig
+    meta = PluginMeta(
+        summary="Prune BatchNorm neurons whose learned masks fall under adversarial neuron perturbation",
+        paper="Wu & Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021",
+        year=2021,
+        url="https://arxiv.org/abs/2110.14430",
+        threat_model="defender holds a small clean set from the training distribution",
+        requires=(Capability.BATCHNORM,),
+    )
+
+    def optimise_masks(self, model: ImageClassifier, data: DefenseData) -> list[Tensor]:
+        """Learn the neuron masks on the clean budget's train part; the model's weights stay as they are."""
+        c = self.config
+        model.eval().to(self.device)
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        neurons = NeuronMasks(model, self.device)
+        optimiser = torch.optim.SGD(neurons.masks, lr=c.lr, momentum=0.9)
+        gen = torch.Generator().manual_seed(self.seed)
+        batches = _cycle(data.train.images, data.train.labels, c.batch_size, gen)
+        try:
+            for _ in range(c.iterations):
+                x, y = next(batches)
+                x, y = x.to(self.device), y.to(self.device)
+                if c.eps > 0 and c.alpha < 1:
+                    neurons.ascend(x, y, c.eps, gen)
+                loss = neurons.mask_loss(x, y, c.alpha)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    for m in neurons.masks:
+                        m.clamp_(0, 1)
+        finally:
+            neurons.remove()
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        return [m.detach().cpu() for m in neurons.masks]
+
+    def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
+        c = self.config
+        bns = model.batchnorms()
+        if not bns:
+            raise ModelRequirementError(
+                f"Defense 'anp' masks BatchNorm neurons, but {type(model).__name__} has no BatchNorm2d layer."
+            )
+        if any(bn.weight is None or bn.bias is None or bn.running_mean is None for bn in bns):
+            raise ModelRequirementError(
+                "Defense 'anp' needs every BatchNorm2d to have affine weights and running statistics."
+            )
+        base_acc = accuracy(model, data.val, self.device)
+        masks = self.optimise_masks(model, data)
+        total = sum(m.numel() for m in masks)
+        if c.prune_by == "threshold":
+            pruned = neurons_below(masks, c.threshold)
+            threshold = c.threshold
+            prune_neurons(bns, pruned)
+        else:
+            pruned, threshold = self._prune_within_budget(model, bns, masks, data, base_acc)
+        per_layer = [0] * len(bns)
+        for layer, _ in pruned:
+            per_layer[layer] += 1
+        flat = torch.cat(masks)
+        return PurificationResult(
+            model=model,
+            modified=bool(pruned),
+            notes=f"pruned {len(pruned)} of {total} BatchNorm neurons "
+            f"({c.prune_by}, threshold {threshold:.3f})",
+            diagnostics={
+                "neurons": total,
+                "pruned_count": len(pruned),
+                "pruned_per_layer": per_layer,
+                "pruned_neurons": pruned,
+                "threshold": threshold,
+                "prune_by": c.prune_by,
+                "mask_quantiles": {q: float(flat.quantile(q)) for q in (0.01, 0.05, 0.25, 0.5)},
+                "val_accuracy_before": base_acc,
+                "val_accuracy_after": accuracy(model, data.val, self.device),
+            },
+        )
+
+    def _prune_within_budget(
+        self,
+        model: ImageClassifier,
+        bns: list[nn.BatchNorm2d],
+        masks: list[Tensor],
+        data: DefenseData,
+        base_acc: float,
+    ) -> tuple[list[tuple[int, int]], float]:
+        """Prune lowest masks first, in steps, keeping the largest pruning within the val budget."""
+        c = self.config
+        order = neurons_by_mask(masks)
+        step = max(1, round(c.step * len(order)))
+        limit = int(c.max_prune_ratio * len(order))
+        originals = [bn.weight.detach().clone() for bn in bns]
+        chosen = 0
+        for count in [*range(step, limit, step), limit]:
+            prune_neurons(bns, order[chosen:count])
+            if base_acc - accuracy(model, data.val, self.device) > c.max_val_drop:
+                with torch.no_grad():
+                    for layer, channel in order[chosen:count]:
+                        bns[layer].weight[channel] = originals[layer][channel]
+                break
+            chosen = count
+        pruned = order[:chosen]
+        # every mask strictly below this value is pruned (ties at the boundary aside)
+        threshold = float(masks[order[chosen][0]][order[chosen][1]]) if chosen < len(order) else 1.0
+        return pruned, threshold

@@ -1,0 +1,141 @@
+"""Fine-pruning (Liu, Dolan-Gavitt & Garg, RAID 2018): prune dormant channels, then fine-tune.
+
+Backdoor behaviour tends to live in channels of the last convolutional layer that clean inputs
+leave dormant. Channels of `model.final` are ranked by their mean activation on the clean budget's
+train part and masked out, least active first, step by step, until clean *validation* accuracy
+falls by more than `max_val_drop`; the largest pruning within that budget is kept and the network
+is fine-tuned with those channels held at zero.
+
+The mask is a forward hook on `model.final` that stays on the returned model (a `ChannelMask`,
+which survives `copy.deepcopy` and pickling). Zeroing weights instead would not work for every
+model: `final` may hold no parameters at all (e.g. an identity after the last ReLU).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from backdoor_toolkit import (
+    Capability,
+    DefenseData,
+    ImageClassifier,
+    PluginMeta,
+    PurificationResult,
+    Purifier,
+    accuracy,
+    iterate_batches,
+)
+
+from .finetune import FineTuningConfig, fine_tune
+
+
+class ChannelMask:
+    """Forward hook that multiplies a module's (B, C, H, W) output by a fixed 0/1 channel mask."""
+
+    def __init__(self, keep: Tensor) -> None:
+        self.keep = keep.float()
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return output * self.keep.to(output.device).view(1, -1, 1, 1)
+
+    @property
+    def pruned(self) -> list[int]:
+        return torch.nonzero(self.keep == 0).flatten().tolist()
+
+
+@torch.no_grad()
+def mean_channel_activation(
+    model: ImageClassifier, images: Tensor, labels: Tensor, device: torch.device, batch_size: int = 256
+) -> Tensor:
+    """Mean activation of each channel of `model.final` over images and positions."""
+    model.eval().to(device)
+    total: Tensor | None = None
+    count = 0
+    gen = torch.Generator().manual_seed(0)
+    for x, _ in iterate_batches(images, labels, batch_size, gen, shuffle=False):
+        maps = model.final_maps(x.to(device))
+        batch_sum = maps.sum(dim=(0, 2, 3))
+        total = batch_sum if total is None else total + batch_sum
+        count += maps.shape[0] * maps.shape[2] * maps.shape[3]
+    assert total is not None, "empty clean budget"
+    return (total / count).cpu()
+
+
+class FinePruningConfig(FineTuningConfig):
+    """Pruning settings; the fine-tuning fields are those of `finetune`."""
+
+    step: float = Field(
+        default=0.05,
+        gt=0,
+        le=0.5,
+        description="Share of the last layer's channels pruned per step (at least one channel)",
+    )
+    max_val_drop: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Keep pruning while clean validation accuracy stays within this absolute drop",
+    )
+    max_prune_ratio: float = Field(
+        default=0.95, gt=0, lt=1, description="Never prune more than this share of the channels"
+    )
+
+
+class FinePruning(Purifier):
+    name = "fine-pruning"
+    Config = FinePruningConfig
+    config: FinePruningConfig
+    meta = PluginMeta(
+        summary="Prune last-layer channels dormant on clean data within a clean-val budget, then fine-tune",
+        paper="Liu, Dolan-Gavitt & Garg, Fine-Pruning: Defending Against Backdooring Attacks on "
+        "Deep Neural Networks, RAID 2018",
+        year=2018,
+        url="https://arxiv.org/abs/1805.12185",
+        threat_model="defender holds a small clean set from the training distribution",
+        requires=(Capability.FINAL_MAPS,),
+    )
+
+    def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
+        c = self.config
+        activation = mean_channel_activation(model, data.train.images, data.train.labels, self.device)
+        channels = activation.numel()
+        order = torch.argsort(activation)  # dormant first
+        step = max(1, round(c.step * channels))
+        limit = int(c.max_prune_ratio * channels)
+
+        mask = ChannelMask(torch.ones(channels))
+        handle = model.final.register_forward_hook(mask)
+        base_acc = accuracy(model, data.val, self.device)
+        curve: list[tuple[int, float]] = [(0, base_acc)]
+        chosen = 0
+        for count in [*range(step, limit, step), limit]:
+            mask.keep = torch.ones(channels)
+            mask.keep[order[:count]] = 0
+            acc = accuracy(model, data.val, self.device)
+            curve.append((count, acc))
+            if base_acc - acc > c.max_val_drop:
+                break
+            chosen = count
+        mask.keep = torch.ones(channels)
+        mask.keep[order[:chosen]] = 0
+        pruned_acc = accuracy(model, data.val, self.device)
+
+        losses = fine_tune(model, data, c, self, description="fine-prune")
+        if chosen == 0:
+            handle.remove()  # nothing pruned: leave no hook behind
+        return PurificationResult(
+            model=model,
+            notes=f"pruned {chosen} of {channels} channels of the last layer",
+            diagnostics={
+                "channels": channels,
+                "pruned_channels": mask.pruned,
+                "pruned_count": chosen,
+                "val_accuracy_before": base_acc,
+                "val_accuracy_pruned": pruned_acc,
+                "val_accuracy_after": accuracy(model, data.val, self.device),
+                "val_curve": curve,
+                "final_loss": losses[-1],
+            },
+        )
