@@ -1,1 +1,16 @@
 """Trigger inverters (Neural Cleanse) and the NC-unlearning purifier."""
+
+from backdoor_toolkit import hookimpl
+
+from .neural_cleanse import NeuralCleanse
+from .unlearning import NCUnlearning
+
+
+@hookimpl
+def register_inverters(register):  # type: ignore[no-untyped-def]
+    register(NeuralCleanse)
+
+
+@hookimpl
+def register_purifiers(register):  # type: ignore[no-untyped-def]
+    register(NCUnlearning)

@@ -1,0 +1,158 @@
+"""Neural Cleanse on the bench setting: is the true target flagged, does its reversed trigger work,
+is a clean model left alone, and how much faster is the batched scan than a per-class loop?
+
+    OMP_NUM_THREADS=1 python -m benchmarks.inversion --attack badnets --attack blended --attack trojan
+
+Backdoored models come from the shared cache (trained on a miss). Attacks that are not registered
+are skipped with a note. Reversed-trigger ASR is measured on clean TEST images, for evaluation
+only; the inverter itself sees only the defender's clean budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backdoor_toolkit import build_config, get_attack, get_inverter
+from backdoor_toolkit.artifacts import ArtifactCache
+from backdoor_toolkit.backdoor import backdoored_model, clean_model
+from backdoor_toolkit.benchmark import load_run_dataset
+from backdoor_toolkit.data import DefenseData, ImageData, draw_defense_data
+from backdoor_toolkit.errors import UnknownNameError
+from backdoor_toolkit.metrics import accuracy, predict
+from backdoor_toolkit.training import resolve_device, seed_everything
+from benchmarks.setting import bench_config
+
+
+def reversed_asr(
+    model: torch.nn.Module, test: ImageData, trigger: Any, target: int, device: torch.device
+) -> float:
+    """Share of non-target clean test images that the reversed trigger sends to `target`."""
+    victims = test.labels != target
+    pred = predict(model, test.images[victims], device, transform=lambda x: trigger(x).clamp(0, 1))
+    return float((pred == target).float().mean())
+
+
+def run_inverter(model: torch.nn.Module, data: DefenseData, seed: int, values: dict[str, Any]) -> Any:
+    cls = get_inverter("neural-cleanse")
+    seed_everything(seed)
+    return cls(build_config(cls.Config, values, "neural-cleanse"), seed=seed).invert(model, data)
+
+
+def evaluate(
+    label: str,
+    model: torch.nn.Module,
+    data: DefenseData,
+    test: ImageData,
+    true_target: int | None,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    base = {"steps": args.steps}
+    batched = run_inverter(model, data, args.seed, base)
+    row: dict[str, Any] = {
+        "model": label,
+        "true_target": true_target,
+        "flagged": batched.flagged,
+        "ranked": batched.ranked(),
+        "mask_norms": [round(v, 2) for v in batched.mask_norms.tolist()],
+        "anomaly_index": [round(v, 2) for v in batched.anomaly_index.tolist()],
+        "val_attack_success": [round(v, 4) for v in batched.attack_success.tolist()],
+        "steps_per_class": batched.diagnostics["steps"],
+        "batched_seconds": batched.seconds,
+        "clean_test_ba": accuracy(model, test, device),
+    }
+    if true_target is not None:
+        row["detected"] = true_target in batched.flagged
+        row["target_anomaly_index"] = float(batched.anomaly_index[batched.classes.index(true_target)])
+        row["reversed_asr_test"] = reversed_asr(
+            model, test, batched.trigger(true_target), true_target, device
+        )
+    row["flagged_reversed_asr_test"] = {
+        k: reversed_asr(model, test, batched.trigger(k), k, device) for k in batched.flagged
+    }
+    if not args.skip_loop:
+        loop = run_inverter(model, data, args.seed, {**base, "batched": False})
+        row["loop_seconds"] = loop.seconds
+        row["speedup"] = loop.seconds / batched.seconds
+        row["loop_flagged"] = loop.flagged
+        row["max_norm_diff_vs_loop"] = float((loop.mask_norms - batched.mask_norms).abs().max())
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | true target | flagged | target's anomaly index | reversed-trigger ASR (test) | "
+        "batched s | per-class loop s | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        target = "—" if r["true_target"] is None else str(r["true_target"])
+        index = f"{r['target_anomaly_index']:.2f}" if "target_anomaly_index" in r else "—"
+        asr = f"{100 * r['reversed_asr_test']:.2f}" if "reversed_asr_test" in r else "—"
+        loop = f"{r['loop_seconds']:.1f} | {r['speedup']:.2f}×" if "loop_seconds" in r else "— | —"
+        flagged = ", ".join(map(str, r["flagged"])) or "none"
+        lines.append(
+            f"| {r['model']} | {target} | {flagged} | {index} | {asr} | {r['batched_seconds']:.1f} | {loop} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--attack", action="append", help="Attack name (repeatable; default badnets, blended, trojan)"
+    )
+    parser.add_argument("--no-clean", action="store_true", help="Skip the clean control model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=300, help="Neural Cleanse step budget")
+    parser.add_argument("--skip-loop", action="store_true", help="Do not time the per-class loop")
+    parser.add_argument("--full", action="store_true", help="Whole dataset instead of the bench subset")
+    parser.add_argument("--output", default="bdtk-results/inversion.json")
+    args = parser.parse_args()
+    cfg = bench_config(full=args.full)
+    device = resolve_device(cfg.device)
+    dataset = load_run_dataset(cfg)
+    cache = ArtifactCache(Path(cfg.cache_dir) if cfg.cache_dir else None)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for name in args.attack or ["badnets", "blended", "trojan"]:
+        try:
+            cls = get_attack(name)
+        except UnknownNameError as exc:
+            print(f"skipping {name}: {exc}", flush=True)
+            continue
+        attack = cls(build_config(cls.Config, {}, name), dataset.spec, seed=args.seed)  # type: ignore[arg-type]
+        victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, cache)
+        data = draw_defense_data(dataset, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, args.seed)
+        row = evaluate(name, victim.model, data, dataset.test, attack.config.target, args, device)
+        row["attack_asr_test"] = reversed_asr(
+            victim.model, dataset.test, attack.apply_trigger, attack.config.target, device
+        )
+        rows.append(row)
+    if not args.no_clean:
+        model = clean_model(dataset, cfg.model, args.seed, cfg.training, device, cache)
+        data = draw_defense_data(
+            dataset, torch.empty(0, dtype=torch.long), cfg.clean_ratio, cfg.val_fraction, args.seed
+        )
+        rows.append(evaluate("clean (no attack)", model, data, dataset.test, None, args, device))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    setting = cfg.model_dump(
+        include={"dataset", "model", "train_size", "test_size", "training", "clean_ratio"}
+    )
+    out.write_text(json.dumps({"setting": setting, "steps": args.steps, "rows": rows}, indent=2))
+    print(markdown(rows))
+    print(f"total {time.perf_counter() - started:.0f} s; results in {out}")
+
+
+if __name__ == "__main__":
+    main()
