@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -98,12 +98,16 @@ class Attack(Plugin):
     (e.g. input-aware attacks that co-train a generator). `apply_trigger` is the test-time
     trigger used to measure ASR; state it needs (a generated pattern, a warp field, a generator)
     is saved with the backdoored model through `trigger_state` / `load_trigger_state`.
+    `training_batch` sees raw batches unless `poison_after_augment` is set: then the default
+    `fit` augments first, so a trigger that augmentation would distort (a warp) stays exact.
     """
 
     kind: ClassVar[Kind] = "attack"
     Config: ClassVar[type[StrictConfig]] = AttackConfig
     #: True for attacks that keep labels of poisoned samples (clean-label).
     clean_label: ClassVar[bool] = False
+    #: True for training-controlled attacks that poison augmented batches (as WaNet's paper does).
+    poison_after_augment: ClassVar[bool] = False
     config: AttackConfig
 
     def __init__(self, config: AttackConfig, spec: DataSpec, seed: int = 0) -> None:
@@ -173,11 +177,18 @@ class Attack(Plugin):
 
     def fit(self, model: ImageClassifier, data: PoisonedTrainingSet, settings: TrainingSettings) -> None:
         """Train `model` on the poisoned set; override to control the whole loop."""
-        from .training import train_classifier
+        from .training import augment_batch, train_classifier
 
-        train_classifier(
-            model, data.images, data.labels, settings, seed=self.seed, batch_hook=self.training_batch
-        )
+        hook: BatchHook = self.training_batch
+        if self.poison_after_augment and settings.augment:
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            hflip = settings.hflip
+
+            def augmented(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+                return self.training_batch(augment_batch(x, hflip, gen), y)
+
+            hook, settings = augmented, replace(settings, augment=False)
+        train_classifier(model, data.images, data.labels, settings, seed=self.seed, batch_hook=hook)
 
     def trigger_state(self) -> dict[str, Tensor]:
         """Tensors the test-time trigger depends on, saved beside a cached model."""

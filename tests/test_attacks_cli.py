@@ -1,0 +1,81 @@
+"""`bdtk attack`: trains into the cache, writes the trigger grid, and rejects bad input early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from backdoor_toolkit.cli import app
+from backdoor_toolkit.cli.attack import sample_per_class, trigger_grid
+from backdoor_toolkit.data import ImageData
+
+runner = CliRunner()
+TINY = [
+    "--model",
+    "small-cnn",
+    "--train-size",
+    "100",
+    "--test-size",
+    "100",
+    "--epochs",
+    "1",
+    "--device",
+    "cpu",
+]
+
+
+def test_attack_command_trains_once_and_writes_the_grid(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.png"
+    args = [
+        "attack",
+        "--attack",
+        "blended",
+        "--set",
+        "alpha=0.3",
+        *TINY,
+        "--grid",
+        str(grid),
+        "--images",
+        "5",
+    ]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "trained in" in first.output and "ASR" in first.output
+    with Image.open(grid) as png:
+        # 5 columns and 3 rows (clean, triggered, difference) of 4× upscaled 28-pixel images, 2px padding
+        assert png.size == (2 + 5 * (4 * 28 + 2), 2 + 3 * (4 * 28 + 2))
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and "loaded from cache" in second.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attack", "blended", "--set", "alpha=0"], "alpha"),
+        (["--attack", "trojan", "--set", "size=40"], "does not fit"),
+        (["--attack", "sig", "--set", "target=12"], "outside the 10 classes"),
+        (["--attack", "blendd"], "Did you mean 'blended'"),
+        (["--attack", "blended", "--set", "alpha"], "FIELD=VALUE"),
+    ],
+)
+def test_bad_attack_settings_fail_before_training(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["attack", *args, *TINY])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Training" not in result.output
+
+
+def test_grid_rows_and_class_sampling() -> None:
+    clean = torch.zeros(3, 1, 4, 4)
+    triggered = clean.clone()
+    triggered[:, :, 0, 0] = 0.1
+    rows = trigger_grid(clean, triggered, scale=2)
+    assert rows.shape == (9, 1, 8, 8)
+    assert rows[6:, :, :2, :2].eq(1).all() and rows[6:, :, 2:, :].eq(0).all()  # difference stretched
+    data = ImageData(torch.zeros(12, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 1, 2] * 2))
+    picked = sample_per_class(data, 4)
+    assert data.labels[picked].tolist() == [0, 1, 2, 0]
