@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from backdoor_toolkit import AttackConfig, attack_scores, build_config, get_attack
 from backdoor_toolkit.artifacts import ArtifactCache
-from backdoor_toolkit.backdoor import clean_model
-from backdoor_toolkit.benchmark import load_run_dataset, run_benchmark
-from backdoor_toolkit.config import BenchmarkConfig, PluginChoice
+from backdoor_toolkit.backdoor import backdoored_model, clean_model
+from backdoor_toolkit.benchmark import load_run_dataset
+from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.metrics import accuracy
 from backdoor_toolkit.training import resolve_device
 
@@ -41,17 +42,20 @@ def measure_clean(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {"attack": "clean", "ba": accuracy(model, dataset.test, device), "asr": None, "ra": None}
 
 
-def measure_attack(cfg: BenchmarkConfig) -> dict[str, Any]:
-    """BA/ASR/RA of the undefended backdoored model for the one attack in `cfg`."""
-    (row,) = run_benchmark(cfg)
+def measure_attack(cfg: BenchmarkConfig, name: str) -> dict[str, Any]:
+    """BA/ASR/RA of the undefended model backdoored by attack `name` (default config)."""
+    device = resolve_device(cfg.device)
+    dataset = load_run_dataset(cfg)
+    cls = get_attack(name)
+    attack = cls(cast(AttackConfig, build_config(cls.Config, {}, name)), dataset.spec, seed=cfg.seeds[0])
+    victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, _cache(cfg))
+    scores = attack_scores(victim.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
     return {
-        "attack": row.attack,
-        "config": row.attack_config,
-        "ba": row.ba,
-        "asr": row.asr,
-        "ra": row.ra,
-        "train_seconds": row.seconds,
-        "notes": row.notes,
+        "attack": name,
+        "config": attack.config.model_dump(),
+        **scores.model_dump(),
+        "train_seconds": victim.train_seconds,
+        "cache_key": victim.cache_key,
     }
 
 
@@ -110,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             results["rows"]["clean"] = measure_clean(base)
             args.output.write_text(json.dumps(results, indent=2))
         for name in todo:
-            cfg = bench_config(full=args.full, defenses=[], attacks=[PluginChoice(name=name)])
-            results["rows"][name] = measure_attack(cfg)
+            results["rows"][name] = measure_attack(base, name)
             args.output.write_text(json.dumps(results, indent=2))
             print(f"{name}: {results['rows'][name]}", flush=True)
     print(json.dumps(results["setting"]))
