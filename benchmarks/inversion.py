@@ -1,7 +1,7 @@
 """Neural Cleanse on the bench setting: is the true target flagged, does its reversed trigger work,
 is a clean model left alone, and how much faster is the batched scan than a per-class loop?
 
-    OMP_NUM_THREADS=1 python -m benchmarks.inversion --attack badnets --attack blended --attack trojan
+    OMP_NUM_THREADS=1 python -m benchmarks.inversion --attack clean --attack badnets --attack blended
 
 Backdoored models come from the shared cache (trained on a miss). Attacks that are not registered
 are skipped with a note. Reversed-trigger ASR is measured on clean TEST images, for evaluation
@@ -111,7 +111,6 @@ def main() -> None:
     parser.add_argument(
         "--attack", action="append", help="Attack name (repeatable; default badnets, blended, trojan)"
     )
-    parser.add_argument("--no-clean", action="store_true", help="Skip the clean control model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=300, help="Neural Cleanse step budget")
     parser.add_argument("--skip-loop", action="store_true", help="Do not time the per-class loop")
@@ -124,7 +123,13 @@ def main() -> None:
     cache = ArtifactCache(Path(cfg.cache_dir) if cfg.cache_dir else None)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for name in args.attack or ["badnets", "blended", "trojan"]:
+    for name in args.attack or ["badnets", "blended", "trojan", "clean"]:
+        if name == "clean":
+            model = clean_model(dataset, cfg.model, args.seed, cfg.training, device, cache)
+            empty = torch.empty(0, dtype=torch.long)
+            data = draw_defense_data(dataset, empty, cfg.clean_ratio, cfg.val_fraction, args.seed)
+            rows.append(evaluate("clean (no attack)", model, data, dataset.test, None, args, device))
+            continue
         try:
             cls = get_attack(name)
         except UnknownNameError as exc:
@@ -138,12 +143,6 @@ def main() -> None:
             victim.model, dataset.test, attack.apply_trigger, attack.config.target, device
         )
         rows.append(row)
-    if not args.no_clean:
-        model = clean_model(dataset, cfg.model, args.seed, cfg.training, device, cache)
-        data = draw_defense_data(
-            dataset, torch.empty(0, dtype=torch.long), cfg.clean_ratio, cfg.val_fraction, args.seed
-        )
-        rows.append(evaluate("clean (no attack)", model, data, dataset.test, None, args, device))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     setting = cfg.model_dump(

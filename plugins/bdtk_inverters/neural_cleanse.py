@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -136,6 +136,7 @@ class NeuralCleanse(TriggerInverter):
         url="https://doi.org/10.1109/SP.2019.00031",
         threat_model="defender holds a small clean set; white-box gradients; trigger is a patch or blend",
     )
+    conformance_config: ClassVar[dict[str, Any]] = {"steps": 10, "eval_images": 16}
 
     def invert(
         self, model: ImageClassifier, data: DefenseData, classes: list[int] | None = None

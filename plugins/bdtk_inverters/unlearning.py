@@ -8,7 +8,7 @@ there is nothing to unlearn, and the model is handed back untouched.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -55,6 +55,10 @@ class NCUnlearning(Purifier):
         url="https://doi.org/10.1109/SP.2019.00031",
         threat_model="defender holds a small clean set; white-box gradients",
     )
+    conformance_config: ClassVar[dict[str, Any]] = {
+        "inverter_config": {"steps": 10, "eval_images": 16},
+        "epochs": 1,
+    }
 
     def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
         c = self.config
