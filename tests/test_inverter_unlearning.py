@@ -58,7 +58,7 @@ def test_flagged_target_is_unlearned_with_true_labels() -> None:
     assert result.diagnostics["flagged"] == [TARGET]
     assert set(result.stage_seconds) == {"inversion", "unlearning"}
     assert _asr(result.model) < 0.9  # the toy's backdoor weight is large; it fades, not vanishes
-    trigger_weight = result.model[1].weight[TARGET, -1]  # type: ignore[index]
+    trigger_weight = result.model[1].weight[TARGET, -1].detach()  # type: ignore[index]
     assert float(trigger_weight) < 20.0 - 4.0
 
 

@@ -136,7 +136,7 @@ class NeuralCleanse(TriggerInverter):
         url="https://doi.org/10.1109/SP.2019.00031",
         threat_model="defender holds a small clean set; white-box gradients; trigger is a patch or blend",
     )
-    conformance_config: ClassVar[dict[str, Any]] = {"steps": 10, "eval_images": 16}
+    conformance_config: ClassVar[dict[str, Any]] = {"steps": 5, "batch_size": 8, "eval_images": 16}
 
     def invert(
         self, model: ImageClassifier, data: DefenseData, classes: list[int] | None = None

@@ -56,7 +56,7 @@ class NCUnlearning(Purifier):
         threat_model="defender holds a small clean set; white-box gradients",
     )
     conformance_config: ClassVar[dict[str, Any]] = {
-        "inverter_config": {"steps": 10, "eval_images": 16},
+        "inverter_config": {"steps": 5, "batch_size": 8, "eval_images": 16},
         "epochs": 1,
     }
 
