@@ -69,6 +69,12 @@ class BenchmarkConfig(StrictConfig):
     data_dir: str | None = Field(default=None, description="Root of torchvision-format data")
     download: bool = Field(default=False, description="Let torchvision download missing data")
     model: str = Field(default="wrn-16-1", description="Model name from the zoo")
+    datasets: list[str] = Field(
+        default_factory=list, description="Several datasets for a grid (used instead of `dataset`)"
+    )
+    models: list[str] = Field(
+        default_factory=list, description="Several models for a grid (used instead of `model`)"
+    )
     train_size: int | None = Field(
         default=None, ge=100, description="Use a seeded, class-stratified subset of the training set"
     )
@@ -92,6 +98,14 @@ class BenchmarkConfig(StrictConfig):
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     cache_dir: str | None = Field(default=None, description="Artifact cache (default: user cache)")
     output: str = Field(default="bdtk-results/results.json", description="Results JSON path")
+
+    @property
+    def grid_datasets(self) -> list[str]:
+        return self.datasets or [self.dataset]
+
+    @property
+    def grid_models(self) -> list[str]:
+        return self.models or [self.model]
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`bdtk benchmark`: attacks × defenses × seeds on one dataset and model."""
+"""`bdtk benchmark`: a grid of datasets × models × attacks × defenses × seeds, or a named suite."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from ..benchmark import CellResult, run_benchmark, write_results
 from ..config import BenchmarkConfig, PluginChoice, build_config, load_config_file
 from ..console import console
 from ..errors import ConfigError
+from ..executors import EXECUTORS, get_executor
+from ..store import ResultStore
+from ..suites import available_suites, load_suite
 from .common import app, user_errors
 
 
@@ -53,8 +56,12 @@ def benchmark(
     defense: Annotated[
         list[str] | None, typer.Option("--defense", "-d", help="Defense plugin (repeatable)")
     ] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset name (see `bdtk datasets`)")] = None,
-    model: Annotated[str | None, typer.Option(help="Model name (see `bdtk models`)")] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", help="Dataset name (repeatable; see `bdtk datasets`)")
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Model name (repeatable; see `bdtk models`)")
+    ] = None,
     seed: Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable)")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs to train the backdoored model")] = None,
     clean_ratio: Annotated[
@@ -66,12 +73,33 @@ def benchmark(
     output: Annotated[str | None, typer.Option(help="Results JSON path")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Artifact cache directory")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML/JSON file with BenchmarkConfig fields")] = None,
+    suite: Annotated[
+        str | None,
+        typer.Option(help=f"Named suite ({', '.join(available_suites())}) or a suite TOML file"),
+    ] = None,
+    db: Annotated[
+        Path | None, typer.Option(help="Result database (default: $BDTK_DB or the user data dir)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Recompute cells already in the result database")] = False,
+    executor: Annotated[str, typer.Option(help=f"Where cells run: {', '.join(EXECUTORS)}")] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Existing Ray cluster (HOST:PORT, ray://…, auto) for --executor ray")
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Plugin setting PLUGIN.FIELD=VALUE (repeatable)")
     ] = None,
 ) -> None:
-    """Train (or load) backdoored models, run each defense, print BA/ASR/RA/DER and save JSON."""
+    """Run a grid: train (or load) backdoored models, run each defense, store every cell.
+
+    Cells already in the result database are skipped, so an interrupted grid resumes.
+    Rankings: `bdtk leaderboard`.
+    """
+    get_executor(executor, ray_address)  # a bad executor or Ray address fails before anything runs
+    if suite and config:
+        raise ConfigError("Give either --suite or --config, not both.")
     values: dict[str, Any] = load_config_file(config) if config else {}
+    if suite:
+        values = load_suite(suite).benchmark_values()
     values.setdefault("attacks", _choices(["badnets"]))
     values.setdefault("defenses", _choices(["finetune"]))
     values["attacks"] = [PluginChoice.model_validate(v).model_dump() for v in values["attacks"]]
@@ -80,9 +108,12 @@ def benchmark(
         values["attacks"] = _choices(attack)
     if defense:
         values["defenses"] = _choices(defense)
+    for one, many, given in (("dataset", "datasets", dataset), ("model", "models", model)):
+        if given:
+            values.pop(one, None)
+            values.pop(many, None)
+            values.update({one: given[0]} if len(given) == 1 else {many: given})
     flags = {
-        "dataset": dataset,
-        "model": model,
         "seeds": seed,
         "clean_ratio": clean_ratio,
         "device": device,
@@ -104,13 +135,20 @@ def benchmark(
         rows.append(row)
         write_results(out, cfg, rows)
 
-    try:
-        run_benchmark(cfg, on_result=save)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]Interrupted: {len(rows)} finished rows are saved in {out}.[/]")
-        raise typer.Exit(130) from None
-    console.print(results_table(rows))
-    console.print(f"Results written to {out}")
+    with ResultStore(db) as store:
+        try:
+            grid = run_benchmark(
+                cfg, on_result=save, store=store, force=force, executor=executor, ray_address=ray_address
+            )
+        except KeyboardInterrupt:
+            console.print(
+                f"[yellow]Interrupted: {len(rows)} finished cells are stored in {store.path} (and {out}); "
+                "run the same command again to resume.[/]"
+            )
+            raise typer.Exit(130) from None
+        write_results(out, cfg, grid)
+        console.print(results_table(grid))
+        console.print(f"Results stored in {store.path} and written to {out}")
 
 
 def _pct(value: float | None) -> str:
@@ -119,13 +157,19 @@ def _pct(value: float | None) -> str:
 
 def results_table(rows: list[CellResult]) -> Table:
     table = Table(title="bdtk benchmark (BA on all test images; ASR/RA on non-target images; %)")
-    for col in ("attack", "defense", "seed", "BA", "ASR", "RA", "DER", "time s", "peak MB", "notes"):
+    columns = ("dataset", "model", "attack", "defense", "seed", "BA", "ASR", "RA", "DER", "time s", "peak MB")
+    for col in (*columns, "notes"):
         table.add_column(col, justify="right" if col[0].isupper() or col[0] in "tsp" else "left")
     for r in rows:
         if r.status == "failed":
-            table.add_row(r.attack, r.defense, str(r.seed), "", "", "", "", "", "", f"[red]failed: {r.error}")
+            blank = [""] * 6
+            table.add_row(
+                r.dataset, r.model, r.attack, r.defense, str(r.seed), *blank, f"[red]failed: {r.error}"
+            )
             continue
         table.add_row(
+            r.dataset,
+            r.model,
             r.attack,
             r.defense,
             str(r.seed),

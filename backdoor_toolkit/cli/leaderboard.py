@@ -1,0 +1,67 @@
+"""`bdtk leaderboard`: rank defenses from the result store, print them and export them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..console import console
+from ..errors import BdtkError
+from ..leaderboard import (
+    COLUMNS,
+    build_leaderboard,
+    export,
+    to_csv,
+    to_html,
+    to_json,
+    to_markdown,
+    to_rich,
+    write_png,
+)
+from ..store import ResultStore
+from .common import app, user_errors
+
+
+@app.command()
+@user_errors
+def leaderboard(
+    db: Annotated[
+        Path | None, typer.Option(help="Result database (default: $BDTK_DB or the user data dir)")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model")] = None,
+    attack: Annotated[list[str] | None, typer.Option("--attack", "-a", help="Only these attacks")] = None,
+    rank_by: Annotated[str, typer.Option(help=f"Metric to rank by: {', '.join(COLUMNS)}")] = "der",
+    out: Annotated[
+        Path | None, typer.Option(help="Write leaderboard.{md,csv,json,html,png} into this folder")
+    ] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write Markdown here")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Write CSV here")] = None,
+    json: Annotated[Path | None, typer.Option("--json", help="Write JSON here")] = None,
+    html: Annotated[Path | None, typer.Option(help="Write the offline HTML page here")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write the BA-vs-ASR scatter PNG here")] = None,
+) -> None:
+    """Rank defenses per attack and overall (mean ± std over seeds) from the stored cells."""
+    with ResultStore(db) as store:
+        rows = store.rows(dataset=dataset, model=model, attacks=attack)
+        where = store.path
+    if not rows:
+        raise BdtkError(f"No stored results in {where} match these filters; run `bdtk benchmark` first.")
+    board = build_leaderboard(rows, rank_by)
+    for table in to_rich(board):
+        console.print(table)
+    written: list[Path] = []
+    for path, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render(board))
+            written.append(path)
+    if png is not None:
+        write_png(board, png)
+        written.append(png)
+    if out is not None:
+        written += export(board, out)
+    for path in written:
+        console.print(f"Wrote {path}")

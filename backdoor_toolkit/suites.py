@@ -1,0 +1,116 @@
+"""Named benchmark suites: TOML files holding a grid, validated against the benchmark schema.
+
+A suite is a BenchmarkConfig plus a description. The built-in ones (`quick`, `paper`) ship as
+package data in backdoor_toolkit/suites/; any other path to a TOML file works the same way.
+Errors name the bad field and its line in the file, since that is where the user has to look.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from .config import BenchmarkConfig
+from .errors import ConfigError, UnknownNameError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Suite(BenchmarkConfig):
+    """A suite file: every BenchmarkConfig field, plus what the suite is for."""
+
+    description: str = Field(default="", max_length=500, description="What the suite measures")
+
+    @model_validator(mode="after")
+    def _one_way_to_name(self) -> Suite:
+        for one, many in (("dataset", "datasets"), ("model", "models")):
+            if one in self.model_fields_set and getattr(self, many):
+                raise ValueError(f"give either `{one}` or `{many}`, not both")
+        return self
+
+    def benchmark_values(self) -> dict[str, Any]:
+        """The fields the file set, as BenchmarkConfig values (so CLI flags can still override)."""
+        return self.model_dump(include=self.model_fields_set - {"description"})
+
+
+def available_suites() -> list[str]:
+    folder = files("backdoor_toolkit") / "suites"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _suite_text(name_or_path: str) -> tuple[str, str]:
+    """The suite's (source label, TOML text): a built-in name, or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"Suite file {path} does not exist.")
+        return str(path), path.read_text()
+    if name_or_path not in available_suites():
+        raise UnknownNameError("suite", name_or_path, available_suites())
+    resource = files("backdoor_toolkit") / "suites" / f"{name_or_path}.toml"
+    return f"suite {name_or_path!r}", resource.read_text()
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_.\-\"']+)\s*=")
+
+
+def field_line(text: str, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the TOML key (or table) closest to a pydantic error location.
+
+    Tables (`[training]`), arrays of tables (`[[attacks]]`, counted) and dotted keys are followed;
+    the longest prefix of `loc` that some line defines wins.
+    """
+    table: list[int | str] = []
+    counts: dict[tuple[int | str, ...], int] = {}
+    best, best_len = None, 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            path: list[int | str] = [p.strip().strip("\"'") for p in header.group(2).split(".")]
+            if header.group(1) == "[[":
+                key = tuple(path)
+                counts[key] = counts.get(key, -1) + 1
+                path.append(counts[key])
+            table = path
+        else:
+            key_match = _KEY.match(line)
+            if not key_match:
+                continue
+            path = [*table, *(p.strip("\"'") for p in key_match.group(1).split("."))]
+        common = 0
+        for have, want in zip(path, loc, strict=False):
+            if str(have) != str(want):
+                break
+            common += 1
+        if common == len(path) and common > best_len:  # the line defines a prefix of loc
+            best, best_len = number, common
+    return best
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Parse and validate a suite; errors name each bad field with its line."""
+    source, text = _suite_text(name_or_path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Cannot parse {source}: {exc}") from None
+    try:
+        return Suite.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            where = ".".join(str(p) for p in loc) or "(root)"
+            line = field_line(text, loc)
+            at = f" (line {line})" if line else ""
+            lines.append(f"  {where}{at}: {err['msg']}")
+        raise ConfigError(f"Invalid {source}:\n" + "\n".join(lines)) from None

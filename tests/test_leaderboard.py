@@ -1,0 +1,136 @@
+"""Leaderboard views: ranking follows each metric's direction; exports parse; HTML is offline."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_store import cell
+from typer.testing import CliRunner
+
+from backdoor_toolkit.benchmark import CellResult
+from backdoor_toolkit.cli import app
+from backdoor_toolkit.errors import BdtkError
+from backdoor_toolkit.leaderboard import build_leaderboard, export, to_csv, to_html, to_json, to_markdown
+from backdoor_toolkit.store import ResultStore
+
+# two seeds; "strong" removes the backdoor at a small BA cost, "weak" barely changes anything
+BA_NONE = {0: 0.90, 1: 0.88}
+CELLS = {
+    "none": {0: (0.90, 0.99, None, 10.0), 1: (0.88, 0.97, None, 11.0)},
+    "strong": {0: (0.86, 0.02, 0.965, 4.0), 1: (0.86, 0.04, 0.955, 6.0)},
+    "weak": {0: (0.90, 0.90, 0.545, 1.0), 1: (0.87, 0.95, 0.505, 1.0)},
+}
+
+
+def rows(attack: str = "badnets") -> list[CellResult]:
+    out = []
+    for defense, seeds in CELLS.items():
+        for seed, (ba, asr, der, seconds) in seeds.items():
+            out.append(
+                cell(
+                    defense,
+                    seed,
+                    attack=attack,
+                    ba=ba,
+                    asr=asr,
+                    der=der,
+                    seconds=seconds,
+                    config_hash=f"{attack}-{defense}-{seed}",
+                )
+            )
+    return out
+
+
+def test_rank_by_der_and_statistics() -> None:
+    board = build_leaderboard(rows())
+    per_attack, overall = board.boards
+    assert per_attack.attack == "badnets" and overall.attack is None
+    ranked = [(e.rank, e.defense) for e in per_attack.entries]
+    assert ranked == [(1, "strong"), (2, "weak"), (None, "none")]  # undefended is shown, not ranked
+    strong = per_attack.entries[0]
+    assert strong.stats["der"].mean == pytest.approx(0.96)
+    assert strong.stats["der"].std == pytest.approx(0.00707, abs=1e-4)
+    assert strong.stats["ba_drop"].mean == pytest.approx(((0.90 - 0.86) + (0.88 - 0.86)) / 2)
+    assert strong.seeds == 2 and strong.failed == 0
+
+
+def test_ranking_direction_comes_from_the_metric() -> None:
+    # lower is better for ASR and time; the weak defense is fastest, so it wins on time
+    by_asr = build_leaderboard(rows(), rank_by="asr").boards[0].entries
+    assert by_asr[0].defense == "strong"
+    by_time = build_leaderboard(rows(), rank_by="seconds").boards[0].entries
+    assert by_time[0].defense == "weak"
+    with pytest.raises(BdtkError, match="Cannot rank by"):
+        build_leaderboard(rows(), rank_by="colour")
+
+
+def test_failed_cells_are_counted_and_overall_pools_attacks() -> None:
+    data = [*rows("badnets"), *rows("blended")]
+    data.append(cell("strong", 2, attack="blended", status="failed", error="boom", config_hash="f"))
+    board = build_leaderboard(data)
+    assert [b.attack for b in board.boards] == ["badnets", "blended", None]
+    blended_strong = next(e for e in board.boards[1].entries if e.defense == "strong")
+    assert blended_strong.failed == 1 and blended_strong.errors == ["boom"]
+    overall_strong = next(e for e in board.boards[2].entries if e.defense == "strong")
+    assert overall_strong.seeds == 4 and overall_strong.stats["der"].n == 4
+
+
+def test_scenarios_with_different_settings_are_kept_apart() -> None:
+    other = [
+        r.model_copy(update={"setting": {"train_size": 5000}, "config_hash": "x" + r.config_hash})
+        for r in rows()
+    ]
+    board = build_leaderboard([*rows(), *other])
+    assert len(board.boards) == 4
+    assert len({b.setting for b in board.boards}) == 2
+
+
+def test_csv_json_markdown_parse() -> None:
+    board = build_leaderboard(rows())
+    table = list(csv.DictReader(io.StringIO(to_csv(board))))
+    assert len(table) == 6  # 3 defenses × (per attack + overall)
+    first = table[0]
+    assert first["defense"] == "strong" and first["rank"] == "1"
+    assert float(first["der_mean"]) == pytest.approx(0.96)
+    payload = json.loads(to_json(board))
+    assert payload["rank_by"] == "der" and payload["metrics"]["asr"]["higher_is_better"] is False
+    assert payload["boards"][0]["entries"][0]["metrics"]["der"]["mean"] == pytest.approx(0.96)
+    md = to_markdown(board)
+    assert "| 1 | strong | 0.960 ± 0.007 |" in md
+
+
+def test_html_is_self_contained() -> None:
+    page = to_html(build_leaderboard(rows()))
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</html>" in page
+    assert not re.search(r"https?://|\bsrc=|\bhref=|@import|url\(", page)
+    assert page.count("<title>") == 1 + 3  # page title + one tooltip per (attack, defense) point
+
+
+def test_export_writes_a_real_png(tmp_path: Path) -> None:
+    paths = export(build_leaderboard(rows()), tmp_path)
+    assert sorted(p.suffix for p in paths) == [".csv", ".html", ".json", ".md", ".png"]
+    with Image.open(tmp_path / "leaderboard.png") as image:
+        assert image.format == "PNG" and image.width > 600
+        assert len(image.convert("RGB").getcolors(1 << 20) or []) > 10  # something was drawn
+
+
+def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        for r in [*rows("badnets"), *rows("blended")]:
+            store.put(r)
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["leaderboard", "--db", str(db), "--attack", "blended", "--csv", str(tmp_path / "b.csv")]
+    )
+    assert result.exit_code == 0, result.output
+    exported = list(csv.DictReader((tmp_path / "b.csv").open()))
+    assert {r["attack"] for r in exported} == {"blended", "all"}
+    empty = runner.invoke(app, ["leaderboard", "--db", str(db), "--dataset", "cifar10"])
+    assert empty.exit_code == 2 and "No stored results" in empty.output
