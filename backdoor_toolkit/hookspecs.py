@@ -1,8 +1,19 @@
 """Every hook a bdtk plugin can implement.
 
-Each hook hands plugin *classes* to a `register` callback owned by the core, which checks the
-class, detects duplicate names and records where it came from. Implement them with
-`from backdoor_toolkit import hookimpl`.
+A plugin is an import package named by an entry point of group `bdtk`; its top-level module
+implements some of these hooks with `@hookimpl` (`from backdoor_toolkit import hookimpl`). Each
+hook hands plugin *classes* to a `register` callback owned by the core, which checks the class
+(subclass of the right interface, a `name`, a `StrictConfig` `Config` whose fields are all
+described, a `PluginMeta` `meta`), detects duplicate names and records which distribution the
+class came from. Instances are created later, per run, from a validated config.
+
+The hooks are called lazily: the first time anything asks for the registry (a lookup such as
+`get_purifier("clp")`, `bdtk plugins`, a benchmark), each hook is called once per plugin, in the
+order the plugins were loaded (entry points sorted by name). A hook implementation whose name
+matches no hook below (e.g. `register_attack`) makes its plugin fail to load with an error that
+names the misspelling.
+
+`docs/reference/hooks.md` is generated from this module by `docs/generate_reference.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import pluggy
 hookspec = pluggy.HookspecMarker("bdtk")
 hookimpl = pluggy.HookimplMarker("bdtk")
 
+#: The callback each `register_*` hook receives: call it once per plugin class.
 Register = Callable[[type[Any]], None]
 
 
@@ -22,7 +34,12 @@ Register = Callable[[type[Any]], None]
 def register_attacks(register: Register) -> None:
     """Call `register(cls)` for each `Attack` subclass the plugin provides.
 
-    Called once, when the registry is first needed (lazily, on the first lookup or listing).
+    Arguments:
+        register: takes one `Attack` subclass; its `name` must be unique among attacks.
+
+    Called once, when the registry is first needed (the first lookup or listing). An attack is
+    then instantiated per run as `cls(config, spec, seed=seed)`, with `config` validated from
+    `cls.Config` and `spec` the dataset's `DataSpec`.
     """
 
 
@@ -30,7 +47,11 @@ def register_attacks(register: Register) -> None:
 def register_inverters(register: Register) -> None:
     """Call `register(cls)` for each `TriggerInverter` subclass the plugin provides.
 
-    Called once, when the registry is first needed. Purifiers look inverters up by name.
+    Arguments:
+        register: takes one `TriggerInverter` subclass; its `name` must be unique among inverters.
+
+    Called once, when the registry is first needed. Inverters are instantiated as
+    `cls(config, seed=seed)`; purifiers that need one look it up by name with `get_inverter`.
     """
 
 
@@ -38,5 +59,17 @@ def register_inverters(register: Register) -> None:
 def register_purifiers(register: Register) -> None:
     """Call `register(cls)` for each `Purifier` subclass the plugin provides.
 
-    Called once, when the registry is first needed.
+    Arguments:
+        register: takes one `Purifier` subclass; its `name` must be unique among purifiers. This is
+            the name used by `bdtk benchmark --defense NAME`.
+
+    Called once, when the registry is first needed. A purifier is instantiated per benchmark cell
+    as `cls(config, seed=seed, device=device)` and its `purify(model, data)` receives a copy of the
+    backdoored model and the defender's clean budget.
     """
+
+
+#: The names of every hook above, for error messages and generated docs.
+HOOK_NAMES: tuple[str, ...] = tuple(
+    sorted(name for name, value in list(globals().items()) if hasattr(value, "bdtk_spec"))
+)

@@ -1,18 +1,23 @@
 """The plugin manager: loads entry points of group `bdtk`, builds and serves the registry.
 
 Built-in plugins are found through the very same entry-point group as third-party ones.
-Loading is lazy and idempotent. `BDTK_LOAD_PLUGINS` (comma-separated distribution or entry-point
-names) restricts what loads. A plugin that fails to import or to register is recorded with its
-package and error, and everything else keeps working.
+Loading is lazy and idempotent: the first lookup loads every entry point once, and the registry is
+built once from the `register_*` hooks. `BDTK_LOAD_PLUGINS` (comma-separated distribution or
+entry-point names) restricts what loads. A plugin that fails to import, implements a hook that
+does not exist (a misspelling), or raises while registering is recorded as a `LoadFailure` with its
+package and error; everything else keeps working. Two plugins claiming the same name is an error
+naming both. Both caches are process-wide; `reset_plugin_manager()` drops them (tests use it after
+changing `BDTK_LOAD_PLUGINS` or `sys.path`).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -23,6 +28,8 @@ from .errors import BdtkError, UnknownNameError
 from .interfaces import Attack, Kind, Plugin, PluginMeta, Purifier, TriggerInverter
 
 ENTRY_POINT_GROUP = "bdtk"
+LOAD_ENV = "BDTK_LOAD_PLUGINS"
+IN_PROCESS = "(in-process)"  # the distribution recorded for plugins registered by register_plugin
 _BASES: dict[Kind, type[Plugin]] = {
     "attack": Attack,
     "inverter": TriggerInverter,
@@ -36,7 +43,7 @@ _HOOKS: dict[Kind, str] = {
 
 
 class PluginError(BdtkError):
-    """A plugin class or package is malformed (bad metadata, duplicate name, …)."""
+    """A plugin class or package is malformed (bad metadata, duplicate name, unknown hook, …)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class Source:
     version: str
 
     def __str__(self) -> str:
+        if self.distribution == IN_PROCESS:
+            return f"{self.plugin} (in-process)"
         return f"{self.plugin} ({self.distribution} {self.version})"
 
 
@@ -79,6 +88,9 @@ class LoadFailure:
     error: str
     detail: str
 
+    def as_dict(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "distribution": self.distribution, "error": self.error}
+
 
 @dataclass
 class Registry:
@@ -87,6 +99,10 @@ class Registry:
 
     def all(self) -> list[PluginInfo]:
         return [info for kind in _BASES for info in sorted(self.by_kind[kind].values(), key=_by_name)]
+
+    def named(self, name: str) -> list[PluginInfo]:
+        """Every plugin called `name`, of any kind (an attack and a purifier may share a name)."""
+        return [info for info in self.all() if info.name == name]
 
 
 def _by_name(info: PluginInfo) -> str:
@@ -106,16 +122,34 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm = pluggy.PluginManager("bdtk")
         pm.add_hookspecs(hookspecs)
         _load_entry_points(pm)
-        pm.check_pending()
         _pm = pm
     return _pm
 
 
+def reset_plugin_manager() -> None:
+    """Forget the plugin manager, the registry and in-process plugins; the next lookup reloads.
+
+    For tests: call it after changing `BDTK_LOAD_PLUGINS` or `sys.path` (e.g. a temporary
+    distribution), and again afterwards so the change does not leak into other tests. Modules
+    already imported stay in `sys.modules`.
+    """
+    global _pm, _registry
+    _pm = None
+    _registry = None
+    _sources.clear()
+    _load_failures.clear()
+
+
+def normalize_name(name: str) -> str:
+    """Distribution names compare like pip compares them: case- and `-_.`-insensitive."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _allowed() -> set[str] | None:
-    value = os.environ.get("BDTK_LOAD_PLUGINS")
+    value = os.environ.get(LOAD_ENV)
     if value is None:
         return None
-    return {part.strip() for part in value.split(",") if part.strip()}
+    return {normalize_name(part.strip()) for part in value.split(",") if part.strip()}
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -123,33 +157,54 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist is not None else "?"
         version = ep.dist.version if ep.dist is not None else "?"
-        if allowed is not None and dist not in allowed and ep.name not in allowed:
+        if allowed is not None and not {normalize_name(dist), normalize_name(ep.name)} & allowed:
             continue
         if pm.get_plugin(ep.name) is not None:
             continue
+        source = Source(ep.name, dist, version)
         try:
             module = ep.load()
-            pm.register(module, name=ep.name)
+            _register_checked(pm, module, source)
         except Exception as exc:  # a broken plugin must not take the others down
             _load_failures.append(LoadFailure(ep.name, dist, _one_line(exc), traceback.format_exc()))
-            continue
-        _sources[ep.name] = Source(ep.name, dist, version)
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: object, source: Source) -> None:
+    """Register `plugin`, refusing hook implementations that match no hookspec (misspellings)."""
+    pm.register(plugin, name=source.plugin)
+    unknown = sorted(c.name for c in pm.get_hookcallers(plugin) or [] if c.spec is None)
+    if unknown:
+        pm.unregister(plugin)
+        hints = []
+        for hook in unknown:
+            close = difflib.get_close_matches(hook, hookspecs.HOOK_NAMES, n=1)
+            hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise PluginError(
+            f"plugin {source} implements unknown hook {', '.join(hints)}; "
+            f"bdtk hooks are {', '.join(hookspecs.HOOK_NAMES)}."
+        )
+    pm.check_pending()
+    _sources[source.plugin] = source
 
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def register_plugin(plugin: ModuleType | object, name: str) -> None:
-    """Register an in-process plugin (a module or object with hookimpls), e.g. in tests."""
+def register_plugin(plugin: object, name: str) -> None:
+    """Register an in-process plugin (a module or object with hookimpls), e.g. in tests.
+
+    Raises PluginError at once when it implements a hook that does not exist.
+    """
     pm = get_plugin_manager()
-    pm.register(plugin, name=name)
-    pm.check_pending()
-    _sources[name] = Source(name, "(in-process)", "")
+    if pm.get_plugin(name) is not None:
+        raise PluginError(f"A plugin named {name!r} is already registered ({_sources.get(name)}).")
+    _register_checked(pm, plugin, Source(name, IN_PROCESS, ""))
     _invalidate()
 
 
 def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered under `name` (no-op when there is none)."""
     pm = get_plugin_manager()
     plugin = pm.get_plugin(name)
     if plugin is not None:
@@ -164,55 +219,63 @@ def _invalidate() -> None:
 
 
 def get_registry() -> Registry:
-    """Build (once) the registry of every plugin class, checking each as it registers."""
+    """Build (once) the registry of every plugin class, checking each as it registers.
+
+    A plugin's classes enter the registry only when its hook returns without error and every class
+    passes the checks; otherwise the plugin is listed under `failures`. A name claimed twice in
+    one kind raises PluginError naming both sources.
+    """
     global _registry
     if _registry is None:
         pm = get_plugin_manager()
         registry = Registry(failures=list(_load_failures))
         for kind, hook_name in _HOOKS.items():
-            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order
                 source = _sources.get(impl.plugin_name, Source(impl.plugin_name, "?", "?"))
+                offered: list[type[Any]] = []
                 try:
-                    impl.function(register=_registrar(registry, kind, source))
-                except PluginError:
-                    raise
-                except Exception as exc:
+                    impl.function(register=offered.append)
+                    for cls in offered:
+                        check_plugin_class(cls, kind, source)
+                except Exception as exc:  # a broken plugin must not take the others down
                     registry.failures.append(
                         LoadFailure(
                             source.plugin, source.distribution, _one_line(exc), traceback.format_exc()
                         )
                     )
+                    continue
+                for cls in offered:
+                    _add(registry, kind, cls, source)
         _registry = registry
     return _registry
 
 
-def _registrar(registry: Registry, kind: Kind, source: Source) -> hookspecs.Register:
-    def register(cls: type[Any]) -> None:
-        _check_plugin_class(cls, kind, source)
-        table = registry.by_kind[kind]
-        if cls.name in table:
-            other = table[cls.name]
-            raise PluginError(
-                f"Duplicate {kind} name {cls.name!r}: registered by {other.source} "
-                f"({other.cls.__module__}.{other.cls.__qualname__}) and by {source} "
-                f"({cls.__module__}.{cls.__qualname__}). Rename one, or restrict loading "
-                f"with BDTK_LOAD_PLUGINS."
-            )
-        table[cls.name] = PluginInfo(kind, cls.name, cls, source)
-
-    return register
+def _add(registry: Registry, kind: Kind, cls: type[Plugin], source: Source) -> None:
+    table = registry.by_kind[kind]
+    if cls.name in table:
+        other = table[cls.name]
+        raise PluginError(
+            f"Duplicate {kind} name {cls.name!r}: registered by {other.source} "
+            f"({other.cls.__module__}.{other.cls.__qualname__}) and by {source} "
+            f"({cls.__module__}.{cls.__qualname__}). Rename one, or restrict loading "
+            f"with {LOAD_ENV}."
+        )
+    table[cls.name] = PluginInfo(kind, cls.name, cls, source)
 
 
-def _check_plugin_class(cls: Any, kind: Kind, source: Source) -> None:
+def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
+    """Raise PluginError unless `cls` is a well-formed `kind` plugin class (name, Config, meta)."""
     base = _BASES[kind]
-    where = f"plugin {source}"
+    where = f"plugin {source}" if source else "plugin"
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise PluginError(
             f"{where} registered {cls!r} as a {kind}, but it is not a {base.__name__} subclass."
         )
     name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise PluginError(f"{where}: {cls.__qualname__} needs a non-empty string `name`.")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        raise PluginError(
+            f"{where}: {cls.__qualname__}.name must be a lower-case name like 'my-defense', got {name!r}."
+        )
     if not (isinstance(cls.Config, type) and issubclass(cls.Config, StrictConfig)):
         raise PluginError(f"{where}: {cls.__qualname__}.Config must subclass StrictConfig.")
     if not isinstance(getattr(cls, "meta", None), PluginMeta):
@@ -230,6 +293,15 @@ def get_plugin(kind: Kind, name: str) -> PluginInfo:
     if name not in table:
         raise UnknownNameError(kind, name, sorted(table))
     return table[name]
+
+
+def find_plugins(name: str) -> list[PluginInfo]:
+    """Every plugin called `name` across kinds; an unknown name answers "did you mean"."""
+    registry = get_registry()
+    matches = registry.named(name)
+    if not matches:
+        raise UnknownNameError("plugin", name, sorted({info.name for info in registry.all()}))
+    return matches
 
 
 def get_attack(name: str) -> type[Attack]:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
+from pydantic.fields import FieldInfo
+from rich.console import Console
 from rich.table import Table
 
 from ..console import console
-from ..plugins import get_plugin, get_registry
+from ..plugins import PluginInfo, find_plugins, get_plugin, get_registry
 from .common import app, user_errors
 
 plugins_app = typer.Typer(help="List registered plugins, or show one with `plugins show NAME`.")
 app.add_typer(plugins_app, name="plugins")
+
+#: Listings are the command's result, so they go to stdout (progress and errors go to stderr).
+out = Console(highlight=False)
 
 
 @plugins_app.callback(invoke_without_command=True)
@@ -29,10 +34,7 @@ def plugins(
     if as_json:
         payload = {
             "plugins": [info.as_dict() for info in registry.all()],
-            "failures": [
-                {"plugin": f.plugin, "distribution": f.distribution, "error": f.error}
-                for f in registry.failures
-            ],
+            "failures": [f.as_dict() for f in registry.failures],
         }
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -43,24 +45,85 @@ def plugins(
         table.add_row(
             info.kind, info.name, info.source.distribution, info.source.version, info.cls.meta.summary
         )
-    console.print(table)
+    out.print(table)
     for failure in registry.failures:
         console.print(
-            f"[red]Failed to load plugin {failure.plugin} ({failure.distribution}): {failure.error}[/]"
+            f"[red]Failed to load plugin {failure.plugin} ({failure.distribution}): {failure.error}[/]",
+            highlight=False,
         )
+
+
+def describe(info: PluginInfo) -> dict[str, Any]:
+    """Everything `plugins show` prints: where the plugin comes from, its metadata, its schema."""
+    return {
+        **info.as_dict(),
+        "meta": info.cls.meta.model_dump(mode="json"),
+        "config_schema": info.cls.Config.model_json_schema(),
+    }
+
+
+def _constraints(field: FieldInfo) -> str:
+    symbols = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "len ≥", "max_length": "len ≤"}
+    parts = []
+    for item in field.metadata:
+        for attr, symbol in symbols.items():
+            value = getattr(item, attr, None)
+            if value is not None:
+                parts.append(f"{symbol} {value}")
+    return ", ".join(parts)
+
+
+def _type_name(field: FieldInfo) -> str:
+    annotation = field.annotation
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def _print_plugin(info: PluginInfo) -> None:
+    meta = info.cls.meta
+    out.print(f"[bold]{info.kind} {info.name}[/]  ({info.source.distribution} {info.source.version})")
+    rows = {
+        "summary": meta.summary,
+        "paper": meta.paper,
+        "year": "" if meta.year is None else str(meta.year),
+        "url": meta.url,
+        "threat model": meta.threat_model,
+        "requires": ", ".join(c.value for c in meta.requires),
+        "class": info.as_dict()["class"],
+    }
+    for key, value in rows.items():
+        if value:
+            out.print(f"  {key + ':':14} {value}")
+    fields = info.cls.Config.model_fields
+    if fields:
+        table = Table(title=f"{info.name} config (set with --set {info.name}.FIELD=VALUE)")
+        for col in ("field", "type", "default", "constraints", "description"):
+            table.add_column(col)
+        for name, field in fields.items():
+            default = field.get_default(call_default_factory=True)
+            table.add_row(
+                name, _type_name(field), json.dumps(default), _constraints(field), field.description
+            )
+        out.print(table)
+    out.print("Config JSON schema:")
+    out.print_json(json.dumps(info.cls.Config.model_json_schema()))
 
 
 @plugins_app.command("show")
 @user_errors
-def plugins_show(name: Annotated[str, typer.Argument(help="Plugin name")]) -> None:
-    """Print a plugin's metadata and its config's JSON schema."""
-    matches = [info for info in get_registry().all() if info.name == name]
-    if not matches:
-        get_plugin("purifier", name)  # raises the "did you mean" error
-    for info in matches:
-        payload = {
-            **info.as_dict(),
-            "meta": info.cls.meta.model_dump(mode="json"),
-            "config_schema": info.cls.Config.model_json_schema(),
-        }
-        typer.echo(json.dumps(payload, indent=2))
+def plugins_show(
+    name: Annotated[str, typer.Argument(help="Plugin name")],
+    kind: Annotated[
+        Literal["attack", "inverter", "purifier"] | None,
+        typer.Option(help="Only the plugin of this kind (when a name is shared by several kinds)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output: a list (stable)")] = False,
+) -> None:
+    """Print a plugin's metadata and its config's JSON schema (every kind using NAME, unless --kind)."""
+    matches = [get_plugin(kind, name)] if kind else find_plugins(name)
+    if as_json:
+        typer.echo(json.dumps([describe(info) for info in matches], indent=2))
+        return
+    for i, info in enumerate(matches):
+        if i:
+            out.print()
+        _print_plugin(info)
