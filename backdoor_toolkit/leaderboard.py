@@ -23,7 +23,7 @@ from rich.table import Table
 
 from .benchmark import CellResult
 from .config import config_hash
-from .errors import BdtkError
+from .errors import BdtkError, UnknownNameError
 from .metrics import METRICS, MetricInfo
 
 DERIVED = {
@@ -37,8 +37,6 @@ UNDEFENDED = "none"
 def metric_info(name: str) -> MetricInfo:
     info = METRICS.get(name) or DERIVED.get(name)
     if info is None:
-        from .errors import UnknownNameError
-
         raise UnknownNameError("metric", name, list(COLUMNS))
     return info
 

@@ -134,3 +134,6 @@ def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
     assert {r["attack"] for r in exported} == {"blended", "all"}
     empty = runner.invoke(app, ["leaderboard", "--db", str(db), "--dataset", "cifar10"])
     assert empty.exit_code == 2 and "No stored results" in empty.output
+    missing = runner.invoke(app, ["leaderboard", "--db", str(tmp_path / "none.sqlite")])
+    assert missing.exit_code == 2 and "No result database" in missing.output
+    assert not (tmp_path / "none.sqlite").exists()

@@ -20,7 +20,7 @@ from ..leaderboard import (
     to_rich,
     write_png,
 )
-from ..store import ResultStore
+from ..store import ResultStore, default_db_path
 from .common import app, user_errors
 
 
@@ -44,7 +44,10 @@ def leaderboard(
     png: Annotated[Path | None, typer.Option(help="Write the BA-vs-ASR scatter PNG here")] = None,
 ) -> None:
     """Rank defenses per attack and overall (mean ± std over seeds) from the stored cells."""
-    with ResultStore(db) as store:
+    path = db or default_db_path()
+    if not path.exists():
+        raise BdtkError(f"No result database at {path}; run `bdtk benchmark` first (or pass --db).")
+    with ResultStore(path) as store:
         rows = store.rows(dataset=dataset, model=model, attacks=attack)
         where = store.path
     if not rows:
