@@ -56,11 +56,11 @@ def leaderboard(
     for table in to_rich(board):
         console.print(table)
     written: list[Path] = []
-    for path, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(render(board))
-            written.append(path)
+    for target, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(render(board))
+            written.append(target)
     if png is not None:
         write_png(board, png)
         written.append(png)
