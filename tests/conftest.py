@@ -17,4 +17,6 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Never touch the user's cache; one cache per session so tests can share trained models."""
     root = tmp_path_factory.getbasetemp() / "bdtk-cache"
     monkeypatch.setenv("BDTK_CACHE_DIR", str(root))
+    # and never the user's result database: one fresh database per test
+    monkeypatch.setenv("BDTK_DB", str(tmp_path_factory.mktemp("bdtk-db") / "results.sqlite"))
     return root

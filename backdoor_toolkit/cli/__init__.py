@@ -1,6 +1,6 @@
 """The `bdtk` command line; each command lives in its own module and registers on `app`."""
 
-from . import benchmark, plugins, zoo
+from . import attack, benchmark, inspect, leaderboard, plugins, zoo
 from .common import app
 
-__all__ = ["app", "benchmark", "plugins", "zoo"]
+__all__ = ["app", "attack", "benchmark", "inspect", "leaderboard", "plugins", "zoo"]
