@@ -51,7 +51,7 @@ def test_flagged_target_is_unlearned_with_true_labels() -> None:
     model = _model()
     assert _asr(model) == 1.0
     cfg = NCUnlearningConfig(
-        inverter_config=INVERSION, epochs=40, batch_size=8, lr=1.0, stamp_ratio=0.5, augment=False
+        inverter_config=INVERSION, epochs=10, batch_size=8, lr=1.0, stamp_ratio=0.5, augment=False
     )
     result = NCUnlearning(cfg, seed=0).purify(model, _data())  # type: ignore[arg-type]
     assert result.detected is True and result.modified

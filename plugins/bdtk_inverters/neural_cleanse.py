@@ -53,7 +53,7 @@ class NeuralCleanseConfig(StrictConfig):
     )
     lr: float = Field(default=0.1, gt=0, le=10, description="Adam learning rate in tanh space")
     lambda_init: float = Field(
-        default=1e-3, ge=0, le=10, description="Initial weight λ of the mask's L1 norm"
+        default=1e-2, ge=0, le=10, description="Initial weight λ of the mask's L1 norm"
     )
     lambda_up: float = Field(default=1.5, gt=1, le=10, description="Factor λ is multiplied by when raised")
     lambda_down: float = Field(
@@ -63,10 +63,10 @@ class NeuralCleanseConfig(StrictConfig):
         default=0.99, gt=0, le=1, description="Attack success a trigger must reach to count as working"
     )
     round_steps: int = Field(
-        default=10, ge=1, le=10_000, description="Steps per round; λ and early stopping are decided per round"
+        default=5, ge=1, le=10_000, description="Steps per round; λ and early stopping are decided per round"
     )
     patience: int = Field(
-        default=3,
+        default=2,
         ge=1,
         le=1000,
         description="Rounds in a row above (below) the threshold before λ goes up (down)",
@@ -255,7 +255,9 @@ class NeuralCleanse(TriggerInverter):
         ref_norm = torch.full((k,), math.inf, dtype=torch.float64)
         stall = torch.zeros(k, dtype=torch.long)
         round_success = torch.zeros(k, dtype=torch.float64)
-        round_norm = torch.zeros(k, dtype=torch.float64)
+        last_m, last_p = best_m.clone(), best_p.clone()  # the trigger of each class's latest step
+        last_hit = torch.zeros(k, dtype=torch.float64)
+        last_norm = torch.full((k,), math.inf, dtype=torch.float64)
         gen = torch.Generator().manual_seed(self.seed)
         n = len(train)
         for step in range(c.steps):
@@ -272,7 +274,7 @@ class NeuralCleanse(TriggerInverter):
             y = targets[act_d].unsqueeze(1).expand(-1, x.shape[0])
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(1)
             norms = m.flatten(1).sum(1)
-            lam = schedule.lam[act].to(device, norms.dtype)
+            lam = schedule.effective[act].to(device, norms.dtype)
             grad_m, grad_p = torch.autograd.grad((ce + lam * norms).sum(), [wm, wp])
             t_adam[act_d] += 1
             for raw, g, m1, m2 in (
@@ -288,16 +290,18 @@ class NeuralCleanse(TriggerInverter):
             steps[act] += 1
             hits = (logits.detach().argmax(-1) == y).double().mean(1).cpu()
             round_success[act] += hits
-            round_norm[act] += norms.detach().double().cpu()
+            last_m[act_d], last_p[act_d] = m.detach(), p.detach()
+            last_hit[act], last_norm[act] = hits, norms.detach().double().cpu()
             if (step + 1) % c.round_steps:
                 continue
             success = round_success / c.round_steps
-            mean_norm = round_norm / c.round_steps
-            better = active & (success >= c.success_threshold) & (mean_norm < best_norm)
+            # keep the trigger that was actually evaluated: it worked on the round and its own step
+            works = (success >= c.success_threshold) & (last_hit >= c.success_threshold)
+            better = active & works & (last_norm < best_norm)
             if bool(better.any()):
                 b = torch.nonzero(better).squeeze(1).to(device)
-                best_m[b], best_p[b] = _to_unit(raw_m[b]), _to_unit(raw_p[b])
-                best_norm = torch.where(better, mean_norm, best_norm)
+                best_m[b], best_p[b] = last_m[b], last_p[b]
+                best_norm = torch.where(better, last_norm, best_norm)
             schedule.update(success, active)
             # as in Neural Cleanse, only a class whose λ went both up and down may stop early
             counting = active & torch.isfinite(best_norm) & schedule.explored
@@ -306,7 +310,6 @@ class NeuralCleanse(TriggerInverter):
             stall = torch.where(counting, torch.where(improved, 0, stall + 1), stall)
             active = active & (stall < c.early_stop_patience)
             round_success.zero_()
-            round_norm.zero_()
         reached = torch.isfinite(best_norm)
         # a class that never reached the threshold keeps its last state: the best it could do
         last = torch.nonzero(~reached).squeeze(1).to(device)

@@ -3,8 +3,8 @@
 λ weighs the mask's L1 norm against reaching the class. It goes up (×up) after `patience` rounds
 in a row in which the trigger reached the success threshold — the mask can afford to shrink — and
 down (÷down) after `patience` rounds below it, so a class that lost its trigger gets it back.
-As in Neural Cleanse, adaptation starts only once a class's trigger first reaches the threshold:
-before that, failing says nothing about λ being too large.
+As in Neural Cleanse, λ is 0 until a class's trigger first reaches the threshold (the norm is
+not penalised while no trigger exists yet), then starts at its initial value and adapts.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ class LambdaSchedule:
         no = torch.zeros(k, dtype=torch.bool)
         lam = torch.full((k,), init, dtype=torch.float64)
         return cls(lam, zeros, zeros.clone(), no, no.clone(), no.clone(), up, down, patience, threshold)
+
+    @property
+    def effective(self) -> Tensor:
+        """λ in use: 0 until a class's trigger first works (pure CE finds a trigger fast), then λ."""
+        return torch.where(self.started, self.lam, torch.zeros_like(self.lam))
 
     @property
     def explored(self) -> Tensor:
