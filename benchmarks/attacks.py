@@ -96,12 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-clean", action="store_true", help="Do not train/measure the clean model")
     parser.add_argument("--table", action="store_true", help="Only print the table of stored results")
     parser.add_argument("--full", action="store_true", help="Whole Fashion-MNIST instead of the subsets")
+    parser.add_argument("--epochs", type=int, help="Train longer than the bench setting (clean model too)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Results JSON (merged)")
     args = parser.parse_args(argv)
 
     results = _load(args.output)
     if not args.table:
         base = bench_config(full=args.full, defenses=[])
+        if args.epochs is not None:
+            training = {**base.training.model_dump(), "epochs": args.epochs}
+            base = bench_config(full=args.full, defenses=[], training=training)
         setting = base.model_dump(
             include={"dataset", "model", "train_size", "test_size", "training", "seeds"}
         )
