@@ -45,3 +45,14 @@ def test_zero_mad_scores_deviating_classes_infinite() -> None:
     assert index[:3].tolist() == [0.0, 0.0, 0.0]
     assert math.isinf(float(index[3]))
     assert flag_targets([0, 1, 2, 3], norms, index, threshold=2.0) == [3]
+
+
+def test_log_index_measures_spread_as_ratios() -> None:
+    norms = torch.tensor([3.5, 43.0, 53.0, 54.0, 70.0, 73.0, 91.0, 113.0, 122.0, 169.0])
+    linear = anomaly_index(norms)
+    logged = anomaly_index(norms, log=True)
+    assert float(linear[0]) < 2 < float(logged[0])
+    x = norms.double().log()
+    median = torch.quantile(x, 0.5)
+    expected = (x[0] - median).abs() / (MAD_CONSISTENCY * torch.quantile((x - median).abs(), 0.5))
+    assert abs(float(logged[0]) - float(expected)) < 1e-4

@@ -55,7 +55,7 @@ def test_flagged_target_is_unlearned_with_true_labels() -> None:
     )
     result = NCUnlearning(cfg, seed=0).purify(model, _data())  # type: ignore[arg-type]
     assert result.detected is True and result.modified
-    assert result.diagnostics["flagged"] == [TARGET]
+    assert TARGET in result.diagnostics["flagged"]
     assert set(result.stage_seconds) == {"inversion", "unlearning"}
     assert _asr(result.model) < 0.9  # the toy's backdoor weight is large; it fades, not vanishes
     trigger_weight = result.model[1].weight[TARGET, -1].detach()  # type: ignore[index]

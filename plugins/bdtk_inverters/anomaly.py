@@ -14,13 +14,19 @@ from torch import Tensor
 MAD_CONSISTENCY = 1.4826
 
 
-def anomaly_index(norms: Tensor) -> Tensor:
+def anomaly_index(norms: Tensor, log: bool = False) -> Tensor:
     """|norm − median| / (1.4826 · MAD) per class; the median is NumPy's (mean of the middle two).
+
+    With `log`, the statistic is taken on log norms: a trigger 10× smaller than the typical class
+    then stands out even when the other classes' norms spread widely (they do when a short step
+    budget leaves them unevenly converged), since their spread is measured as ratios.
 
     When the MAD is zero (all but at most half of the norms are equal) a class at the median
     scores 0 and any other class scores +inf, since it deviates from a spread-free population.
     """
     x = norms.detach().double().flatten()
+    if log:
+        x = x.clamp_min(1e-12).log()
     if x.numel() == 0:
         return x.float()
     median = torch.quantile(x, 0.5)

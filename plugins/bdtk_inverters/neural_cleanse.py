@@ -83,6 +83,9 @@ class NeuralCleanseConfig(StrictConfig):
     threshold: float = Field(
         default=2.0, gt=0, le=100, description="Anomaly index above which a below-median class is flagged"
     )
+    log_norms: bool = Field(
+        default=True, description="Anomaly index on log mask norms (False: on the norms, as in the paper)"
+    )
     eval_images: int = Field(
         default=1000,
         ge=1,
@@ -166,7 +169,7 @@ class NeuralCleanse(TriggerInverter):
             index = torch.full((1,), float("nan"))
             flagged = list(chosen)
         else:
-            index = anomaly_index(norms)
+            index = anomaly_index(norms, log=c.log_norms)
             flagged = flag_targets(chosen, norms, index, c.threshold)
         diagnostics: dict[str, Any] = {
             "mode": "known-target" if known else "scan",
