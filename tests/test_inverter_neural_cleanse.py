@@ -85,7 +85,7 @@ def test_masks_and_patterns_stay_in_unit_range(scan: InversionResult) -> None:
 def test_planted_target_is_flagged_with_a_working_small_trigger(scan: InversionResult) -> None:
     r = scan
     assert TARGET in r.flagged
-    others = [float(a) for c, a in zip(r.classes, r.anomaly_index) if c != TARGET]
+    others = [float(a) for c, a in zip(r.classes, r.anomaly_index, strict=True) if c != TARGET]
     assert float(r.anomaly_index[r.classes.index(TARGET)]) > 5 * max(others)
     assert r.ranked()[0] == TARGET
     i = r.classes.index(TARGET)
