@@ -33,9 +33,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "defenses" / "baselines
 START, END = "<!-- baselines-table:start -->", "<!-- baselines-table:end -->"
 
 
-def defenses(anp_iterations: int) -> list[PluginChoice]:
-    choices = [PluginChoice(name=name) for name in DEFENSES if name != "anp"]
-    return [*choices, PluginChoice(name="anp", config={"iterations": anp_iterations})]
+def defenses(names: list[str], anp_iterations: int) -> list[PluginChoice]:
+    config = {"anp": {"iterations": anp_iterations}}
+    return [PluginChoice(name=name, config=config.get(name, {})) for name in names]
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--attack", action="append", help="Attack to run (repeatable; default: all)")
+    parser.add_argument(
+        "--defense", action="append", choices=DEFENSES, help="Defense to run (repeatable; default: all)"
+    )
     parser.add_argument("--anp-iterations", type=int, default=2000, help="ANP mask iterations")
     parser.add_argument("--table", action="store_true", help="Only rewrite the table from stored results")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Results JSON (merged)")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = _load(args.output)
     if not args.table:
-        base = bench_config(defenses=defenses(args.anp_iterations))
+        base = bench_config(defenses=defenses(args.defense or DEFENSES, args.anp_iterations))
         setting = base.model_dump(
             include={"dataset", "model", "train_size", "test_size", "training", "seeds"}
         )
