@@ -179,6 +179,7 @@ class NeuralCleanse(TriggerInverter):
             "converged": opt.converged.tolist(),
             "reached_threshold": opt.reached.tolist(),
             "threshold": c.threshold,
+            "index_on": "log mask norms" if c.log_norms else "mask norms",
         }
         return InversionResult(
             classes=chosen,
