@@ -42,12 +42,13 @@ def measure_clean(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {"attack": "clean", "ba": accuracy(model, dataset.test, device), "asr": None, "ra": None}
 
 
-def measure_attack(cfg: BenchmarkConfig, name: str) -> dict[str, Any]:
-    """BA/ASR/RA of the undefended model backdoored by attack `name` (default config)."""
+def measure_attack(cfg: BenchmarkConfig, name: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """BA/ASR/RA of the undefended model backdoored by attack `name` (its config: `values`)."""
     device = resolve_device(cfg.device)
     dataset = load_run_dataset(cfg)
     cls = get_attack(name)
-    attack = cls(cast(AttackConfig, build_config(cls.Config, {}, name)), dataset.spec, seed=cfg.seeds[0])
+    config = cast(AttackConfig, build_config(cls.Config, values or {}, name))
+    attack = cls(config, dataset.spec, seed=cfg.seeds[0])
     victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, _cache(cfg))
     scores = attack_scores(victim.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
     return {
@@ -57,6 +58,13 @@ def measure_attack(cfg: BenchmarkConfig, name: str) -> dict[str, Any]:
         "train_seconds": victim.train_seconds,
         "cache_key": victim.cache_key,
     }
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -75,9 +83,8 @@ def table(results: dict[str, Any]) -> str:
         "| attack | BA % | ΔBA vs clean (points) | ASR % | RA % | train s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ["clean", *ATTACKS]:
-        if name not in rows:
-            continue
+    order = {name: i for i, name in enumerate(["clean", *ATTACKS])}
+    for name in sorted(rows, key=lambda n: (order.get(n.split()[0], len(order)), n)):
         r = rows[name]
         drop = "—" if clean_ba is None or name == "clean" else f"{100 * (r['ba'] - clean_ba):+.2f}"
         secs = r.get("train_seconds")
@@ -93,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--attack", action="append", choices=ATTACKS, help="Attack to run (repeatable)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="Attack config field (repeatable)"
+    )
     parser.add_argument("--skip-clean", action="store_true", help="Do not train/measure the clean model")
     parser.add_argument("--table", action="store_true", help="Only print the table of stored results")
     parser.add_argument("--full", action="store_true", help="Whole Fashion-MNIST instead of the subsets")
@@ -117,10 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_clean:
             results["rows"]["clean"] = measure_clean(base)
             args.output.write_text(json.dumps(results, indent=2))
+        values = {k: _value(v) for k, _, v in (item.partition("=") for item in args.set)}
+        suffix = "".join(f" {k}={v}" for k, v in values.items())
         for name in todo:
-            results["rows"][name] = measure_attack(base, name)
+            results["rows"][name + suffix] = measure_attack(base, name, values)
             args.output.write_text(json.dumps(results, indent=2))
-            print(f"{name}: {results['rows'][name]}", flush=True)
+            print(f"{name}{suffix}: {results['rows'][name + suffix]}", flush=True)
     print(json.dumps(results["setting"]))
     print(table(results))
 
