@@ -56,7 +56,7 @@ def test_attack_command_trains_once_and_writes_the_grid(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--attack", "blended", "--set", "alpha=0"], "alpha"),
-        (["--attack", "trojan", "--set", "size=40"], "does not fit"),
+        (["--attack", "trojan", "--set", "trojan.size=40"], "does not fit"),
         (["--attack", "sig", "--set", "target=12"], "outside the 10 classes"),
         (["--attack", "blendd"], "Did you mean 'blended'"),
         (["--attack", "blended", "--set", "alpha"], "FIELD=VALUE"),
