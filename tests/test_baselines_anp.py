@@ -54,8 +54,9 @@ def test_perturbations_stay_within_eps_and_raise_the_loss(
     model, data = trained
     model = copy.deepcopy(model).eval()
     x, y = data.train.float_images(), data.train.labels
-    with torch.no_grad():
-        natural = float(F.cross_entropy(model(x), y))
+    with torch.no_grad():  # ANP works with batch statistics: the train-mode forward, on a copy
+        natural = float(F.cross_entropy(copy.deepcopy(model).train()(x), y))
+    running = [torch.as_tensor(bn.running_mean).clone() for bn in model.batchnorms()]
     neurons = NeuronMasks(model, CPU)
     eps = 0.3
     neurons.ascend(x, y, eps, torch.Generator().manual_seed(0))
@@ -67,8 +68,13 @@ def test_perturbations_stay_within_eps_and_raise_the_loss(
     with torch.no_grad():
         assert float(F.cross_entropy(model(x), y)) > natural
     neurons.set_perturbed(False)
-    with torch.no_grad():  # unperturbed masks of one reproduce the plain model
+    with torch.no_grad():  # unperturbed masks of one reproduce the plain batch-statistics forward
         assert torch.isclose(F.cross_entropy(model(x), y), torch.tensor(natural), atol=1e-5)
+    # the running statistics of the model being purified are left alone
+    assert all(
+        torch.equal(r, torch.as_tensor(bn.running_mean))
+        for r, bn in zip(running, model.batchnorms(), strict=True)
+    )
     neurons.remove()
     assert all(not bn._forward_hooks for bn in model.batchnorms())
 

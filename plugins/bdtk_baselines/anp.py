@@ -5,17 +5,18 @@ BatchNorm neuron k gets a mask m_k ∈ [0, 1] on its weight w_k, and multiplicat
 its weight and bias, |δ_k|, |ξ_k| ≤ ε: the perturbed neuron has weight (m_k + δ_k)·w_k and bias
 (1 + ξ_k)·b_k, as in the paper's objective and code. On clean batches the masks minimise
 α·L(m ⊙ w, b) + (1 − α)·L((m + δ) ⊙ w, (1 + ξ) ⊙ b), where δ, ξ come from one signed-gradient
-ascent step of size ε from a random start in the ε-box. The perturbation is added to the mask, not
-scaled by it: were it m ⊙ (1 + δ), a low mask would also shrink its perturbation, and on our bench
-model the masks of most neurons collapsed to zero within 100 iterations. Neurons whose mask ends
+ascent step of size ε from a random start in the ε-box. Neurons whose mask ends
 low are pruned by zeroing their BatchNorm weight — with the paper's fixed threshold, or as the
 largest pruning (lowest masks first) whose clean *validation* accuracy stays within a budget.
 Never on test data: BackdoorBench's choice by lowest test ASR is an oracle no defender has.
 
 Masks and perturbations act through forward hooks that recompute each BatchNorm output from its
-input; the model stays in eval mode (running statistics), so the defender's batches neither
-change the statistics nor make the masks depend on batch composition. The original code
-optimises in train mode; this is the one deliberate difference.
+input with the *batch* statistics, as the original code does by optimising in train mode, but
+without updating the running statistics, so the purified model is changed by pruning only. (An
+earlier version used the running statistics: then the perturbations compound through every
+layer instead of being renormalised by the next BatchNorm — on the bench WRN-16-1, ε = 0.4 sent
+the adversarial clean loss from 0.35 to 52 instead of 3.6 — and the masks of most neurons
+collapsed to zero.)
 """
 
 from __future__ import annotations
@@ -59,9 +60,7 @@ class NeuronPerturbation:
         bias: Tensor = module.bias
         if self.perturbed:
             weight, bias = module.weight * (self.mask + self.delta), bias * (1 + self.xi)
-        return F.batch_norm(
-            inputs[0], module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps
-        )
+        return F.batch_norm(inputs[0], None, None, weight, bias, True, 0.0, module.eps)
 
 
 class NeuronMasks:
@@ -215,10 +214,8 @@ class ANP(Purifier):
             raise ModelRequirementError(
                 f"Defense 'anp' masks BatchNorm neurons, but {type(model).__name__} has no BatchNorm2d layer."
             )
-        if any(bn.weight is None or bn.bias is None or bn.running_mean is None for bn in bns):
-            raise ModelRequirementError(
-                "Defense 'anp' needs every BatchNorm2d to have affine weights and running statistics."
-            )
+        if any(bn.weight is None or bn.bias is None for bn in bns):
+            raise ModelRequirementError("Defense 'anp' needs every BatchNorm2d to have affine weights.")
         base_acc = accuracy(model, data.val, self.device)
         masks = self.optimise_masks(model, data)
         total = sum(m.numel() for m in masks)
