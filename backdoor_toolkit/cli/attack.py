@@ -55,12 +55,13 @@ def write_grid(path: Path, clean: Tensor, triggered: Tensor, scale: int = 4) -> 
     )
 
 
-def _settings(attack: str, items: list[str]) -> dict[str, Any]:
+def _settings(items: list[str], attack: str | None = None) -> dict[str, Any]:
     """`--set FIELD=VALUE` (or `ATTACK.FIELD=VALUE`, as `bdtk benchmark` spells it) as a dict."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        key = key.removeprefix(f"{attack}.")
+        if attack:
+            key = key.removeprefix(f"{attack}.")
         if not sep or not key:
             raise ConfigError(f"--set expects FIELD=VALUE (e.g. alpha=0.1), got {item!r}.")
         out[key] = _parse_value(raw)
@@ -94,7 +95,7 @@ def attack(
         "dataset": dataset,
         "model": model,
         "seeds": [seed],
-        "attacks": [{"name": attack, "config": _settings(attack, set_ or [])}],
+        "attacks": [{"name": attack, "config": _settings(set_ or [], attack)}],
         "defenses": [],
         "train_size": train_size,
         "test_size": test_size,
