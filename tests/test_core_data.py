@@ -38,7 +38,7 @@ def test_fashion_mnist_loads_from_debian_package() -> None:
 
 
 def test_unknown_dataset_lists_known_ones() -> None:
-    with pytest.raises(UnknownNameError, match="Did you mean 'cifar10'.*Available:.*fashion-mnist"):
+    with pytest.raises(UnknownNameError, match=r"Did you mean 'cifar10'.*Available:.*fashion-mnist"):
         load_dataset("cifar1O")
 
 

@@ -28,6 +28,7 @@ def test_asr_excludes_target_class_and_ra_counts_true_class() -> None:
     images = torch.zeros(5, 1, 2, 2, dtype=torch.uint8)
     images[:, 0, 0, 0] = torch.tensor([0, 5, 1, 2, 3], dtype=torch.uint8)  # one clean error
     test = ImageData(images, labels)
+
     # trigger works on 2 of the 3 non-target images: the one whose class is 3 resists it
     def trigger(x: Tensor) -> Tensor:
         out = _stamp_to_target(x)

@@ -6,7 +6,13 @@ from torch import nn
 
 from backdoor_toolkit.data import dataset_spec
 from backdoor_toolkit.errors import ModelRequirementError, UnknownNameError
-from backdoor_toolkit.models import Capability, ImageClassifier, available_models, check_capabilities, create_model
+from backdoor_toolkit.models import (
+    Capability,
+    ImageClassifier,
+    available_models,
+    check_capabilities,
+    create_model,
+)
 
 FAST = ["wrn-16-1", "small-cnn", "vgg11-bn", "preact-resnet18", "resnet18", "wrn-16-2"]
 

@@ -78,8 +78,19 @@ def test_throwaway_plugin_runs_in_benchmark(zero_head: None, tmp_path: Path) -> 
     out = tmp_path / "results.json"
     result = runner.invoke(
         app,
-        ["benchmark", "--config", str(config), "--defense", "zero-head", "--epochs", "1",
-         "--device", "cpu", "--output", str(out)],
+        [
+            "benchmark",
+            "--config",
+            str(config),
+            "--defense",
+            "zero-head",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["results"]
@@ -104,7 +115,10 @@ def test_throwaway_plugin_runs_in_benchmark(zero_head: None, tmp_path: Path) -> 
         (["--set", "nad.beta=1"], "no attack or defense named 'nad'"),
         (["--clean-ratio", "0.9"], "clean_ratio"),
         (["--config", "missing.toml"], "does not exist"),
-        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "available|Unknown"),
+        (
+            ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
+            "available|Unknown",
+        ),
     ],
 )
 def test_bad_input_gets_one_clear_message(args: list[str], message: str) -> None:

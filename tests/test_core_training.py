@@ -1,20 +1,23 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from backdoor_toolkit.data import dataset_spec
+from backdoor_toolkit.errors import BdtkError
 from backdoor_toolkit.interfaces import TrainingSettings
 from backdoor_toolkit.models import create_model
 from backdoor_toolkit.training import augment_batch, resolve_device, seed_everything, train_classifier
 
-import pytest
-
-from backdoor_toolkit.errors import BdtkError
-
 
 def _settings(epochs: int = 3) -> TrainingSettings:
     return TrainingSettings(
-        epochs=epochs, batch_size=32, lr=0.05, weight_decay=0.0, augment=True, hflip=True,
+        epochs=epochs,
+        batch_size=32,
+        lr=0.05,
+        weight_decay=0.0,
+        augment=True,
+        hflip=True,
         device=torch.device("cpu"),
     )
 
