@@ -22,7 +22,14 @@ from .interfaces import (
 from .metrics import accuracy, attack_scores, predict
 from .models import Capability, ImageClassifier, create_model
 from .plugins import get_attack, get_inverter, get_purifier
-from .training import augment_batch, iterate_batches, seed_everything, train_classifier
+from .training import (
+    LossFn,
+    augment_batch,
+    cross_entropy_loss,
+    iterate_batches,
+    seed_everything,
+    train_classifier,
+)
 from .triggers import MaskTrigger, Trigger
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "ImageClassifier",
     "ImageData",
     "InversionResult",
+    "LossFn",
     "MaskTrigger",
     "ModelRequirementError",
     "PluginMeta",
@@ -52,6 +60,7 @@ __all__ = [
     "augment_batch",
     "build_config",
     "create_model",
+    "cross_entropy_loss",
     "get_attack",
     "get_inverter",
     "get_purifier",

@@ -221,7 +221,7 @@ class InversionResult:
     patterns: Tensor  # (K, C, H, W) in [0, 1]
     mask_norms: Tensor  # (K,) L1 norms
     attack_success: Tensor  # (K,) share of clean non-class images the trigger sends to the class
-    anomaly_index: Tensor  # (K,) |norm − median| / (1.4826 · MAD)
+    anomaly_index: Tensor  # (K,) |s − median(s)| / (1.4826 · MAD(s)); s = norms or log norms
     flagged: list[int]
     seconds: float = 0.0
     diagnostics: dict[str, Any] = field(default_factory=dict)

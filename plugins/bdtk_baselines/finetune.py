@@ -6,31 +6,22 @@ its teacher and, with an extra loss term, its student), so they all train alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pydantic import Field
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import nn
 
 from backdoor_toolkit import (
     DefenseData,
     ImageClassifier,
+    LossFn,
     PluginMeta,
     PurificationResult,
     Purifier,
     StrictConfig,
     TrainingSettings,
     accuracy,
+    cross_entropy_loss,
     train_classifier,
 )
-
-LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor | None]]
-"""(model, x, y) → (loss, logits), the shape `train_classifier` accepts as `loss_fn`."""
-
-
-def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
 
 
 class FineTuningConfig(StrictConfig):
@@ -46,7 +37,7 @@ def fine_tune(
     data: DefenseData,
     config: FineTuningConfig,
     purifier: Purifier,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn = cross_entropy_loss,
     description: str = "fine-tune",
 ) -> list[float]:
     """Train `model` in place on the clean budget's train part; returns the epoch losses."""
