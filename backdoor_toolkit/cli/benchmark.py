@@ -156,23 +156,23 @@ def _pct(value: float | None) -> str:
 
 
 def results_table(rows: list[CellResult]) -> Table:
-    table = Table(title="bdtk benchmark (BA on all test images; ASR/RA on non-target images; %)")
-    columns = ("dataset", "model", "attack", "defense", "seed", "BA", "ASR", "RA", "DER", "time s", "peak MB")
-    for col in (*columns, "notes"):
-        table.add_column(col, justify="right" if col[0].isupper() or col[0] in "tsp" else "left")
+    """One row per cell; dataset and model move to the title when the whole run shares them."""
+    varying = [k for k in ("dataset", "model") if len({getattr(r, k) for r in rows}) > 1]
+    shared = [str(getattr(rows[0], k)) for k in ("dataset", "model") if k not in varying and rows]
+    title = " · ".join(["bdtk benchmark", *shared])
+    table = Table(title=f"{title}\n(%; BA on all test images, ASR/RA on non-target images)")
+    columns = (*varying, "attack", "defense", "seed", "BA", "ASR", "RA", "DER", "sec", "MB")
+    for col in columns:
+        right = col[0].isupper() or col in ("seed", "sec")
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    table.add_column("notes")
     for r in rows:
+        head = [str(getattr(r, k)) for k in varying] + [r.attack, r.defense, str(r.seed)]
         if r.status == "failed":
-            blank = [""] * 6
-            table.add_row(
-                r.dataset, r.model, r.attack, r.defense, str(r.seed), *blank, f"[red]failed: {r.error}"
-            )
+            table.add_row(*head, *[""] * 6, f"[red]failed: {r.error}")
             continue
         table.add_row(
-            r.dataset,
-            r.model,
-            r.attack,
-            r.defense,
-            str(r.seed),
+            *head,
             _pct(r.ba),
             _pct(r.asr),
             _pct(r.ra),
