@@ -16,12 +16,10 @@ from ..benchmark import load_run_dataset, validate
 from ..config import BenchmarkConfig, build_config
 from ..console import console
 from ..data import ImageData, to_float
-from ..errors import ConfigError
 from ..interfaces import Attack, AttackConfig
 from ..metrics import attack_scores
 from ..training import resolve_device
-from .benchmark import _parse_value
-from .common import app, user_errors
+from .common import app, parse_settings, user_errors
 
 
 def sample_per_class(test: ImageData, count: int) -> Tensor:
@@ -55,19 +53,6 @@ def write_grid(path: Path, clean: Tensor, triggered: Tensor, scale: int = 4) -> 
     )
 
 
-def _settings(items: list[str], attack: str | None = None) -> dict[str, Any]:
-    """`--set FIELD=VALUE` (or `ATTACK.FIELD=VALUE`, as `bdtk benchmark` spells it) as a dict."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if attack:
-            key = key.removeprefix(f"{attack}.")
-        if not sep or not key:
-            raise ConfigError(f"--set expects FIELD=VALUE (e.g. alpha=0.1), got {item!r}.")
-        out[key] = _parse_value(raw)
-    return out
-
-
 @app.command()
 @user_errors
 def attack(
@@ -95,7 +80,7 @@ def attack(
         "dataset": dataset,
         "model": model,
         "seeds": [seed],
-        "attacks": [{"name": attack, "config": _settings(set_ or [], attack)}],
+        "attacks": [{"name": attack, "config": parse_settings(set_ or [], attack)}],
         "defenses": [],
         "train_size": train_size,
         "test_size": test_size,

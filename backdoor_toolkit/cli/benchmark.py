@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,14 +15,7 @@ from ..errors import ConfigError
 from ..executors import EXECUTORS, get_executor
 from ..store import ResultStore
 from ..suites import available_suites, load_suite
-from .common import app, user_errors
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+from .common import app, parse_value, user_errors
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
@@ -37,7 +29,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
         for section in ("attacks", "defenses"):
             for choice in values.get(section, []):
                 if choice["name"] == plugin:
-                    choice.setdefault("config", {})[field] = _parse_value(raw)
+                    choice.setdefault("config", {})[field] = parse_value(raw)
                     hits += 1
         if not hits:
             raise ConfigError(f"--set {item!r}: no attack or defense named {plugin!r} in this run.")

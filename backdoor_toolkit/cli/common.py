@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 
 from ..console import console
-from ..errors import BdtkError
+from ..errors import BdtkError, ConfigError
 
 app = typer.Typer(
     help="bdtk: attack, inspect and purify backdoored image classifiers; benchmark defenses.",
@@ -36,3 +37,24 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: JSON when it parses (numbers, booleans, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_settings(items: list[str], attack: str | None = None) -> dict[str, Any]:
+    """`--set FIELD=VALUE` (or `ATTACK.FIELD=VALUE`, as `bdtk benchmark` spells it) as a dict."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if attack:
+            key = key.removeprefix(f"{attack}.")
+        if not sep or not key:
+            raise ConfigError(f"--set expects FIELD=VALUE (e.g. alpha=0.1), got {item!r}.")
+        out[key] = parse_value(raw)
+    return out

@@ -28,8 +28,7 @@ from ..interfaces import Attack, AttackConfig, InversionResult
 from ..models import ImageClassifier, create_model
 from ..plugins import get_inverter
 from ..training import resolve_device, seed_everything
-from .attack import _settings
-from .common import app, user_errors
+from .common import app, parse_settings, user_errors
 
 
 def load_model_file(path: Path, model_name: str, cfg: BenchmarkConfig) -> ImageClassifier:
@@ -153,7 +152,7 @@ def inspect(
         "dataset": dataset,
         "model": model,
         "seeds": [seed],
-        "attacks": [{"name": attack or "badnets", "config": _settings(set_ or [])}],
+        "attacks": [{"name": attack or "badnets", "config": parse_settings(set_ or [])}],
         "defenses": [],
         "train_size": train_size,
         "test_size": test_size,
@@ -167,7 +166,7 @@ def inspect(
         values["training"] = {"epochs": epochs}
     cfg = build_config(BenchmarkConfig, values, "inspect")
     inverter_cls = get_inverter(inverter)
-    inv_values = _settings(option or [])
+    inv_values = parse_settings(option or [])
     extra = {"target": target, "classes": class_, "steps": steps, "threshold": threshold}
     inv_values.update({k: v for k, v in extra.items() if v is not None})
     inv_cfg = build_config(inverter_cls.Config, inv_values, f"inverter {inverter!r}")
