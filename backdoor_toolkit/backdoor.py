@@ -19,18 +19,6 @@ from .training import seed_everything, train_classifier
 CACHE_FORMAT = 1
 
 
-def training_settings(cfg: TrainingConfig, dataset: Dataset, device: torch.device) -> TrainingSettings:
-    return TrainingSettings(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        augment=cfg.augment,
-        hflip=dataset.spec.hflip,
-        device=device,
-    )
-
-
 @dataclass
 class BackdooredModel:
     model: ImageClassifier
@@ -73,7 +61,7 @@ def clean_model(
     if hit is not None:
         model.load_state_dict(hit[0])
         return model.to(device).eval()
-    settings = training_settings(cfg, dataset, device)
+    settings = TrainingSettings.from_config(cfg, dataset.spec, device)
     train_classifier(
         model, dataset.train.images, dataset.train.labels, settings, seed, description="clean model"
     )
@@ -113,7 +101,7 @@ def backdoored_model(
             float(meta["train_seconds"]),
         )
     start = time.perf_counter()
-    settings = training_settings(cfg, dataset, device)
+    settings = TrainingSettings.from_config(cfg, dataset.spec, device)
     context = AttackContext(
         spec=dataset.spec,
         train=dataset.train,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,6 +85,34 @@ class TrainingSettings:
     augment: bool
     hflip: bool
     device: torch.device
+
+    @classmethod
+    def from_config(cls, config: TrainingFields, spec: DataSpec, device: torch.device) -> TrainingSettings:
+        """From any config with epochs, batch_size, lr, weight_decay and augment fields."""
+        return cls(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            augment=config.augment,
+            hflip=spec.hflip,
+            device=device,
+        )
+
+
+class TrainingFields(Protocol):
+    """The training fields a config shares with `TrainingSettings` (attack training, fine-tuning)."""
+
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def augment(self) -> bool: ...
 
 
 BatchHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]

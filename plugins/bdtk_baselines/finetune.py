@@ -41,15 +41,7 @@ def fine_tune(
     description: str = "fine-tune",
 ) -> list[float]:
     """Train `model` in place on the clean budget's train part; returns the epoch losses."""
-    settings = TrainingSettings(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        augment=config.augment,
-        hflip=data.spec.hflip,
-        device=purifier.device,
-    )
+    settings = TrainingSettings.from_config(config, data.spec, purifier.device)
     return train_classifier(
         model,
         data.train.images,

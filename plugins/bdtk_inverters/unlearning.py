@@ -98,15 +98,7 @@ class NCUnlearning(Purifier):
                     x[rows] = trigger(x[rows]).clamp(0, 1)
             return x, y
 
-        settings = TrainingSettings(
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            weight_decay=c.weight_decay,
-            augment=c.augment,
-            hflip=data.spec.hflip,
-            device=self.device,
-        )
+        settings = TrainingSettings.from_config(c, data.spec, self.device)
         start = time.perf_counter()
         losses = train_classifier(
             model,
