@@ -220,6 +220,22 @@ def test_step_schedule_scales_the_authors_epochs() -> None:
     assert [step_lr(e, 2, 0.1) for e in (0, 1)] == pytest.approx([0.1, 0.001])
 
 
+@pytest.mark.parametrize("stamp_mode", ["after-augment", "before-augment"])
+def test_trigger_stamped_before_augmenting_moves_with_the_image(stamp_mode: str) -> None:
+    """A full-image trigger on grey images: only a shared crop puts padding at the same pixels."""
+    purifier = MCLDef(MCLDef.Config(stamp=stamp_mode), seed=0, device=CPU)  # type: ignore[arg-type]
+    x = torch.full((64, 1, 28, 28), 0.5)
+    masks, patterns = torch.ones(1, 1, 28, 28), torch.full((1, 1, 28, 28), 0.9)
+    clean, triggered = purifier._pairs(x, masks, patterns, hflip=True, gen=torch.Generator().manual_seed(0))
+    padding = clean == 0
+    assert bool(padding.any())  # some images were shifted
+    if stamp_mode == "before-augment":
+        assert torch.equal(triggered == 0, padding)
+        assert torch.allclose(triggered[~padding], torch.tensor(0.9))
+    else:
+        assert torch.allclose(triggered, torch.tensor(0.9))  # stamped over the padding too
+
+
 # --- purification --------------------------------------------------------------------------------
 
 

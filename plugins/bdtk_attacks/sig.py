@@ -4,6 +4,8 @@ Clean-label: the poisoned training images already belong to the target class and
 labels, so the poisoned set passes a label audit; the model learns to associate the sinusoid with
 the target class because it co-occurs with it. The signal is v(i, j) = Δ·sin(2π·j·f / W) on every
 row and channel; the default Δ = 40/255 follows BackdoorBench (the paper used about 20/255 on MNIST).
+The default rate is 5 % of the training set: at the suite's usual 10 % a balanced 10-class dataset
+would have *every* target-class image poisoned, which costs the target class its clean accuracy.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from backdoor_toolkit import Attack, AttackConfig, ConfigError, DataSpec, Plugin
 
 
 class SIGConfig(AttackConfig):
+    poison_rate: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="Share of the training set that is poisoned (target-class images only; default half "
+        "of a balanced 10-class target class, as the paper poisons part of it)",
+    )
     delta: float = Field(
         default=40 / 255, gt=0.0, le=1.0, description="Amplitude Δ of the sinusoid in [0, 1] pixel units"
     )

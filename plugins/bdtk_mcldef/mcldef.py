@@ -80,7 +80,13 @@ class MCLDefConfig(StrictConfig):
     ce_weight: float = Field(
         default=0.0, ge=0, le=100, description="Weight λ of an added cross-entropy term on clean inputs"
     )
-    augment: bool = Field(default=True, description="Random crop (and flips where they fit) before stamping")
+    augment: bool = Field(default=True, description="Random crop (and flips where they fit) of each batch")
+    stamp: Literal["after-augment", "before-augment"] = Field(
+        default="after-augment",
+        description="Stamp the recovered trigger on the augmented image (authors' code: the trigger stays "
+        "where it was recovered), or before augmenting, so the pair is cropped and mirrored together and the "
+        "trigger moves with the image as the attacker's poisoned training images did",
+    )
     bn_mode: Literal["train", "eval"] = Field(
         default="train",
         description="Mode of the trainable model while purifying: train (BatchNorm statistics follow the "
@@ -234,11 +240,8 @@ class MCLDef(Purifier):
                 group["lr"] = step_lr(epoch, c.epochs, c.lr)
             seen, total = 0, 0.0
             for x, y in iterate_batches(data.train.images, data.train.labels, c.batch_size, gen):
-                if c.augment:
-                    x = augment_batch(x, data.spec.hflip, gen)
-                which = torch.randint(len(triggers), (x.shape[0],), generator=gen).to(device)
-                x, y = x.to(device), y.to(device)
-                triggered = ((1 - masks[which]) * x + masks[which] * patterns[which]).clamp(0, 1)
+                x, triggered = self._pairs(x.to(device), masks, patterns, data.spec.hflip, gen)
+                y = y.to(device)
                 loss = self._loss(model, frozen, x, triggered, y)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -248,6 +251,21 @@ class MCLDef(Purifier):
             epoch_losses.append(total / max(seen, 1))
         model.eval()
         return epoch_losses
+
+    def _pairs(
+        self, x: Tensor, masks: Tensor, patterns: Tensor, hflip: bool, gen: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Clean and triggered views of a batch; each image gets one of the triggers at random."""
+        c = self.config
+        if c.augment and c.stamp == "after-augment":
+            x = augment_batch(x, hflip, gen)
+        which = torch.randint(masks.shape[0], (x.shape[0],), generator=gen).to(x.device)
+        triggered = ((1 - masks[which]) * x + masks[which] * patterns[which]).clamp(0, 1)
+        if c.augment and c.stamp == "before-augment":
+            # channels side by side: each clean/triggered pair gets the same crop and flip
+            pair = augment_batch(torch.cat([x, triggered], dim=1), hflip, gen)
+            x, triggered = pair.split(x.shape[1], dim=1)
+        return x, triggered
 
     def _loss(
         self,
