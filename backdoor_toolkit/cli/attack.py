@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated
 
 import torch
 import typer
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..artifacts import ArtifactCache
-from ..backdoor import backdoored_model
-from ..benchmark import load_run_dataset, validate
-from ..config import BenchmarkConfig, build_config
 from ..console import console
 from ..data import ImageData, to_float
-from ..interfaces import Attack, AttackConfig
 from ..metrics import attack_scores
 from ..training import resolve_device
 from .common import app, parse_settings, user_errors
+from .victim import load_victim, victim_config
 
 
 def sample_per_class(test: ImageData, count: int) -> Tensor:
@@ -76,29 +72,23 @@ def attack(
     images: Annotated[int, typer.Option(min=1, max=64, help="Test images in the grid")] = 10,
 ) -> None:
     """Train (or load from the cache) a backdoored model, print BA/ASR/RA and write a trigger grid."""
-    values: dict[str, Any] = {
-        "dataset": dataset,
-        "model": model,
-        "seeds": [seed],
-        "attacks": [{"name": attack, "config": parse_settings(set_ or [], attack)}],
-        "defenses": [],
-        "train_size": train_size,
-        "test_size": test_size,
-        "device": device,
-        "data_dir": data_dir,
-        "download": download,
-        "cache_dir": cache_dir,
-    }
-    if epochs is not None:
-        values["training"] = {"epochs": epochs}
-    cfg = build_config(BenchmarkConfig, values, "attack")
-    ((info, attack_cfg),) = validate(cfg).attacks
-    cls = cast(type[Attack], info.cls)
+    cfg = victim_config(
+        "attack",
+        attack,
+        parse_settings(set_ or [], attack),
+        epochs,
+        dataset=dataset,
+        model=model,
+        seeds=[seed],
+        train_size=train_size,
+        test_size=test_size,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        cache_dir=cache_dir,
+    )
+    data, instance, victim = load_victim(cfg)
     run_device = resolve_device(cfg.device)
-    data = load_run_dataset(cfg)
-    instance = cls(cast(AttackConfig, attack_cfg), data.spec, seed=seed)
-    cache = ArtifactCache(Path(cfg.cache_dir) if cfg.cache_dir else None)
-    victim = backdoored_model(data, cfg.model, instance, cfg.training, run_device, cache)
     scores = attack_scores(
         victim.model, data.test, instance.apply_trigger, instance.target_labels, run_device
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -17,18 +17,17 @@ from rich.table import Table
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..artifacts import ArtifactCache
-from ..backdoor import backdoored_model
-from ..benchmark import load_run_dataset, validate
+from ..benchmark import load_run_dataset
 from ..config import BenchmarkConfig, build_config
 from ..console import console
 from ..data import draw_defense_data
 from ..errors import BdtkError
-from ..interfaces import Attack, AttackConfig, InversionResult
+from ..interfaces import InversionResult
 from ..models import ImageClassifier, create_model
 from ..plugins import get_inverter
 from ..training import resolve_device, seed_everything
 from .common import app, parse_settings, user_errors
+from .victim import load_victim, victim_config
 
 
 def load_model_file(path: Path, model_name: str, cfg: BenchmarkConfig) -> ImageClassifier:
@@ -148,23 +147,22 @@ def inspect(
     """Invert a trigger for every class, print the anomaly table, write PNG, triggers and JSON."""
     if (attack is None) == (model_file is None):
         raise BdtkError("Name exactly one model to inspect: --attack NAME or --model-file PATH.")
-    values: dict[str, Any] = {
-        "dataset": dataset,
-        "model": model,
-        "seeds": [seed],
-        "attacks": [{"name": attack or "badnets", "config": parse_settings(set_ or [])}],
-        "defenses": [],
-        "train_size": train_size,
-        "test_size": test_size,
-        "clean_ratio": clean_ratio,
-        "device": device,
-        "data_dir": data_dir,
-        "download": download,
-        "cache_dir": cache_dir,
-    }
-    if epochs is not None:
-        values["training"] = {"epochs": epochs}
-    cfg = build_config(BenchmarkConfig, values, "inspect")
+    cfg = victim_config(
+        "inspect",
+        attack or "badnets",
+        parse_settings(set_ or []),
+        epochs,
+        dataset=dataset,
+        model=model,
+        seeds=[seed],
+        train_size=train_size,
+        test_size=test_size,
+        clean_ratio=clean_ratio,
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        cache_dir=cache_dir,
+    )
     inverter_cls = get_inverter(inverter)
     inv_values = parse_settings(option or [])
     extra = {"target": target, "classes": class_, "steps": steps, "threshold": threshold}
@@ -178,12 +176,7 @@ def inspect(
         true_target: int | None = None
         source: dict[str, Any] = {"model_file": str(model_file)}
     else:
-        ((info, attack_cfg),) = validate(cfg).attacks
-        cls = cast(type[Attack], info.cls)
-        data = load_run_dataset(cfg)
-        instance = cls(cast(AttackConfig, attack_cfg), data.spec, seed=seed)
-        cache = ArtifactCache(Path(cfg.cache_dir) if cfg.cache_dir else None)
-        victim = backdoored_model(data, cfg.model, instance, cfg.training, run_device, cache)
+        data, instance, victim = load_victim(cfg)
         victim_model, excluded = victim.model, victim.poisoned_index
         true_target = instance.config.target if instance.config.mode == "all-to-one" else None
         source = {
