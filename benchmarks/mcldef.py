@@ -32,6 +32,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "top-ranked+ce": {"on_no_detection": "top-ranked", "ce_weight": 1.0},
     "top-ranked+tau0.1+ce": {"on_no_detection": "top-ranked", "temperature": 0.1, "ce_weight": 1.0},
     "top-ranked+ce+lr0.01": {"on_no_detection": "top-ranked", "ce_weight": 1.0, "lr": 0.01},
+    "improved": {"stamp": "before-augment", "ce_weight": 1.0, "lr": 0.01, "epochs": 40},
 }
 
 
