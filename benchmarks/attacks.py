@@ -1,5 +1,9 @@
 """BA and ASR of every built-in attack against a clean model trained the same way.
 
+Each row also gives the clean model's "ASR" with the attack's trigger: the share of triggered
+non-target images a never-backdoored model already sends to the target. That is the floor a
+defense can be expected to reach, since a purified model is at best as good as a clean one.
+
 Runs the shared bench setting (benchmarks/setting.py) attack by attack; backdoored and clean models
 go to the shared artifact cache, so a re-run only measures. Results are merged into a JSON file
 keyed by attack, so attacks can be run one at a time (e.g. in the background) and the table printed
@@ -51,10 +55,13 @@ def measure_attack(cfg: BenchmarkConfig, name: str, values: dict[str, Any] | Non
     attack = cls(config, dataset.spec, seed=cfg.seeds[0])
     victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, _cache(cfg))
     scores = attack_scores(victim.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
+    clean = clean_model(dataset, cfg.model, cfg.seeds[0], cfg.training, device, _cache(cfg))
+    floor = attack_scores(clean, dataset.test, attack.apply_trigger, attack.target_labels, device)
     return {
         "attack": name,
         "config": attack.config.model_dump(),
         **scores.model_dump(),
+        "clean_model_asr": floor.asr,
         "train_seconds": victim.train_seconds,
         "cache_key": victim.cache_key,
     }
@@ -80,8 +87,8 @@ def table(results: dict[str, Any]) -> str:
     rows = results["rows"]
     clean_ba = rows.get("clean", {}).get("ba")
     lines = [
-        "| attack | BA % | ΔBA vs clean (points) | ASR % | RA % | train s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| attack | BA % | ΔBA vs clean (points) | ASR % | RA % | clean model's ASR % | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     order = {name: i for i, name in enumerate(["clean", *ATTACKS])}
     for name in sorted(rows, key=lambda n: (order.get(n.split()[0], len(order)), n)):
@@ -90,6 +97,7 @@ def table(results: dict[str, Any]) -> str:
         secs = r.get("train_seconds")
         lines.append(
             f"| {name} | {_pct(r['ba'])} | {drop} | {_pct(r['asr'])} | {_pct(r['ra'])} | "
+            f"{_pct(r.get('clean_model_asr'))} | "
             f"{'—' if secs is None else f'{secs:.0f}'} |"
         )
     return "\n".join(lines)
