@@ -14,38 +14,20 @@ from backdoor_toolkit import (
     Capability,
     DefenseData,
     ImageClassifier,
-    ImageData,
     ModelRequirementError,
-    TrainingSettings,
     create_model,
     get_purifier,
 )
 from backdoor_toolkit.data import dataset_spec
 from backdoor_toolkit.models import check_capabilities
-from backdoor_toolkit.training import train_classifier
 
 SPEC = dataset_spec("fashion-mnist")
 CPU = torch.device("cpu")
 
 
-def _separable(n: int, seed: int) -> ImageData:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    images = torch.rand(n, 1, 16, 16, generator=gen) * 0.3
-    images[labels == 1, :, 4:12, 4:12] += 0.7
-    return ImageData((images * 255).round().to(torch.uint8), labels)
-
-
 @pytest.fixture(scope="module")
-def trained() -> tuple[ImageClassifier, DefenseData]:
-    torch.manual_seed(0)
-    model = create_model("small-cnn", SPEC)
-    train = _separable(96, 0)
-    train_classifier(
-        model, train.images, train.labels, TrainingSettings(2, 32, 0.05, 0.0, False, False, CPU), 0
-    )
-    data = DefenseData(SPEC, _separable(48, 1), _separable(48, 2), torch.arange(48), torch.arange(48, 96))
-    return model, data
+def trained(separable_model: tuple[ImageClassifier, DefenseData]) -> tuple[ImageClassifier, DefenseData]:
+    return separable_model
 
 
 def test_perturbations_stay_within_eps_and_raise_the_loss(
@@ -134,9 +116,9 @@ class _NoBatchNorm(ImageClassifier):
         self.fc = nn.Linear(4, 2)
 
 
-def test_model_without_batchnorm_is_refused_clearly() -> None:
+def test_model_without_batchnorm_is_refused_clearly(trained: tuple[ImageClassifier, DefenseData]) -> None:
     model = _NoBatchNorm()
-    data = DefenseData(SPEC, _separable(8, 1), _separable(8, 2), torch.arange(8), torch.arange(8, 16))
+    _, data = trained
     assert Capability.BATCHNORM in ANP.meta.requires
     with pytest.raises(ModelRequirementError, match=r"'anp'.*batchnorm.*_NoBatchNorm"):
         check_capabilities(model, ANP.meta.requires, "Defense 'anp'")

@@ -8,32 +8,16 @@ import pytest
 import torch
 from bdtk_baselines.fine_pruning import ChannelMask, FinePruning, FinePruningConfig, mean_channel_activation
 
-from backdoor_toolkit import DefenseData, ImageClassifier, ImageData, TrainingSettings, create_model
+from backdoor_toolkit import DefenseData, ImageClassifier
 from backdoor_toolkit.data import dataset_spec
-from backdoor_toolkit.training import train_classifier
 
 SPEC = dataset_spec("fashion-mnist")
 CPU = torch.device("cpu")
 
 
-def _separable(n: int, seed: int) -> ImageData:
-    """Two classes told apart by a bright centre square; uint8 like real data, 16×16 for speed."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    images = torch.rand(n, 1, 16, 16, generator=gen) * 0.3
-    images[labels == 1, :, 4:12, 4:12] += 0.7
-    return ImageData((images * 255).round().to(torch.uint8), labels)
-
-
 @pytest.fixture(scope="module")
-def trained() -> tuple[ImageClassifier, DefenseData]:
-    torch.manual_seed(0)
-    model = create_model("small-cnn", SPEC)
-    train = _separable(96, 0)
-    settings = TrainingSettings(2, 32, 0.05, 0.0, False, False, CPU)
-    train_classifier(model, train.images, train.labels, settings, seed=0)
-    data = DefenseData(SPEC, _separable(48, 1), _separable(48, 2), torch.arange(48), torch.arange(48, 96))
-    return model, data
+def trained(separable_model: tuple[ImageClassifier, DefenseData]) -> tuple[ImageClassifier, DefenseData]:
+    return separable_model
 
 
 def _purify(model: ImageClassifier, data: DefenseData, **overrides: object) -> tuple[ImageClassifier, dict]:
