@@ -253,3 +253,29 @@ def test_cli_suite_run_resumes_and_feeds_the_leaderboard(tmp_path: Path) -> None
     assert "finetune" in (tmp_path / "lb.json").read_text()
     both = runner.invoke(app, [*args, "--config", str(suite)])
     assert both.exit_code == 2 and "either --suite or --config" in both.output
+
+
+def test_notes_and_errors_are_printed_below_the_table_not_squeezed_into_it() -> None:
+    import io
+
+    from rich.console import Console
+
+    from backdoor_toolkit.benchmark import CellResult, Provenance
+    from backdoor_toolkit.cli.benchmark import results_notes, results_table
+
+    prov = Provenance(
+        bdtk="0", torch="0", python="3", device="cpu", date="d", attack_plugin="a", defense_plugin=None
+    )
+    common = {"dataset": "fashion-mnist", "model": "wrn-16-1", "attack": "badnets", "attack_config": {}}
+    ok = CellResult(**common, defense="mcldef", seed=0, notes="flagged [0]", config_hash="x", provenance=prov)
+    bad = CellResult(
+        **common, defense="nad", seed=0, status="failed", error="boom", notes="Traceback…", config_hash="y",
+        provenance=prov,
+    )  # fmt: skip
+    assert "notes" not in [c.header for c in results_table([ok, bad]).columns]
+    out = Console(width=80, record=True, file=io.StringIO())
+    for line in results_notes([ok, bad]):
+        out.print(line, highlight=False)
+    text = out.export_text()
+    assert "badnets / mcldef / seed 0: flagged [0]" in text  # brackets survive rich markup
+    assert "badnets / nad / seed 0: failed: boom" in text and "Traceback" not in text

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..benchmark import CellResult, run_benchmark, write_results
@@ -140,6 +141,8 @@ def benchmark(
             raise typer.Exit(130) from None
         write_results(out, cfg, grid)
         console.print(results_table(grid))
+        for line in results_notes(grid):
+            console.print(line, highlight=False)
         console.print(f"Results stored in {store.path} and written to {out}")
 
 
@@ -147,9 +150,13 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
+def _varying(rows: list[CellResult]) -> list[str]:
+    return [k for k in ("dataset", "model") if len({getattr(r, k) for r in rows}) > 1]
+
+
 def results_table(rows: list[CellResult]) -> Table:
     """One row per cell; dataset and model move to the title when the whole run shares them."""
-    varying = [k for k in ("dataset", "model") if len({getattr(r, k) for r in rows}) > 1]
+    varying = _varying(rows)
     shared = [str(getattr(rows[0], k)) for k in ("dataset", "model") if k not in varying and rows]
     title = " · ".join(["bdtk benchmark", *shared])
     table = Table(title=f"{title}\n(%; BA on all test images, ASR/RA on non-target images)")
@@ -157,11 +164,10 @@ def results_table(rows: list[CellResult]) -> Table:
     for col in columns:
         right = col[0].isupper() or col in ("seed", "sec")
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
-    table.add_column("notes")
     for r in rows:
         head = [str(getattr(r, k)) for k in varying] + [r.attack, r.defense, str(r.seed)]
         if r.status == "failed":
-            table.add_row(*head, *[""] * 6, f"[red]failed: {r.error}")
+            table.add_row(*head, "[red]failed", *[""] * 5)
             continue
         table.add_row(
             *head,
@@ -171,6 +177,19 @@ def results_table(rows: list[CellResult]) -> Table:
             "—" if r.der is None else f"{r.der:.3f}",
             "—" if r.seconds is None else f"{r.seconds:.1f}",
             "—" if r.peak_mb is None else f"{r.peak_mb:.0f}",
-            r.notes,
         )
     return table
+
+
+def results_notes(rows: list[CellResult]) -> list[str]:
+    """Each cell's notes (or error) on a line of its own: too long for a column of an 80-column table."""
+    varying = _varying(rows)
+    lines = []
+    for r in rows:
+        text = f"[red]failed: {escape(r.error or '')}[/]" if r.status == "failed" else escape(r.notes)
+        if text:
+            where = " / ".join(
+                [*(str(getattr(r, k)) for k in varying), r.attack, r.defense, f"seed {r.seed}"]
+            )
+            lines.append(f"[bold]{escape(where)}[/]: {text}")
+    return lines
