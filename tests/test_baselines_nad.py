@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from bdtk_baselines.nad import NAD, NADConfig, attention_loss, attention_map
 
-from backdoor_toolkit import DefenseData, ImageData, ModelRequirementError, create_model
-from backdoor_toolkit.data import dataset_spec
+from backdoor_toolkit import DefenseData, ImageClassifier, ModelRequirementError
 
-SPEC = dataset_spec("fashion-mnist")
 CPU = torch.device("cpu")
 
 
@@ -45,18 +44,10 @@ def test_attention_loss_pulls_student_to_teacher() -> None:
     assert attention_loss(stepped, teacher, 2.0) < loss.detach()
 
 
-def _data(n: int, seed: int) -> ImageData:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    images = torch.rand(n, 1, 16, 16, generator=gen) * 0.3
-    images[labels == 1, :, 4:12, 4:12] += 0.7
-    return ImageData((images * 255).round().to(torch.uint8), labels)
-
-
-def test_nad_runs_and_reports_teacher_and_removes_hooks() -> None:
-    torch.manual_seed(0)
-    model = create_model("small-cnn", SPEC)
-    data = DefenseData(SPEC, _data(48, 1), _data(32, 2), torch.arange(48), torch.arange(48, 80))
+def test_nad_runs_and_reports_teacher_and_removes_hooks(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = copy.deepcopy(separable_model[0]), separable_model[1]
     config = NADConfig(epochs=1, teacher_epochs=1, batch_size=16)
     before = model.fc.weight.detach().clone()
     result = NAD(config, seed=0, device=CPU).purify(model, data)
@@ -68,9 +59,8 @@ def test_nad_runs_and_reports_teacher_and_removes_hooks() -> None:
     assert all(not g._forward_hooks for g in model.layer_groups())
 
 
-def test_nad_needs_as_many_groups_as_betas() -> None:
-    model = create_model("small-cnn", SPEC)  # three groups
-    data = DefenseData(SPEC, _data(8, 1), _data(8, 2), torch.arange(8), torch.arange(8, 16))
+def test_nad_needs_as_many_groups_as_betas(separable_model: tuple[ImageClassifier, DefenseData]) -> None:
+    model, data = copy.deepcopy(separable_model[0]), separable_model[1]  # small-cnn: three groups
     config = NADConfig(betas=[1.0, 1.0, 1.0, 1.0], epochs=1, teacher_epochs=1)
     with pytest.raises(ModelRequirementError, match=r"4 layer groups.*has 3"):
         NAD(config, seed=0, device=CPU).purify(model, data)
