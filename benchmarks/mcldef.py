@@ -25,6 +25,7 @@ from .setting import bench_config
 
 SUITE = ["badnets", "blended", "trojan", "sig", "wanet", "input-aware"]
 
+IMPROVED: dict[str, Any] = {"stamp": "before-augment", "ce_weight": 1.0, "lr": 0.01, "epochs": 40}
 VARIANTS: dict[str, dict[str, Any]] = {
     "faithful": {},
     "top-ranked": {"on_no_detection": "top-ranked"},
@@ -32,7 +33,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "top-ranked+ce": {"on_no_detection": "top-ranked", "ce_weight": 1.0},
     "top-ranked+tau0.1+ce": {"on_no_detection": "top-ranked", "temperature": 0.1, "ce_weight": 1.0},
     "top-ranked+ce+lr0.01": {"on_no_detection": "top-ranked", "ce_weight": 1.0, "lr": 0.01},
-    "improved": {"stamp": "before-augment", "ce_weight": 1.0, "lr": 0.01, "epochs": 40},
+    "improved": IMPROVED,
+    # the attack's target given, as the authors' code is given it: stage 2 without detection
+    "faithful+known-target": {"target": 0},
+    "improved+known-target": {**IMPROVED, "target": 0},
 }
 
 
