@@ -24,6 +24,7 @@ from backdoor_toolkit import AttackConfig, attack_scores, build_config, get_atta
 from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import backdoored_model, clean_model
 from backdoor_toolkit.benchmark import load_run_dataset
+from backdoor_toolkit.cli.common import parse_settings
 from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.metrics import accuracy
 from backdoor_toolkit.training import resolve_device
@@ -65,13 +66,6 @@ def measure_attack(cfg: BenchmarkConfig, name: str, values: dict[str, Any] | Non
         "train_seconds": victim.train_seconds,
         "cache_key": victim.cache_key,
     }
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -135,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_clean:
             results["rows"]["clean"] = measure_clean(base)
             args.output.write_text(json.dumps(results, indent=2))
-        values = {k: _value(v) for k, _, v in (item.partition("=") for item in args.set)}
+        values = parse_settings(args.set)
         suffix = "".join(f" {k}={v}" for k, v in values.items())
         for name in todo:
             results["rows"][name + suffix] = measure_attack(base, name, values)
