@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from bdtk_inverters.anomaly import anomaly_index, flag_targets
 
-from backdoor_toolkit import build_config, get_attack, get_inverter
+from backdoor_toolkit import ImageClassifier, build_config, get_attack, get_inverter
 from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import backdoored_model, clean_model
 from backdoor_toolkit.benchmark import load_run_dataset
@@ -39,7 +39,7 @@ def reversed_asr(
     return float((pred == target).float().mean())
 
 
-def run_inverter(model: torch.nn.Module, data: DefenseData, seed: int, values: dict[str, Any]) -> Any:
+def run_inverter(model: ImageClassifier, data: DefenseData, seed: int, values: dict[str, Any]) -> Any:
     cls = get_inverter("neural-cleanse")
     seed_everything(seed)
     return cls(build_config(cls.Config, values, "neural-cleanse"), seed=seed).invert(model, data)
@@ -47,7 +47,7 @@ def run_inverter(model: torch.nn.Module, data: DefenseData, seed: int, values: d
 
 def evaluate(
     label: str,
-    model: torch.nn.Module,
+    model: ImageClassifier,
     data: DefenseData,
     test: ImageData,
     true_target: int | None,
