@@ -23,6 +23,7 @@ from backdoor_toolkit import ImageClassifier, build_config, get_attack, get_inve
 from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import backdoored_model, clean_model
 from backdoor_toolkit.benchmark import load_run_dataset
+from backdoor_toolkit.cli.common import parse_settings
 from backdoor_toolkit.data import DefenseData, ImageData, draw_defense_data
 from backdoor_toolkit.errors import UnknownNameError
 from backdoor_toolkit.metrics import accuracy, predict
@@ -54,7 +55,7 @@ def evaluate(
     args: argparse.Namespace,
     device: torch.device,
 ) -> dict[str, Any]:
-    base = {"steps": args.steps, "batch_size": args.batch_size}
+    base = {"steps": args.steps, "batch_size": args.batch_size, **parse_settings(args.set or [])}
     batched = run_inverter(model, data, args.seed, base)
     row: dict[str, Any] = {
         "model": label,
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="Clean images per inversion step")
     parser.add_argument(
         "--loop-steps", type=int, default=30, help="Step budget of the batched-vs-loop timing (0: skip)"
+    )
+    parser.add_argument(
+        "--set", action="append", metavar="FIELD=VALUE", help="Other Neural Cleanse option (repeatable)"
     )
     parser.add_argument("--full", action="store_true", help="Whole dataset instead of the bench subset")
     parser.add_argument("--output", default="bdtk-results/inversion.json")

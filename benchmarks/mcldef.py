@@ -37,6 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the attack's target given, as the authors' code is given it: stage 2 without detection
     "faithful+known-target": {"target": 0},
     "improved+known-target": {**IMPROVED, "target": 0},
+    "improved+ce-triggered": {**IMPROVED, "ce_on": "clean+triggered"},
+    "improved+ce-triggered+known-target": {**IMPROVED, "ce_on": "clean+triggered", "target": 0},
 }
 
 

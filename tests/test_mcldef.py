@@ -212,6 +212,25 @@ def test_gradients_flow_only_into_the_trainable_model() -> None:
     assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
 
 
+@pytest.mark.parametrize("ce_on", ["clean", "clean+triggered"])
+def test_cross_entropy_term_is_added_on_the_chosen_inputs(ce_on: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("small-cnn", SPEC).eval()  # eval: one batch or two give the same features
+    frozen = FrozenReference(copy.deepcopy(model))
+    x, y = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5])
+    triggered = stamp(x)
+
+    def loss(**values: object) -> float:
+        return float(mcldef(**values)._loss(model, frozen, x, triggered, y))
+
+    contrastive = loss()
+    with torch.no_grad():
+        ce_clean = float(torch.nn.functional.cross_entropy(model(x), y))
+        ce_triggered = float(torch.nn.functional.cross_entropy(model(triggered), y))
+    ce = ce_clean if ce_on == "clean" else (ce_clean + ce_triggered) / 2  # triggered keep true labels
+    assert loss(ce_weight=2.0, ce_on=ce_on) == pytest.approx(contrastive + 2.0 * ce, rel=1e-5)
+
+
 def test_step_schedule_scales_the_authors_epochs() -> None:
     assert [step_lr(e, 20, 0.1) for e in range(20)] == pytest.approx([0.1] + [0.01] * 9 + [0.001] * 10)
     assert [step_lr(e, 40, 0.1) for e in (0, 1, 2, 19, 20, 39)] == pytest.approx(

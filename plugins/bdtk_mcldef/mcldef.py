@@ -78,7 +78,12 @@ class MCLDefConfig(StrictConfig):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     temperature: float = Field(default=0.5, gt=0, le=100, description="Temperature τ of the contrastive loss")
     ce_weight: float = Field(
-        default=0.0, ge=0, le=100, description="Weight λ of an added cross-entropy term on clean inputs"
+        default=0.0, ge=0, le=100, description="Weight λ of an added cross-entropy term (see ce_on)"
+    )
+    ce_on: Literal["clean", "clean+triggered"] = Field(
+        default="clean",
+        description="Inputs of the added cross-entropy term: clean ones, or clean and triggered ones (the "
+        "triggered image keeps its true label, as in Neural Cleanse's unlearning)",
     )
     augment: bool = Field(default=True, description="Random crop (and flips where they fit) of each batch")
     stamp: Literal["after-augment", "before-augment"] = Field(
@@ -280,9 +285,12 @@ class MCLDef(Purifier):
         if c.ce_weight == 0:
             return model_contrastive_loss(model.features(triggered), positive, negative, c.temperature)
         features = model.features(torch.cat([triggered, clean]))
-        anchor, clean_features = features[: clean.shape[0]], features[clean.shape[0] :]
-        contrastive = model_contrastive_loss(anchor, positive, negative, c.temperature)
-        return contrastive + c.ce_weight * F.cross_entropy(model.fc(clean_features), labels)
+        contrastive = model_contrastive_loss(features[: clean.shape[0]], positive, negative, c.temperature)
+        if c.ce_on == "clean":
+            features, targets = features[clean.shape[0] :], labels
+        else:  # the triggered images keep their true labels
+            targets = torch.cat([labels, labels])
+        return contrastive + c.ce_weight * F.cross_entropy(model.fc(features), targets)
 
     def _trigger_asr(
         self, model: ImageClassifier, val: ImageData, targets: list[int], triggers: list[MaskTrigger]
