@@ -127,7 +127,7 @@ def main() -> None:
         "--attack", action="append", help="Attack, or clean for the control (repeatable; default all)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300, help="Neural Cleanse step budget")
+    parser.add_argument("--steps", type=int, default=500, help="Neural Cleanse step budget")
     parser.add_argument("--batch-size", type=int, default=32, help="Clean images per inversion step")
     parser.add_argument(
         "--loop-steps", type=int, default=30, help="Step budget of the batched-vs-loop timing (0: skip)"

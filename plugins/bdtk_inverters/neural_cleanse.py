@@ -47,7 +47,7 @@ class NeuralCleanseConfig(StrictConfig):
     classes: list[int] | None = Field(
         default=None, min_length=1, description="Invert only these classes (default: all)"
     )
-    steps: int = Field(default=300, ge=1, le=100_000, description="Step budget: optimiser steps per class")
+    steps: int = Field(default=500, ge=1, le=100_000, description="Step budget: optimiser steps per class")
     batch_size: int = Field(
         default=32, ge=1, le=4096, description="Clean images per step (each stamped once per active class)"
     )
@@ -72,7 +72,7 @@ class NeuralCleanseConfig(StrictConfig):
         description="Rounds in a row above (below) the threshold before λ goes up (down)",
     )
     early_stop_patience: int = Field(
-        default=6,
+        default=20,
         ge=1,
         le=10_000,
         description="Rounds without a better norm (after λ went both up and down) before a class is frozen",
