@@ -3,6 +3,8 @@
 Each row also gives the clean model's "ASR" with the attack's trigger: the share of triggered
 non-target images a never-backdoored model already sends to the target. That is the floor a
 defense can be expected to reach, since a purified model is at best as good as a clean one.
+Next to it, the clean model's rate *without* the trigger: where the two agree, the floor is the
+model's ordinary confusion of other classes with the target, not an effect of the trigger.
 
 Runs the shared bench setting (benchmarks/setting.py) attack by attack; backdoored and clean models
 go to the shared artifact cache, so a re-run only measures. Results are merged into a JSON file
@@ -58,11 +60,13 @@ def measure_attack(cfg: BenchmarkConfig, name: str, values: dict[str, Any] | Non
     scores = attack_scores(victim.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
     clean = clean_model(dataset, cfg.model, cfg.seeds[0], cfg.training, device, _cache(cfg))
     floor = attack_scores(clean, dataset.test, attack.apply_trigger, attack.target_labels, device)
+    natural = attack_scores(clean, dataset.test, lambda x: x, attack.target_labels, device)
     return {
         "attack": name,
         "config": attack.config.model_dump(),
         **scores.model_dump(),
         "clean_model_asr": floor.asr,
+        "clean_model_untriggered": natural.asr,
         "train_seconds": victim.train_seconds,
         "cache_key": victim.cache_key,
     }
@@ -81,8 +85,9 @@ def table(results: dict[str, Any]) -> str:
     rows = results["rows"]
     clean_ba = rows.get("clean", {}).get("ba")
     lines = [
-        "| attack | BA % | ΔBA vs clean (points) | ASR % | RA % | clean model's ASR % | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| attack | BA % | ΔBA vs clean (points) | ASR % | RA % | clean model's ASR % "
+        "| clean model, no trigger % | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {name: i for i, name in enumerate(["clean", *ATTACKS])}
     for name in sorted(rows, key=lambda n: (order.get(n.split()[0], len(order)), n)):
@@ -91,7 +96,7 @@ def table(results: dict[str, Any]) -> str:
         secs = r.get("train_seconds")
         lines.append(
             f"| {name} | {_pct(r['ba'])} | {drop} | {_pct(r['asr'])} | {_pct(r['ra'])} | "
-            f"{_pct(r.get('clean_model_asr'))} | "
+            f"{_pct(r.get('clean_model_asr'))} | {_pct(r.get('clean_model_untriggered'))} | "
             f"{'—' if secs is None else f'{secs:.0f}'} |"
         )
     return "\n".join(lines)
