@@ -3,9 +3,10 @@
     python -m benchmarks.mcldef [--attack badnets --attack blended ...] [--variant faithful ...]
 
 Each attack named (default: the whole suite) that is not registered is skipped with a note.
-Variants are MCLDef configs: `faithful` is the authors' recipe (defaults); the others are the
-options docs/defenses/mcldef.md explains. Every MCLDef cell runs its own trigger inversion (the
-costly stage: about 14 min per cell on a loaded 2-core CPU), so pick variants with --variant.
+Variants are MCLDef configs: `faithful` is the authors' recipe (defaults); `improved` and
+`improved+ce-triggered` are bdtk's options; docs/defenses/mcldef.md explains them all. Every
+MCLDef cell runs its own trigger inversion (5–8 min on one loaded CPU thread; `+known-target`
+variants invert one class only), so pick variants with --variant.
 Rows are appended to a JSON-lines file as they finish and the table is printed at the end.
 """
 
