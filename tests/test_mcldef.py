@@ -231,6 +231,11 @@ def test_cross_entropy_term_is_added_on_the_chosen_inputs(ce_on: str) -> None:
     assert loss(ce_weight=2.0, ce_on=ce_on) == pytest.approx(contrastive + 2.0 * ce, rel=1e-5)
 
 
+def test_cross_entropy_on_triggered_inputs_without_a_weight_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="ce_weight > 0"):
+        build_config(MCLDef.Config, {"ce_on": "clean+triggered"}, "mcldef")
+
+
 def test_step_schedule_scales_the_authors_epochs() -> None:
     assert [step_lr(e, 20, 0.1) for e in range(20)] == pytest.approx([0.1] + [0.01] * 9 + [0.001] * 10)
     assert [step_lr(e, 40, 0.1) for e in (0, 1, 2, 19, 20, 39)] == pytest.approx(

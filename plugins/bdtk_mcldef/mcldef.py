@@ -15,7 +15,7 @@ import warnings
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -97,6 +97,12 @@ class MCLDefConfig(StrictConfig):
         description="Mode of the trainable model while purifying: train (BatchNorm statistics follow the "
         "batches, as in the authors' code) or eval (statistics frozen)",
     )
+
+    @model_validator(mode="after")
+    def _ce_on_needs_a_weight(self) -> MCLDefConfig:
+        if self.ce_on != "clean" and self.ce_weight == 0:
+            raise ValueError(f"ce_on={self.ce_on!r} has no effect with ce_weight=0; set ce_weight > 0")
+        return self
 
 
 def step_lr(epoch: int, epochs: int, lr: float) -> float:
