@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from bdtk_inverters.anomaly import anomaly_index, flag_targets
 
-from backdoor_toolkit import ImageClassifier, build_config, get_attack, get_inverter
+from backdoor_toolkit import BdtkError, ImageClassifier, build_config, get_attack, get_inverter
 from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import backdoored_model, clean_model
 from backdoor_toolkit.benchmark import load_run_dataset
@@ -52,10 +52,11 @@ def evaluate(
     data: DefenseData,
     test: ImageData,
     true_target: int | None,
+    base: dict[str, Any],
     args: argparse.Namespace,
     device: torch.device,
 ) -> dict[str, Any]:
-    base = {"steps": args.steps, "batch_size": args.batch_size, **parse_settings(args.set or [])}
+    """One model's row; `base` holds the Neural Cleanse settings, already validated."""
     batched = run_inverter(model, data, args.seed, base)
     row: dict[str, Any] = {
         "model": label,
@@ -85,7 +86,7 @@ def evaluate(
     if args.loop_steps:
         # the same problem solved batched and class by class, with a (smaller) common step budget
         timing = {**base, "steps": args.loop_steps}
-        short = batched if args.loop_steps == args.steps else run_inverter(model, data, args.seed, timing)
+        short = batched if args.loop_steps == base["steps"] else run_inverter(model, data, args.seed, timing)
         loop = run_inverter(model, data, args.seed, {**timing, "batched": False})
         row["timing_steps"] = args.loop_steps
         row["timing_batched_seconds"] = short.seconds
@@ -133,11 +134,20 @@ def main() -> None:
         "--loop-steps", type=int, default=30, help="Step budget of the batched-vs-loop timing (0: skip)"
     )
     parser.add_argument(
-        "--set", action="append", metavar="FIELD=VALUE", help="Other Neural Cleanse option (repeatable)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Other Neural Cleanse option (repeatable)",
     )
     parser.add_argument("--full", action="store_true", help="Whole dataset instead of the bench subset")
     parser.add_argument("--output", default="bdtk-results/inversion.json")
     args = parser.parse_args()
+    base = {"steps": args.steps, "batch_size": args.batch_size, **parse_settings(args.set)}
+    try:  # a misspelt option fails here, not after a backdoored model was trained
+        build_config(get_inverter("neural-cleanse").Config, base, "neural-cleanse")
+    except BdtkError as exc:
+        raise SystemExit(str(exc)) from None
     cfg = bench_config(full=args.full)
     device = resolve_device(cfg.device)
     dataset = load_run_dataset(cfg)
@@ -158,7 +168,7 @@ def main() -> None:
             model = clean_model(dataset, cfg.model, args.seed, cfg.training, device, cache)
             empty = torch.empty(0, dtype=torch.long)
             data = draw_defense_data(dataset, empty, cfg.clean_ratio, cfg.val_fraction, args.seed)
-            rows.append(evaluate("clean (no attack)", model, data, dataset.test, None, args, device))
+            rows.append(evaluate("clean (no attack)", model, data, dataset.test, None, base, args, device))
             save(rows)
             continue
         try:
@@ -169,7 +179,7 @@ def main() -> None:
         attack = cls(build_config(cls.Config, {}, name), dataset.spec, seed=args.seed)  # type: ignore[arg-type]
         victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, cache)
         data = draw_defense_data(dataset, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, args.seed)
-        row = evaluate(name, victim.model, data, dataset.test, attack.config.target, args, device)
+        row = evaluate(name, victim.model, data, dataset.test, attack.config.target, base, args, device)
         row["attack_asr_test"] = reversed_asr(
             victim.model, dataset.test, attack.apply_trigger, attack.config.target, device
         )
