@@ -27,6 +27,7 @@ from .setting import bench_config
 SUITE = ["badnets", "blended", "trojan", "sig", "wanet", "input-aware"]
 
 IMPROVED: dict[str, Any] = {"stamp": "before-augment", "ce_weight": 1.0, "lr": 0.01, "epochs": 40}
+CE_TRIGGERED: dict[str, Any] = {**IMPROVED, "ce_on": "clean+triggered"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "faithful": {},
     "top-ranked": {"on_no_detection": "top-ranked"},
@@ -38,8 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the attack's target given, as the authors' code is given it: stage 2 without detection
     "faithful+known-target": {"target": 0},
     "improved+known-target": {**IMPROVED, "target": 0},
-    "improved+ce-triggered": {**IMPROVED, "ce_on": "clean+triggered"},
-    "improved+ce-triggered+known-target": {**IMPROVED, "ce_on": "clean+triggered", "target": 0},
+    "improved+ce-triggered": CE_TRIGGERED,
+    "improved+ce-triggered+known-target": {**CE_TRIGGERED, "target": 0},
 }
 
 

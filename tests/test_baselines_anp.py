@@ -25,15 +25,10 @@ SPEC = dataset_spec("fashion-mnist")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def trained(separable_model: tuple[ImageClassifier, DefenseData]) -> tuple[ImageClassifier, DefenseData]:
-    return separable_model
-
-
 def test_perturbations_stay_within_eps_and_raise_the_loss(
-    trained: tuple[ImageClassifier, DefenseData],
+    separable_model: tuple[ImageClassifier, DefenseData],
 ) -> None:
-    model, data = trained
+    model, data = separable_model
     model = copy.deepcopy(model).eval()
     x, y = data.train.float_images(), data.train.labels
     with torch.no_grad():  # ANP works with batch statistics: the train-mode forward, on a copy
@@ -62,9 +57,9 @@ def test_perturbations_stay_within_eps_and_raise_the_loss(
 
 
 def test_masks_stay_in_unit_interval_and_weights_untouched(
-    trained: tuple[ImageClassifier, DefenseData],
+    separable_model: tuple[ImageClassifier, DefenseData],
 ) -> None:
-    model, data = trained
+    model, data = separable_model
     model = copy.deepcopy(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     anp = ANP(ANPConfig(iterations=6, batch_size=24, lr=5.0), seed=0, device=CPU)
@@ -95,8 +90,10 @@ def test_threshold_pruning_removes_exactly_the_neurons_below_it() -> None:
     assert (0, 3) not in pruned
 
 
-def test_purify_by_val_budget_keeps_val_accuracy(trained: tuple[ImageClassifier, DefenseData]) -> None:
-    model, data = trained
+def test_purify_by_val_budget_keeps_val_accuracy(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = separable_model
     model = copy.deepcopy(model)
     config = ANPConfig(iterations=3, batch_size=24, prune_by="val-budget", max_val_drop=0.05, step=0.05)
     result = ANP(config, seed=0, device=CPU).purify(model, data)
@@ -116,9 +113,11 @@ class _NoBatchNorm(ImageClassifier):
         self.fc = nn.Linear(4, 2)
 
 
-def test_model_without_batchnorm_is_refused_clearly(trained: tuple[ImageClassifier, DefenseData]) -> None:
+def test_model_without_batchnorm_is_refused_clearly(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
     model = _NoBatchNorm()
-    _, data = trained
+    _, data = separable_model
     assert Capability.BATCHNORM in ANP.meta.requires
     with pytest.raises(ModelRequirementError, match=r"'anp'.*batchnorm.*_NoBatchNorm"):
         check_capabilities(model, ANP.meta.requires, "Defense 'anp'")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from bdtk_baselines.fine_pruning import ChannelMask, FinePruning, FinePruningConfig, mean_channel_activation
 
@@ -15,11 +14,6 @@ SPEC = dataset_spec("fashion-mnist")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def trained(separable_model: tuple[ImageClassifier, DefenseData]) -> tuple[ImageClassifier, DefenseData]:
-    return separable_model
-
-
 def _purify(model: ImageClassifier, data: DefenseData, **overrides: object) -> tuple[ImageClassifier, dict]:
     model = copy.deepcopy(model)
     config = FinePruningConfig.model_validate({"epochs": 1, "batch_size": 32, **overrides})
@@ -28,8 +22,10 @@ def _purify(model: ImageClassifier, data: DefenseData, **overrides: object) -> t
     return model, result.diagnostics
 
 
-def test_pruned_channels_stay_zero_through_fine_tuning(trained: tuple[ImageClassifier, DefenseData]) -> None:
-    model, data = trained
+def test_pruned_channels_stay_zero_through_fine_tuning(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = separable_model
     before = copy.deepcopy(model)
     purified, diag = _purify(model, data, max_val_drop=1.0, max_prune_ratio=0.5, lr=0.1)
     pruned = diag["pruned_channels"]
@@ -46,8 +42,10 @@ def test_pruned_channels_stay_zero_through_fine_tuning(trained: tuple[ImageClass
     assert torch.count_nonzero(copy.deepcopy(purified).final_maps(data.val.float_images())[:, pruned]) == 0
 
 
-def test_pruning_stops_within_the_validation_budget(trained: tuple[ImageClassifier, DefenseData]) -> None:
-    model, data = trained
+def test_pruning_stops_within_the_validation_budget(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = separable_model
     budget = 0.02
     _, diag = _purify(model, data, max_val_drop=budget, step=0.05)
     base = diag["val_accuracy_before"]
@@ -59,8 +57,8 @@ def test_pruning_stops_within_the_validation_budget(trained: tuple[ImageClassifi
         assert counts[-2] == diag["pruned_count"]
 
 
-def test_nothing_pruned_leaves_no_hook(trained: tuple[ImageClassifier, DefenseData]) -> None:
-    model, data = trained
+def test_nothing_pruned_leaves_no_hook(separable_model: tuple[ImageClassifier, DefenseData]) -> None:
+    model, data = separable_model
     purified, diag = _purify(model, data, step=0.01, max_prune_ratio=0.005)
     assert diag["pruned_count"] == 0 and diag["pruned_channels"] == []
     assert not purified.final._forward_hooks

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from backdoor_toolkit import (
@@ -19,8 +21,9 @@ from backdoor_toolkit import (
     hookimpl,
 )
 from backdoor_toolkit import benchmark as bench
-from backdoor_toolkit.benchmark import CellResult, plan_grid, run_benchmark
+from backdoor_toolkit.benchmark import CellResult, Provenance, plan_grid, run_benchmark
 from backdoor_toolkit.cli import app
+from backdoor_toolkit.cli.benchmark import results_notes, results_table
 from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.errors import BdtkError, ConfigError, UnknownNameError
 from backdoor_toolkit.plugins import register_plugin, unregister_plugin
@@ -256,13 +259,6 @@ def test_cli_suite_run_resumes_and_feeds_the_leaderboard(tmp_path: Path) -> None
 
 
 def test_notes_and_errors_are_printed_below_the_table_not_squeezed_into_it() -> None:
-    import io
-
-    from rich.console import Console
-
-    from backdoor_toolkit.benchmark import CellResult, Provenance
-    from backdoor_toolkit.cli.benchmark import results_notes, results_table
-
     prov = Provenance(
         bdtk="0", torch="0", python="3", device="cpu", date="d", attack_plugin="a", defense_plugin=None
     )
