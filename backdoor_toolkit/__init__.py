@@ -14,6 +14,7 @@ from .interfaces import (
     InversionResult,
     PluginMeta,
     PoisonedTrainingSet,
+    Preset,
     PurificationResult,
     Purifier,
     TrainingSettings,
@@ -21,7 +22,7 @@ from .interfaces import (
 )
 from .metrics import accuracy, attack_scores, predict
 from .models import Capability, ImageClassifier, create_model
-from .plugins import get_attack, get_inverter, get_purifier
+from .plugins import create_inverter, get_attack, get_inverter, get_purifier, resolve_config
 from .training import (
     LossFn,
     augment_batch,
@@ -49,6 +50,7 @@ __all__ = [
     "ModelRequirementError",
     "PluginMeta",
     "PoisonedTrainingSet",
+    "Preset",
     "PurificationResult",
     "Purifier",
     "StrictConfig",
@@ -59,6 +61,7 @@ __all__ = [
     "attack_scores",
     "augment_batch",
     "build_config",
+    "create_inverter",
     "create_model",
     "cross_entropy_loss",
     "get_attack",
@@ -67,6 +70,7 @@ __all__ = [
     "hookimpl",
     "iterate_batches",
     "predict",
+    "resolve_config",
     "seed_everything",
     "to_float",
     "train_classifier",

@@ -28,14 +28,14 @@ from rich.progress import Progress
 
 from .artifacts import ArtifactCache
 from .backdoor import BackdooredModel, backdoored_model
-from .config import BenchmarkConfig, PluginChoice, StrictConfig, build_config, config_hash
+from .config import BenchmarkConfig, PluginChoice, config_hash, join_preset
 from .console import console, progress
 from .data import Dataset, DefenseData, dataset_spec, draw_defense_data, load_dataset, stratified_subset
 from .errors import BdtkError, UnknownNameError
 from .interfaces import Attack, AttackConfig, Purifier
 from .metrics import Scores, attack_scores, der, measure
 from .models import available_models, check_capabilities, create_model
-from .plugins import PluginInfo, get_plugin
+from .plugins import PluginInfo, ResolvedPlugin, resolve_plugin
 from .training import resolve_device, seed_everything
 
 if TYPE_CHECKING:
@@ -53,13 +53,20 @@ class Provenance(BaseModel):
 
 
 class CellResult(BaseModel):
-    """One leaderboard row: an attack on a model, then one defense (or none), for one seed."""
+    """One leaderboard row: an attack on a model, then one defense (or none), for one seed.
+
+    `attack` and `defense` are plugin names; `attack_preset` and `defense_preset` the presets they
+    were chosen with (None: none, as in every row stored before presets existed), and the configs
+    are the resolved ones (defaults ⊕ preset ⊕ explicit values).
+    """
 
     dataset: str
     model: str
     attack: str
+    attack_preset: str | None = None
     attack_config: dict[str, Any]
     defense: str
+    defense_preset: str | None = None
     defense_config: dict[str, Any] = Field(default_factory=dict)
     seed: int
     status: Literal["ok", "failed"] = "ok"
@@ -79,21 +86,24 @@ class CellResult(BaseModel):
     provenance: Provenance
     setting: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def attack_label(self) -> str:
+        """`NAME` or `NAME:PRESET`: a preset is a different recipe, so tables name it."""
+        return join_preset(self.attack, self.attack_preset)
+
+    @property
+    def defense_label(self) -> str:
+        return join_preset(self.defense, self.defense_preset)
+
 
 @dataclass
 class _Resolved:
-    attacks: list[tuple[PluginInfo, StrictConfig]]
-    defenses: list[tuple[PluginInfo, StrictConfig]]
+    attacks: list[ResolvedPlugin]
+    defenses: list[ResolvedPlugin]
 
 
-def _resolve(
-    choices: list[PluginChoice], kind: Literal["attack", "purifier"]
-) -> list[tuple[PluginInfo, StrictConfig]]:
-    out = []
-    for choice in choices:
-        info = get_plugin(kind, choice.name)
-        out.append((info, build_config(info.cls.Config, choice.config, f"{kind} {choice.name!r}")))
-    return out
+def _resolve(choices: list[PluginChoice], kind: Literal["attack", "purifier"]) -> list[ResolvedPlugin]:
+    return [resolve_plugin(kind, choice.name, choice.preset, choice.config) for choice in choices]
 
 
 def validate(config: BenchmarkConfig) -> _Resolved:
@@ -105,9 +115,9 @@ def validate(config: BenchmarkConfig) -> _Resolved:
             raise UnknownNameError("model", model, known)
     resolved = _Resolved(_resolve(config.attacks, "attack"), _resolve(config.defenses, "purifier"))
     for spec in specs:
-        for info, cfg in resolved.attacks:
+        for attack in resolved.attacks:
             # instantiating checks trigger parameters against the dataset
-            _attack_class(info)(cast(AttackConfig, cfg), spec, seed=config.seeds[0])
+            _attack_class(attack.info)(cast(AttackConfig, attack.config), spec, seed=config.seeds[0])
     resolve_device(config.device)
     return resolved
 
@@ -173,12 +183,16 @@ def run_defense(
 class CellPlan:
     """One cell of a backdoored model: no defense (None) or one defense, with its config hash."""
 
-    defense: tuple[PluginInfo, StrictConfig] | None
+    defense: ResolvedPlugin | None
     config_hash: str
 
     @property
     def defense_name(self) -> str:
-        return "none" if self.defense is None else self.defense[0].name
+        return "none" if self.defense is None else self.defense.name
+
+    @property
+    def defense_label(self) -> str:
+        return "none" if self.defense is None else self.defense.label
 
 
 @dataclass(frozen=True)
@@ -188,21 +202,37 @@ class VictimPlan:
     dataset: str
     model: str
     seed: int
-    attack: tuple[PluginInfo, StrictConfig]
+    attack: ResolvedPlugin
     cells: tuple[CellPlan, ...]
 
     @property
     def label(self) -> str:
-        return f"{self.attack[0].name} on {self.model}/{self.dataset} seed {self.seed}"
+        return f"{self.attack.label} on {self.model}/{self.dataset} seed {self.seed}"
 
     def base(self) -> dict[str, Any]:
-        return {
+        """The fields every cell of this model shares (and its config hash covers).
+
+        The preset is there only when one was chosen, so that cells without presets keep the
+        hashes they had before presets existed and stored grids still resume.
+        """
+        base: dict[str, Any] = {
             "dataset": self.dataset,
             "model": self.model,
-            "attack": self.attack[0].name,
-            "attack_config": self.attack[1].model_dump(),
+            "attack": self.attack.name,
+            "attack_config": self.attack.config.model_dump(),
             "seed": self.seed,
         }
+        if self.attack.preset is not None:
+            base["attack_preset"] = self.attack.preset
+        return base
+
+
+def _defense_fields(defense: ResolvedPlugin) -> dict[str, Any]:
+    """A defense cell's own fields: name, resolved config and (when chosen) preset."""
+    fields: dict[str, Any] = {"defense": defense.name, "defense_config": defense.config.model_dump()}
+    if defense.preset is not None:
+        fields["defense_preset"] = defense.preset
+    return fields
 
 
 def run_setting(config: BenchmarkConfig) -> dict[str, Any]:
@@ -222,9 +252,9 @@ def plan_grid(config: BenchmarkConfig, resolved: _Resolved | None = None) -> lis
                     plan = VictimPlan(dataset, model, seed, attack, ())
                     base = plan.base()
                     cells = [CellPlan(None, config_hash({**base, "defense": "none", **setting}))]
-                    for info, cfg in resolved.defenses:
-                        cell = {**base, "defense": info.name, "defense_config": cfg.model_dump()}
-                        cells.append(CellPlan((info, cfg), config_hash({**cell, **setting})))
+                    for defense in resolved.defenses:
+                        cell = {**base, **_defense_fields(defense)}
+                        cells.append(CellPlan(defense, config_hash({**cell, **setting})))
                     plans.append(dataclasses.replace(plan, cells=tuple(cells)))
     return plans
 
@@ -249,7 +279,9 @@ def prepare_victim(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
     dataset = _grid_dataset(config, plan.dataset)
     device = resolve_device(config.device)
     cache = ArtifactCache(Path(config.cache_dir) if config.cache_dir else None)
-    attack = _attack_class(plan.attack[0])(cast(AttackConfig, plan.attack[1]), dataset.spec, seed=plan.seed)
+    attack = _attack_class(plan.attack.info)(
+        cast(AttackConfig, plan.attack.config), dataset.spec, seed=plan.seed
+    )
     victim = backdoored_model(dataset, plan.model, attack, config.training, device, cache)
     before = attack_scores(victim.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
     return VictimState(
@@ -264,7 +296,9 @@ def prepare_victim(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
 
 def _restore(config: BenchmarkConfig, plan: VictimPlan, state: VictimState) -> BackdooredModel:
     dataset = _grid_dataset(config, plan.dataset)
-    attack = _attack_class(plan.attack[0])(cast(AttackConfig, plan.attack[1]), dataset.spec, seed=plan.seed)
+    attack = _attack_class(plan.attack.info)(
+        cast(AttackConfig, plan.attack.config), dataset.spec, seed=plan.seed
+    )
     attack.load_trigger_state(state.trigger_state)
     model = create_model(plan.model, dataset.spec)
     model.load_state_dict(state.model_state)
@@ -275,10 +309,10 @@ def _restore(config: BenchmarkConfig, plan: VictimPlan, state: VictimState) -> B
 def _cell_fields(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan) -> dict[str, Any]:
     fields = {**plan.base(), "defense": cell.defense_name, "config_hash": cell.config_hash}
     if cell.defense is not None:
-        fields["defense_config"] = cell.defense[1].model_dump()
+        fields.update(_defense_fields(cell.defense))
     device = resolve_device(config.device)
     fields["provenance"] = _provenance(
-        device, plan.attack[0], None if cell.defense is None else cell.defense[0]
+        device, plan.attack.info, None if cell.defense is None else cell.defense.info
     )
     fields["setting"] = run_setting(config)
     return fields
@@ -289,7 +323,7 @@ def failed_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, exc: 
     if isinstance(exc, BdtkError):
         return CellResult(**_cell_fields(config, plan, cell), status="failed", error=str(exc))
     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    console.print(f"[red]{cell.defense_name} against {plan.label} failed: {detail}[/]")
+    console.print(f"[red]{cell.defense_label} against {plan.label} failed: {detail}[/]")
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
     return CellResult(**_cell_fields(config, plan, cell), status="failed", error=detail, notes=tb)
 
@@ -304,7 +338,7 @@ def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: V
             seconds=state.train_seconds,
             notes="undefended" + (" (cached)" if state.from_cache else ""),
         )
-    defense_info, defense_cfg = cell.defense
+    defense = cell.defense
     device = resolve_device(config.device)
     try:
         dataset = _grid_dataset(config, plan.dataset)
@@ -312,9 +346,9 @@ def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: V
         data = draw_defense_data(
             dataset, state.poisoned_index, config.clean_ratio, config.val_fraction, plan.seed
         )
-        pcls = defense_info.cls
+        pcls = defense.info.cls
         assert issubclass(pcls, Purifier)
-        purifier = pcls(defense_cfg, seed=plan.seed, device=device)
+        purifier = pcls(defense.config, seed=plan.seed, device=device)
         result, cost = run_defense(purifier, victim, data, device)
         attack = victim.attack
         after = attack_scores(result.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
@@ -354,7 +388,9 @@ class GridProgress:
         self._finish(row)
         mark = "[red]failed[/]" if row.status == "failed" else "done"
         self._bar.update(
-            self._overall, advance=1, status=f"{row.defense} vs {row.attack} seed {row.seed}: {mark}"
+            self._overall,
+            advance=1,
+            status=f"{row.defense_label} vs {row.attack_label} seed {row.seed}: {mark}",
         )
 
 

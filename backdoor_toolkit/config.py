@@ -35,21 +35,69 @@ def config_hash(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: Separates a plugin's name from one of its presets: `mcldef:paper`.
+PRESET_SEPARATOR = ":"
+
+
+def split_preset(choice: str) -> tuple[str, str | None]:
+    """`"mcldef:paper"` → `("mcldef", "paper")`; a plain name → `(name, None)`.
+
+    Only the syntax is checked here (one separator, both parts non-empty); whether the plugin
+    and its preset exist is the registry's business (`plugins.resolve_config`).
+    """
+    name, sep, preset = choice.partition(PRESET_SEPARATOR)
+    if not sep:
+        return choice, None
+    if not name or not preset or PRESET_SEPARATOR in preset:
+        raise ConfigError(f"{choice!r} is not NAME or NAME:PRESET (e.g. 'mcldef' or 'mcldef:paper').")
+    return name, preset
+
+
+def join_preset(name: str, preset: str | None) -> str:
+    """The inverse of `split_preset`: how a plugin with a preset is written and labelled."""
+    return name if preset is None else f"{name}{PRESET_SEPARATOR}{preset}"
+
+
 class PluginChoice(StrictConfig):
-    """A plugin by name with its config values (validated later against the plugin's Config)."""
+    """A plugin by name, optionally one of its named presets, and explicit config values.
+
+    Written as a string (`"mcldef"`, `"mcldef:paper"`) or a table (`name`, `preset`, `config`);
+    `name = "mcldef:paper"` is split into name and preset. The values are validated later, against
+    the plugin's Config, as defaults ⊕ preset ⊕ `config` (see `plugins.resolve_config`).
+    """
 
     name: str = Field(description="Registered plugin name")
-    config: dict[str, Any] = Field(default_factory=dict, description="Values for its Config")
+    preset: str | None = Field(default=None, description="One of the plugin's named presets")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Values for its Config (over the preset's values)"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            try:
+                name, preset = split_preset(value["name"])
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            if preset is not None:
+                given = value.get("preset")
+                if given is not None and given != preset:
+                    raise ValueError(f"name {value['name']!r} and preset {given!r} disagree; give one")
+                value = {**value, "name": name, "preset": preset}
+        return value
+
+    @property
+    def spec(self) -> str:
+        """`NAME` or `NAME:PRESET`, as a user writes it."""
+        return join_preset(self.name, self.preset)
 
     @property
     def label(self) -> str:
-        """The name, with the config's hash when it differs from the defaults."""
-        return self.name if not self.config else f"{self.name}[{config_hash(self.config)[:6]}]"
+        """The spec, with the config's hash when explicit values are given."""
+        return self.spec if not self.config else f"{self.spec}[{config_hash(self.config)[:6]}]"
 
 
 class TrainingConfig(StrictConfig):

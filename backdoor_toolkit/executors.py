@@ -41,7 +41,7 @@ class LocalExecutor:
                     reporter.finished(failed_cell(config, plan, cell, exc))
                 continue
             for cell in plan.cells:
-                reporter.started(f"{cell.defense_name} vs {plan.label}")
+                reporter.started(f"{cell.defense_label} vs {plan.label}")
                 reporter.finished(run_cell(config, plan, cell, state))
 
 

@@ -1,8 +1,8 @@
 """The three plugin interfaces (Attack, TriggerInverter, Purifier) and their result types.
 
 Every plugin class carries `name`, a nested pydantic `Config` (extra fields forbidden, every field
-described and bounded) and `meta` (paper, year, threat model, what it needs from the model).
-Instances are created per run from a validated config.
+described and bounded), `meta` (paper, year, threat model, what it needs from the model) and
+optionally `presets` (named config values). Instances are created per run from a validated config.
 """
 
 from __future__ import annotations
@@ -37,6 +37,21 @@ class PluginMeta(BaseModel):
     requires: tuple[Capability, ...] = Field(default=(), description="What the plugin needs from the model")
 
 
+class Preset(BaseModel):
+    """A named set of config values of one plugin, selected as `NAME:PRESET` (e.g. `mcldef:paper`).
+
+    A preset pins a recipe (a paper's published settings, a fast variant) by name, so that it
+    stays the same when the plugin's defaults change and gets its own leaderboard row. Its values
+    lie between the defaults and explicit values: defaults ⊕ preset ⊕ `--set`/config values. The
+    registry checks at registration that they validate against the plugin's `Config`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    values: dict[str, Any] = Field(description="Config values, each a field of the plugin's Config")
+    description: str = Field(min_length=1, description="One line: what the preset is, where it comes from")
+
+
 class Plugin(ABC):
     """Common shape of every registered plugin class."""
 
@@ -44,6 +59,8 @@ class Plugin(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[StrictConfig]] = StrictConfig
     meta: ClassVar[PluginMeta]
+    #: Named presets, selected as `NAME:PRESET`; checked against `Config` at registration.
+    presets: ClassVar[dict[str, Preset]] = {}
 
     def __init__(self, config: StrictConfig, seed: int = 0) -> None:
         self.config = config

@@ -1,10 +1,11 @@
 """Leaderboards: views derived from the result store, never a source of truth of their own.
 
 Rows are grouped by scenario (dataset, model and the run setting: sizes, training, clean
-budget), then by attack and defense; each metric is a mean ± sample std over seeds. Defenses are
-ranked per attack and overall (every attack and seed pooled) by one metric, in the direction
-that metric declares (`METRICS[...].higher_is_better`), so no ranking rule is hard-coded here.
-BA drop is derived per seed against the undefended model of the same attack and seed.
+budget), then by attack and defense (a `NAME:PRESET` apart from `NAME`); each metric is a mean ±
+sample std over seeds. Defenses are ranked per attack and overall (every attack and seed pooled)
+by one metric, in the direction that metric declares (`METRICS[...].higher_is_better`), so no
+ranking rule is hard-coded here. BA drop is derived per seed against the undefended model of the
+same attack and seed.
 """
 
 from __future__ import annotations
@@ -116,15 +117,15 @@ def describe_setting(setting: dict[str, Any]) -> str:
     return f"{sizes}, {training.get('epochs', '?')} epochs, clean {setting.get('clean_ratio', '?')}"
 
 
-def _labels(rows: list[CellResult], name: str, config: str) -> list[str]:
-    """A plugin's name, with its config hash appended where one name ran with several configs."""
+def _labels(names: list[str], configs: list[dict[str, Any]]) -> list[str]:
+    """Each row's `NAME` or `NAME:PRESET`, with its config hash appended where that label ran with
+    several configs. A preset is a label of its own, so `mcldef:paper` never pools with `mcldef`."""
     variants: dict[str, set[str]] = defaultdict(set)
-    for r in rows:
-        variants[getattr(r, name)].add(config_hash(getattr(r, config)))
+    for name, config in zip(names, configs, strict=True):
+        variants[name].add(config_hash(config))
     return [
-        getattr(r, name)
-        + (f"[{config_hash(getattr(r, config))[:6]}]" if len(variants[getattr(r, name)]) > 1 else "")
-        for r in rows
+        name + (f"[{config_hash(config)[:6]}]" if len(variants[name]) > 1 else "")
+        for name, config in zip(names, configs, strict=True)
     ]
 
 
@@ -179,8 +180,8 @@ def build_leaderboard(rows: list[CellResult], rank_by: str = "der") -> Leaderboa
     cells = [
         _Cell(a, d, r)
         for a, d, r in zip(
-            _labels(rows, "attack", "attack_config"),
-            _labels(rows, "defense", "defense_config"),
+            _labels([r.attack_label for r in rows], [r.attack_config for r in rows]),
+            _labels([r.defense_label for r in rows], [r.defense_config for r in rows]),
             rows,
             strict=True,
         )

@@ -8,24 +8,31 @@ does not exist (a misspelling), or raises while registering is recorded as a `Lo
 package and error; everything else keeps working. Two plugins claiming the same name is an error
 naming both. Both caches are process-wide; `reset_plugin_manager()` drops them (tests use it after
 changing `BDTK_LOAD_PLUGINS` or `sys.path`).
+
+A plugin is chosen as `NAME` or `NAME:PRESET`; `resolve_config` (and `resolve_plugin`,
+`create_inverter`) turn that and explicit values into the plugin's validated config, always in
+one order: the Config's defaults, then the preset's values, then the explicit values.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.metadata as md
 import os
 import re
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+from pydantic import ValidationError
 
 from . import hookspecs
-from .config import StrictConfig
-from .errors import BdtkError, UnknownNameError
-from .interfaces import Attack, Kind, Plugin, PluginMeta, Purifier, TriggerInverter
+from .config import PRESET_SEPARATOR, StrictConfig, build_config, join_preset, split_preset
+from .errors import BdtkError, ConfigError, UnknownNameError, UnknownPresetError
+from .interfaces import Attack, Kind, Plugin, PluginMeta, Preset, Purifier, TriggerInverter
 
 ENTRY_POINT_GROUP = "bdtk"
 LOAD_ENV = "BDTK_LOAD_PLUGINS"
@@ -35,6 +42,11 @@ _BASES: dict[Kind, type[Plugin]] = {
     "inverter": TriggerInverter,
     "purifier": Purifier,
 }
+#: Plugin names: lower-case, starting with a letter or digit.
+PLUGIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+#: Preset names: like plugin names but without dots, since `--set NAME:PRESET.FIELD=VALUE` splits
+#: the field off at the first dot.
+PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _HOOKS: dict[Kind, str] = {
     "attack": "register_attacks",
     "inverter": "register_inverters",
@@ -76,6 +88,7 @@ class PluginInfo:
             "distribution": self.source.distribution,
             "version": self.source.version,
             "summary": self.cls.meta.summary,
+            "presets": list(self.cls.presets),
         }
 
 
@@ -264,7 +277,7 @@ def _add(registry: Registry, kind: Kind, cls: type[Plugin], source: Source) -> N
 
 
 def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
-    """Raise PluginError unless `cls` is a well-formed `kind` plugin class (name, Config, meta)."""
+    """Raise PluginError unless `cls` is a well-formed `kind` plugin class (name, Config, meta, presets)."""
     base = _BASES[kind]
     where = f"plugin {source}" if source else "plugin"
     if not (isinstance(cls, type) and issubclass(cls, base)):
@@ -272,7 +285,7 @@ def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
             f"{where} registered {cls!r} as a {kind}, but it is not a {base.__name__} subclass."
         )
     name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+    if not isinstance(name, str) or not PLUGIN_NAME.fullmatch(name):
         raise PluginError(
             f"{where}: {cls.__qualname__}.name must be a lower-case name like 'my-defense', got {name!r}."
         )
@@ -285,14 +298,143 @@ def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
         raise PluginError(
             f"{where}: {cls.__qualname__}.Config fields lack a description: {', '.join(undocumented)}."
         )
+    _check_presets(cls, where)
+
+
+def _check_presets(cls: type[Plugin], where: str) -> None:
+    """Presets must be named like plugins and validate against the Config: a broken preset is the
+    plugin author's error, reported when the plugin loads rather than when a user first picks it."""
+    presets = getattr(cls, "presets", None)
+    owner = cls.__qualname__
+    if not isinstance(presets, dict):
+        raise PluginError(
+            f"{where}: {owner}.presets must be a dict of preset name → Preset, got {type(presets).__name__}."
+        )
+    for key, preset in presets.items():
+        if not isinstance(key, str) or not PRESET_NAME.fullmatch(key):
+            raise PluginError(
+                f"{where}: {owner}.presets: {key!r} is not a lower-case preset name like 'paper' "
+                "(letters, digits, '-' and '_')."
+            )
+        if not isinstance(preset, Preset):
+            raise PluginError(
+                f"{where}: {owner}.presets[{key!r}] must be a Preset(values=..., description=...), "
+                f"got {type(preset).__name__}."
+            )
+        if "\n" in preset.description.strip() or not preset.description.strip():
+            raise PluginError(f"{where}: {owner}.presets[{key!r}].description must be one non-empty line.")
+        try:
+            cls.Config.model_validate(copy.deepcopy(preset.values))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+            )
+            raise PluginError(
+                f"{where}: {owner}.presets[{key!r}] does not validate against {owner}.Config: {problems}."
+            ) from None
 
 
 def get_plugin(kind: Kind, name: str) -> PluginInfo:
-    """Look a plugin up by kind and name; an unknown name lists those that exist."""
+    """Look a plugin up by kind and name; an unknown name lists those that exist.
+
+    A `NAME:PRESET` is refused with a pointer to `resolve_config`: a lookup by name alone would
+    silently drop the preset.
+    """
     table = get_registry().by_kind[kind]
     if name not in table:
+        base, sep, _ = name.partition(PRESET_SEPARATOR)
+        if sep and base in table:
+            raise BdtkError(
+                f"{kind} {name!r} selects a preset of {base!r}; resolve it with "
+                f"resolve_config({kind!r}, {name!r})"
+                + (f" or create_inverter({name!r})" if kind == "inverter" else "")
+                + ", not with a lookup by name alone."
+            )
         raise UnknownNameError(kind, name, sorted(table))
     return table[name]
+
+
+def get_preset(kind: Kind, name: str, preset: str) -> Preset:
+    """A plugin's preset; an unknown one answers "did you mean" and lists the plugin's presets."""
+    presets = get_plugin(kind, name).cls.presets
+    if preset not in presets:
+        raise UnknownPresetError(kind, name, preset, list(presets))
+    return presets[preset]
+
+
+@dataclass(frozen=True)
+class ResolvedPlugin:
+    """A registered plugin with its validated config and the preset that config started from."""
+
+    info: PluginInfo
+    config: StrictConfig
+    preset: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def label(self) -> str:
+        """`NAME` or `NAME:PRESET`: how results and leaderboards name this choice."""
+        return join_preset(self.info.name, self.preset)
+
+
+def resolve_plugin(
+    kind: Kind,
+    name: str,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    where: str | None = None,
+) -> ResolvedPlugin:
+    """The plugin `name` (or `NAME:PRESET`) with its config: defaults ⊕ preset ⊕ `overrides`.
+
+    Explicit values win over the preset's, field by field, so `--set mcldef.epochs=3` still
+    applies to `mcldef:paper`. Errors (unknown plugin or preset, a bad value) are one-line
+    BdtkErrors naming `where` (default: the kind and `NAME:PRESET`).
+    """
+    base, named = split_preset(name)
+    if named is not None and preset is not None and named != preset:
+        raise ConfigError(f"{kind} {name!r} names preset {named!r}, but preset {preset!r} was also given.")
+    chosen = preset if preset is not None else named
+    info = get_plugin(kind, base)
+    values: dict[str, Any] = {}
+    if chosen is not None:
+        values = copy.deepcopy(get_preset(kind, base, chosen).values)
+    values.update(overrides or {})
+    config = build_config(info.cls.Config, values, where or f"{kind} {join_preset(base, chosen)!r}")
+    return ResolvedPlugin(info, config, chosen)
+
+
+def resolve_config(
+    kind: Kind,
+    name: str,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    where: str | None = None,
+) -> StrictConfig:
+    """A plugin's validated config: its defaults ⊕ the preset's values ⊕ `overrides`.
+
+    `name` may carry the preset (`"mcldef:paper"`) instead of `preset`. See `resolve_plugin`.
+    """
+    return resolve_plugin(kind, name, preset, overrides, where=where).config
+
+
+def create_inverter(
+    choice: str, config: Mapping[str, Any] | None = None, *, seed: int = 0, where: str | None = None
+) -> TriggerInverter:
+    """An inverter chosen by `NAME` or `NAME:PRESET` (e.g. a purifier's `inverter` field), with
+    `config` over the preset's values.
+
+    The one place where a plugin's config names another plugin, so that every purifier that runs
+    an inverter accepts the same syntax and resolves it in the same order.
+    """
+    resolved = resolve_plugin("inverter", choice, overrides=config, where=where)
+    cls = resolved.info.cls
+    assert issubclass(cls, TriggerInverter)
+    return cls(resolved.config, seed=seed)
 
 
 def find_plugins(name: str) -> list[PluginInfo]:

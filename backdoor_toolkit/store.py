@@ -19,6 +19,7 @@ from types import TracebackType
 import platformdirs
 
 from .benchmark import CellResult
+from .config import split_preset
 from .errors import BdtkError
 
 SCHEMA_VERSION = 1
@@ -160,18 +161,28 @@ class ResultStore:
     def rows(
         self, dataset: str | None = None, model: str | None = None, attacks: list[str] | None = None
     ) -> list[CellResult]:
-        """Stored cells, optionally filtered, in a stable order."""
+        """Stored cells, optionally filtered, in a stable order.
+
+        An attack given as `NAME` keeps every row of that plugin, with or without a preset; as
+        `NAME:PRESET`, only the rows of that preset (the preset lives in the record, not in a
+        column, so that filter is applied after the query).
+        """
         clauses, args = [], []
         for column, value in (("dataset", dataset), ("model", model)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 args.append(value)
-        if attacks:
-            clauses.append(f"attack IN ({', '.join('?' * len(attacks))})")
-            args.extend(attacks)
+        wanted = [split_preset(a) for a in attacks or []]
+        names = sorted({name for name, _ in wanted})
+        if names:
+            clauses.append(f"attack IN ({', '.join('?' * len(names))})")
+            args.extend(names)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT record FROM cells{where} ORDER BY dataset, model, attack, defense, seed, config_hash"
-        return self._query(sql, tuple(args))
+        rows = self._query(sql, tuple(args))
+        if any(preset is not None for _, preset in wanted):
+            rows = [r for r in rows if any(r.attack == n and p in (None, r.attack_preset) for n, p in wanted)]
+        return rows
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[CellResult]:
         with self._transaction():

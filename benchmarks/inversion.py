@@ -19,16 +19,12 @@ from typing import Any
 import torch
 from bdtk_inverters.anomaly import anomaly_index, flag_targets
 
-from backdoor_toolkit import BdtkError, ImageClassifier, build_config, get_attack, get_inverter
-from backdoor_toolkit.artifacts import ArtifactCache
-from backdoor_toolkit.backdoor import backdoored_model, clean_model
-from backdoor_toolkit.benchmark import load_run_dataset
+from backdoor_toolkit import BdtkError, ImageClassifier, build_config, get_inverter
 from backdoor_toolkit.cli.common import parse_settings
-from backdoor_toolkit.data import DefenseData, ImageData, draw_defense_data
-from backdoor_toolkit.errors import UnknownNameError
+from backdoor_toolkit.data import DefenseData, ImageData
 from backdoor_toolkit.metrics import accuracy, predict
-from backdoor_toolkit.training import resolve_device, seed_everything
-from benchmarks.setting import bench_config
+from backdoor_toolkit.training import seed_everything
+from benchmarks.setting import DEFAULT_MODELS, bench_config, bench_models
 
 
 def reversed_asr(
@@ -149,9 +145,6 @@ def main() -> None:
     except BdtkError as exc:
         raise SystemExit(str(exc)) from None
     cfg = bench_config(full=args.full)
-    device = resolve_device(cfg.device)
-    dataset = load_run_dataset(cfg)
-    cache = ArtifactCache(Path(cfg.cache_dir) if cfg.cache_dir else None)
     rows: list[dict[str, Any]] = []
     out = Path(args.output)
     setting = cfg.model_dump(
@@ -163,26 +156,12 @@ def main() -> None:
         out.write_text(json.dumps({"setting": setting, "args": vars(args), "rows": rows}, indent=2))
 
     started = time.perf_counter()
-    for name in args.attack or ["badnets", "blended", "trojan", "clean"]:
-        if name == "clean":
-            model = clean_model(dataset, cfg.model, args.seed, cfg.training, device, cache)
-            empty = torch.empty(0, dtype=torch.long)
-            data = draw_defense_data(dataset, empty, cfg.clean_ratio, cfg.val_fraction, args.seed)
-            rows.append(evaluate("clean (no attack)", model, data, dataset.test, None, base, args, device))
-            save(rows)
-            continue
-        try:
-            cls = get_attack(name)
-        except UnknownNameError as exc:
-            print(f"skipping {name}: {exc}", flush=True)
-            continue
-        attack = cls(build_config(cls.Config, {}, name), dataset.spec, seed=args.seed)  # type: ignore[arg-type]
-        victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, cache)
-        data = draw_defense_data(dataset, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, args.seed)
-        row = evaluate(name, victim.model, data, dataset.test, attack.config.target, base, args, device)
-        row["attack_asr_test"] = reversed_asr(
-            victim.model, dataset.test, attack.apply_trigger, attack.config.target, device
-        )
+    for m in bench_models(cfg, args.attack or DEFAULT_MODELS, args.seed):
+        row = evaluate(m.label, m.model, m.data, m.test, m.true_target, base, args, m.device)
+        if m.attack is not None:
+            row["attack_asr_test"] = reversed_asr(
+                m.model, m.test, m.attack.apply_trigger, m.attack.config.target, m.device
+            )
         rows.append(row)
         save(rows)
     print(markdown(rows))

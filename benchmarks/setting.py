@@ -2,14 +2,31 @@
 
 Fashion-MNIST with wrn-16-1, a 20,000-image stratified training subset and a 5,000-image test
 subset keep a full attack × defense table within reach of a 2-core CPU; pass `--full` to a
-benchmark script for the whole dataset.
+benchmark script for the whole dataset. `bench_models` loads (or trains and caches) the models of
+a setting with the defender's clean budget drawn for each, the same way for every script.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from backdoor_toolkit import ImageClassifier, build_config, get_attack
+from backdoor_toolkit.artifacts import ArtifactCache
+from backdoor_toolkit.backdoor import _model_key, backdoored_model, clean_model
+from backdoor_toolkit.benchmark import load_run_dataset
 from backdoor_toolkit.config import BenchmarkConfig
+from backdoor_toolkit.data import DefenseData, ImageData, draw_defense_data
+from backdoor_toolkit.errors import UnknownNameError
+from backdoor_toolkit.interfaces import Attack
+from backdoor_toolkit.training import resolve_device
+
+#: What "all models" means to the scripts: the attacks of the inversion tables and the control.
+DEFAULT_MODELS = ["badnets", "blended", "trojan", "clean"]
 
 
 def bench_config(full: bool = False, **overrides: Any) -> BenchmarkConfig:
@@ -26,3 +43,61 @@ def bench_config(full: bool = False, **overrides: Any) -> BenchmarkConfig:
     }
     values.update(overrides)
     return BenchmarkConfig.model_validate(values)
+
+
+@dataclass
+class BenchModel:
+    """One model of a setting, with the defender's clean budget drawn for it (disjoint from the
+    poisoned images) and the clean test set for evaluation only."""
+
+    name: str  # the attack, or "clean"
+    label: str
+    model: ImageClassifier
+    data: DefenseData
+    test: ImageData
+    attack: Attack | None
+    device: torch.device
+
+    @property
+    def true_target(self) -> int | None:
+        return None if self.attack is None else int(self.attack.config.target)
+
+
+def bench_models(
+    cfg: BenchmarkConfig, names: list[str], seed: int, cached_only: bool = False
+) -> Iterator[BenchModel]:
+    """The models `names` (attacks with their default configs, or "clean" for the control) of
+    setting `cfg`, from the artifact cache or trained and cached on a miss. Unregistered attacks
+    are skipped with a note; so is any model not yet cached when `cached_only` (no training)."""
+    device = resolve_device(cfg.device)
+    dataset = load_run_dataset(cfg)
+    cache = ArtifactCache(Path(cfg.cache_dir) if cfg.cache_dir else None)
+
+    def missing(attack: Attack | None) -> bool:
+        # existence only: loading would verify (and, if mid-write by another process, remove) it
+        paths = cache._paths(_model_key(dataset, cfg.model, attack, seed, cfg.training))
+        if cached_only and not all(path.exists() for path in paths):
+            print(f"skipping {attack.name if attack else 'clean'}: not in the cache {cache.root}", flush=True)
+            return True
+        return False
+
+    for name in names:
+        if name == "clean":
+            if missing(None):
+                continue
+            model = clean_model(dataset, cfg.model, seed, cfg.training, device, cache)
+            empty = torch.empty(0, dtype=torch.long)
+            data = draw_defense_data(dataset, empty, cfg.clean_ratio, cfg.val_fraction, seed)
+            yield BenchModel(name, "clean (no attack)", model, data, dataset.test, None, device)
+            continue
+        try:
+            cls = get_attack(name)
+        except UnknownNameError as exc:
+            print(f"skipping {name}: {exc}", flush=True)
+            continue
+        attack = cls(build_config(cls.Config, {}, name), dataset.spec, seed=seed)  # type: ignore[arg-type]
+        if missing(attack):
+            continue
+        victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, cache)
+        data = draw_defense_data(dataset, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, seed)
+        yield BenchModel(name, name, victim.model, data, dataset.test, attack, device)

@@ -142,14 +142,15 @@ def render_hooks() -> str:
                 continue
             tag = " *(abstract)*" if attr in abstract else ""
             parts.append(f"\n- `{_signature(value)}`{tag}: {' '.join(_doc(value).split())}\n")
-    meta = interfaces.PluginMeta
-    parts.append(
-        f"\n### `PluginMeta`\n\n{_doc(meta)}\n\n| Field | Type | Default | Description |\n|---|---|---|---|\n"
-    )
-    for field_name, info in meta.model_fields.items():
-        default = "required" if info.is_required() else f"`{info.default!r}`"
-        row = [f"`{field_name}`", _cell(_type(info.annotation)), default, _cell(info.description or "")]
-        parts.append("| " + " | ".join(row) + " |\n")
+    for meta in (interfaces.PluginMeta, interfaces.Preset):
+        parts.append(
+            f"\n### `{meta.__name__}`\n\n{_doc(meta)}\n\n"
+            "| Field | Type | Default | Description |\n|---|---|---|---|\n"
+        )
+        for field_name, info in meta.model_fields.items():
+            default = "required" if info.is_required() else f"`{info.default!r}`"
+            row = [f"`{field_name}`", _cell(_type(info.annotation)), default, _cell(info.description or "")]
+            parts.append("| " + " | ".join(row) + " |\n")
     for result in (interfaces.PoisonedTrainingSet, interfaces.InversionResult, interfaces.PurificationResult):
         parts.append(f"\n### `{result.__name__}`\n\n{_doc(result)}\n\n")
         parts.extend(f"- `{f.name}: {_type(f.type)}`\n" for f in dataclasses.fields(result))

@@ -223,7 +223,7 @@ def test_cross_entropy_term_is_added_on_the_chosen_inputs(ce_on: str) -> None:
     def loss(**values: object) -> float:
         return float(mcldef(**values)._loss(model, frozen, x, triggered, y))
 
-    contrastive = loss()
+    contrastive = loss(ce_weight=0.0, ce_on="clean")
     with torch.no_grad():
         ce_clean = float(torch.nn.functional.cross_entropy(model(x), y))
         ce_triggered = float(torch.nn.functional.cross_entropy(model(triggered), y))
@@ -233,7 +233,7 @@ def test_cross_entropy_term_is_added_on_the_chosen_inputs(ce_on: str) -> None:
 
 def test_cross_entropy_on_triggered_inputs_without_a_weight_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="ce_weight > 0"):
-        build_config(MCLDef.Config, {"ce_on": "clean+triggered"}, "mcldef")
+        build_config(MCLDef.Config, {"ce_on": "clean+triggered", "ce_weight": 0.0}, "mcldef")
 
 
 def test_step_schedule_scales_the_authors_epochs() -> None:
@@ -285,7 +285,7 @@ def test_purifies_the_planted_backdoor_and_leaves_the_frozen_copy_alone(
 
     monkeypatch.setattr(mcldef_module, "FrozenReference", Recording)
     # τ = 0.1: on this toy model clean and triggered features start at cosine ≈ 0.95 (see docs)
-    result = mcldef(epochs=6, temperature=0.1).purify(model, data)
+    result = mcldef(epochs=6, temperature=0.1, early_stop=False).purify(model, data)
 
     assert result.modified and result.detected is True
     assert result.diagnostics["purified_targets"] == [TARGET]
@@ -358,3 +358,55 @@ def test_bad_inverter_config_and_target_get_clear_errors(
         mcldef(inverter_config={"scenaro": "none"}).purify(model, data)
     with pytest.raises(ConfigError, match="outside the 10 classes"):
         mcldef(target=10).purify(model, data)
+
+
+def test_early_stop_ends_when_val_trigger_success_and_accuracy_settle(
+    backdoored: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = copy.deepcopy(backdoored[0]), backdoored[1]
+    cfg = {"epochs": 30, "temperature": 0.1, "early_stop_asr": 0.2, "early_stop_patience": 2}
+    result = mcldef(**cfg).purify(model, data)
+    d = result.diagnostics
+    runs = d["epochs_run"]
+    assert d["stopped_early"] and runs < 30 and len(d["epoch_losses"]) == runs
+    assert len(d["val_accuracy_by_epoch"]) == len(d["val_trigger_asr_by_epoch"]) == runs
+    # the rule held at the stopping epoch and not before it
+    acc, asr = d["val_accuracy_by_epoch"], d["val_trigger_asr_by_epoch"]
+
+    def rule(e: int) -> bool:
+        return e >= 2 and asr[e] <= 0.2 and max(acc[e - 1 : e + 1]) <= max(acc[: e - 1]) + 0.005
+
+    assert rule(runs - 1) and not any(rule(e) for e in range(runs - 1))
+    assert "stopped early" in result.notes
+    assert trigger_asr(result.model, data.val) <= 0.2
+
+
+def test_early_stop_that_can_never_trigger_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="can never trigger"):
+        build_config(MCLDef.Config, {"epochs": 3, "early_stop_patience": 3}, "mcldef")
+    # lowering epochs alone is fine: all epochs then run
+    assert build_config(MCLDef.Config, {"epochs": 2}, "mcldef").early_stop
+
+
+def test_early_stop_without_a_val_split_is_a_clear_error(
+    backdoored: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = copy.deepcopy(backdoored[0]), backdoored[1]
+    empty = ImageData(data.val.images[:0], data.val.labels[:0])
+    no_val = DefenseData(data.spec, data.train, empty, data.index_train, data.index_val[:0])
+    with pytest.raises(ConfigError, match="early_stop=false"):
+        mcldef(epochs=4).purify(model, no_val)
+    result = mcldef(epochs=2, early_stop=False).purify(copy.deepcopy(backdoored[0]), no_val)
+    assert result.diagnostics["epochs_run"] == 2
+
+
+def test_paper_preset_is_the_authors_recipe() -> None:
+    from backdoor_toolkit import resolve_config
+
+    paper = resolve_config("purifier", "mcldef:paper")
+    assert isinstance(paper, MCLDef.Config)
+    assert (paper.lr, paper.epochs, paper.ce_weight, paper.stamp, paper.early_stop) == (
+        0.1, 20, 0.0, "after-augment", False
+    )
+    default = resolve_config("purifier", "mcldef")
+    assert default != paper and default.early_stop

@@ -52,7 +52,9 @@ def write_grid(path: Path, clean: Tensor, triggered: Tensor, scale: int = 4) -> 
 @app.command()
 @user_errors
 def attack(
-    attack: Annotated[str, typer.Option("--attack", "-a", help="Attack plugin (see `bdtk plugins`)")],
+    attack: Annotated[
+        str, typer.Option("--attack", "-a", help="Attack plugin, NAME or NAME:PRESET (see `bdtk plugins`)")
+    ],
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Attack setting FIELD=VALUE (repeatable)")
     ] = None,

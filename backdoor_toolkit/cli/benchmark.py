@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
 from ..benchmark import CellResult, run_benchmark, write_results
-from ..config import BenchmarkConfig, PluginChoice, build_config, load_config_file
+from ..config import BenchmarkConfig, PluginChoice, build_config, join_preset, load_config_file
 from ..console import console
 from ..errors import ConfigError
 from ..executors import EXECUTORS, get_executor
@@ -20,7 +21,12 @@ from .common import app, parse_value, user_errors
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
-    """Apply `PLUGIN.FIELD=VALUE` to the attacks/defenses named PLUGIN in a raw config dict."""
+    """Apply `PLUGIN.FIELD=VALUE` to the attacks/defenses named PLUGIN in a raw config dict.
+
+    `PLUGIN` is a plugin name, which addresses every choice of that plugin with or without a
+    preset (`mcldef.epochs=3` sets `mcldef:paper` too), or `NAME:PRESET`, which addresses only
+    that choice. The value goes into the choice's explicit config, so it wins over the preset's.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         plugin, dot, field = key.partition(".")
@@ -29,25 +35,35 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
         hits = 0
         for section in ("attacks", "defenses"):
             for choice in values.get(section, []):
-                if choice["name"] == plugin:
+                if plugin in (choice["name"], join_preset(choice["name"], choice.get("preset"))):
                     choice.setdefault("config", {})[field] = parse_value(raw)
                     hits += 1
         if not hits:
             raise ConfigError(f"--set {item!r}: no attack or defense named {plugin!r} in this run.")
 
 
-def _choices(names: list[str]) -> list[dict[str, Any]]:
-    return [PluginChoice(name=n).model_dump() for n in names]
+def _choice(value: Any, where: str) -> dict[str, Any]:
+    """One attack or defense as a PluginChoice dict; a malformed one (e.g. `mcldef:`) is a ConfigError."""
+    try:
+        return PluginChoice.model_validate(value).model_dump()
+    except ValidationError as exc:
+        raise ConfigError.from_validation(where, exc) from None
+
+
+def _choices(names: list[str], option: str) -> list[dict[str, Any]]:
+    return [_choice(n, f"{option} {n!r}") for n in names]
 
 
 @app.command()
 @user_errors
 def benchmark(
     attack: Annotated[
-        list[str] | None, typer.Option("--attack", "-a", help="Attack plugin (repeatable)")
+        list[str] | None,
+        typer.Option("--attack", "-a", help="Attack plugin, NAME or NAME:PRESET (repeatable)"),
     ] = None,
     defense: Annotated[
-        list[str] | None, typer.Option("--defense", "-d", help="Defense plugin (repeatable)")
+        list[str] | None,
+        typer.Option("--defense", "-d", help="Defense plugin, NAME or NAME:PRESET (repeatable)"),
     ] = None,
     dataset: Annotated[
         list[str] | None, typer.Option("--dataset", help="Dataset name (repeatable; see `bdtk datasets`)")
@@ -79,7 +95,12 @@ def benchmark(
         str | None, typer.Option(help="Existing Ray cluster (HOST:PORT, ray://…, auto) for --executor ray")
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Plugin setting PLUGIN.FIELD=VALUE (repeatable)")
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Plugin setting PLUGIN.FIELD=VALUE, over any preset; PLUGIN is NAME or NAME:PRESET "
+            "(repeatable)",
+        ),
     ] = None,
 ) -> None:
     """Run a grid: train (or load) backdoored models, run each defense, store every cell.
@@ -93,14 +114,16 @@ def benchmark(
     values: dict[str, Any] = load_config_file(config) if config else {}
     if suite:
         values = load_suite(suite).benchmark_values()
-    values.setdefault("attacks", _choices(["badnets"]))
-    values.setdefault("defenses", _choices(["finetune"]))
-    values["attacks"] = [PluginChoice.model_validate(v).model_dump() for v in values["attacks"]]
-    values["defenses"] = [PluginChoice.model_validate(v).model_dump() for v in values["defenses"]]
+    values.setdefault("attacks", ["badnets"])
+    values.setdefault("defenses", ["finetune"])
+    for section in ("attacks", "defenses"):
+        if not isinstance(values[section], list):
+            raise ConfigError(f"`{section}` must be a list of plugins (NAME, NAME:PRESET or tables).")
+        values[section] = [_choice(v, f"{section}[{i}]") for i, v in enumerate(values[section])]
     if attack:
-        values["attacks"] = _choices(attack)
+        values["attacks"] = _choices(attack, "--attack")
     if defense:
-        values["defenses"] = _choices(defense)
+        values["defenses"] = _choices(defense, "--defense")
     for one, many, given in (("dataset", "datasets", dataset), ("model", "models", model)):
         if given:
             values.pop(one, None)
@@ -165,7 +188,7 @@ def results_table(rows: list[CellResult]) -> Table:
         right = col[0].isupper() or col in ("seed", "sec")
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     for r in rows:
-        head = [str(getattr(r, k)) for k in varying] + [r.attack, r.defense, str(r.seed)]
+        head = [str(getattr(r, k)) for k in varying] + [r.attack_label, r.defense_label, str(r.seed)]
         if r.status == "failed":
             table.add_row(*head, "[red]failed", *[""] * 5)
             continue
@@ -189,7 +212,7 @@ def results_notes(rows: list[CellResult]) -> list[str]:
         text = f"[red]failed: {escape(r.error or '')}[/]" if r.status == "failed" else escape(r.notes)
         if text:
             where = " / ".join(
-                [*(str(getattr(r, k)) for k in varying), r.attack, r.defense, f"seed {r.seed}"]
+                [*(str(getattr(r, k)) for k in varying), r.attack_label, r.defense_label, f"seed {r.seed}"]
             )
             lines.append(f"[bold]{escape(where)}[/]: {text}")
     return lines

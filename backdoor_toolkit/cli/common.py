@@ -48,12 +48,19 @@ def parse_value(text: str) -> Any:
 
 
 def parse_settings(items: list[str], attack: str | None = None) -> dict[str, Any]:
-    """`--set FIELD=VALUE` (or `ATTACK.FIELD=VALUE`, as `bdtk benchmark` spells it) as a dict."""
+    """`--set FIELD=VALUE` (or `ATTACK.FIELD=VALUE`, as `bdtk benchmark` spells it) as a dict.
+
+    With `attack` given as `NAME:PRESET`, both `NAME.FIELD` and `NAME:PRESET.FIELD` are accepted,
+    as `bdtk benchmark` accepts them.
+    """
+    prefixes = [] if not attack else [f"{attack}.", f"{attack.partition(':')[0]}."]
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if attack:
-            key = key.removeprefix(f"{attack}.")
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key.removeprefix(prefix)
+                break
         if not sep or not key:
             raise ConfigError(f"--set expects FIELD=VALUE (e.g. alpha=0.1), got {item!r}.")
         out[key] = parse_value(raw)

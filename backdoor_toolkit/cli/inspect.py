@@ -18,13 +18,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..benchmark import load_run_dataset
-from ..config import BenchmarkConfig, build_config
+from ..config import BenchmarkConfig
 from ..console import console
 from ..data import draw_defense_data
 from ..errors import BdtkError
-from ..interfaces import InversionResult
+from ..interfaces import InversionResult, TriggerInverter
 from ..models import ImageClassifier, create_model
-from ..plugins import get_inverter
+from ..plugins import resolve_plugin
 from ..training import resolve_device, seed_everything
 from .common import app, parse_settings, user_errors
 from .victim import load_victim, victim_config
@@ -111,7 +111,8 @@ def anomaly_table(result: InversionResult, true_target: int | None) -> Table:
 @user_errors
 def inspect(
     attack: Annotated[
-        str | None, typer.Option("--attack", "-a", help="Inspect the cached model of this attack")
+        str | None,
+        typer.Option("--attack", "-a", help="Inspect the cached model of this attack (NAME or NAME:PRESET)"),
     ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Attack setting FIELD=VALUE (repeatable)")
@@ -126,9 +127,14 @@ def inspect(
     train_size: Annotated[int | None, typer.Option(help="Stratified training subset size")] = None,
     test_size: Annotated[int | None, typer.Option(help="Stratified test subset size")] = None,
     clean_ratio: Annotated[float, typer.Option(help="Defender's clean budget (share of train)")] = 0.05,
-    inverter: Annotated[str, typer.Option(help="Trigger inverter plugin")] = "neural-cleanse",
+    inverter: Annotated[
+        str, typer.Option(help="Trigger inverter plugin, NAME or NAME:PRESET")
+    ] = "neural-cleanse",
     option: Annotated[
-        list[str] | None, typer.Option("--option", "-o", help="Inverter setting FIELD=VALUE (repeatable)")
+        list[str] | None,
+        typer.Option(
+            "--option", "-o", help="Inverter setting FIELD=VALUE, over a preset's values (repeatable)"
+        ),
     ] = None,
     target: Annotated[int | None, typer.Option(help="Known target class: skip the scan")] = None,
     class_: Annotated[
@@ -163,11 +169,12 @@ def inspect(
         download=download,
         cache_dir=cache_dir,
     )
-    inverter_cls = get_inverter(inverter)
     inv_values = parse_settings(option or [])
     extra = {"target": target, "classes": class_, "steps": steps, "threshold": threshold}
     inv_values.update({k: v for k, v in extra.items() if v is not None})
-    inv_cfg = build_config(inverter_cls.Config, inv_values, f"inverter {inverter!r}")
+    chosen = resolve_plugin("inverter", inverter, overrides=inv_values)
+    inverter_cls, inv_cfg = chosen.info.cls, chosen.config
+    assert issubclass(inverter_cls, TriggerInverter)
     run_device = resolve_device(cfg.device)
     if model_file is not None:
         victim_model = load_model_file(model_file, model, cfg).to(run_device)
@@ -181,6 +188,7 @@ def inspect(
         true_target = instance.config.target if instance.config.mode == "all-to-one" else None
         source = {
             "attack": instance.name,
+            "attack_preset": cfg.attacks[0].preset,
             "attack_config": instance.config.model_dump(),
             "cache_key": victim.cache_key,
         }
@@ -205,7 +213,8 @@ def inspect(
             "dataset": dataset,
             "model": model,
             "seed": seed,
-            "inverter": inverter,
+            "inverter": chosen.name,
+            "inverter_preset": chosen.preset,
             "inverter_config": inv_cfg.model_dump(),
             "true_target": true_target,
         },

@@ -32,7 +32,12 @@ def leaderboard(
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="Only this dataset")] = None,
     model: Annotated[str | None, typer.Option(help="Only this model")] = None,
-    attack: Annotated[list[str] | None, typer.Option("--attack", "-a", help="Only these attacks")] = None,
+    attack: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--attack", "-a", help="Only these attacks: NAME (with any preset) or NAME:PRESET (repeatable)"
+        ),
+    ] = None,
     rank_by: Annotated[str, typer.Option(help=f"Metric to rank by: {', '.join(COLUMNS)}")] = "der",
     out: Annotated[
         Path | None, typer.Option(help="Write leaderboard.{md,csv,json,html,png} into this folder")

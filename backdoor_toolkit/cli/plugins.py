@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic.fields import FieldInfo
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..console import console
@@ -39,11 +40,16 @@ def plugins(
         typer.echo(json.dumps(payload, indent=2))
         return
     table = Table(title="bdtk plugins")
-    for col in ("kind", "name", "distribution", "version", "summary"):
+    for col in ("kind", "name", "distribution", "version", "presets", "summary"):
         table.add_column(col)
     for info in registry.all():
         table.add_row(
-            info.kind, info.name, info.source.distribution, info.source.version, info.cls.meta.summary
+            info.kind,
+            info.name,
+            info.source.distribution,
+            info.source.version,
+            ", ".join(info.cls.presets),
+            info.cls.meta.summary,
         )
     out.print(table)
     for failure in registry.failures:
@@ -54,10 +60,12 @@ def plugins(
 
 
 def describe(info: PluginInfo) -> dict[str, Any]:
-    """Everything `plugins show` prints: where the plugin comes from, its metadata, its schema."""
+    """Everything `plugins show` prints: where the plugin comes from, its metadata, its presets
+    (name → description and values) and its config's schema."""
     return {
         **info.as_dict(),
         "meta": info.cls.meta.model_dump(mode="json"),
+        "presets": {name: preset.model_dump(mode="json") for name, preset in info.cls.presets.items()},
         "config_schema": info.cls.Config.model_json_schema(),
     }
 
@@ -88,6 +96,7 @@ def _print_plugin(info: PluginInfo) -> None:
         "url": meta.url,
         "threat model": meta.threat_model,
         "requires": ", ".join(c.value for c in meta.requires),
+        "presets": ", ".join(info.cls.presets) or "none",
         "class": info.as_dict()["class"],
     }
     for key, value in rows.items():
@@ -103,6 +112,17 @@ def _print_plugin(info: PluginInfo) -> None:
             table.add_row(
                 name, _type_name(field), json.dumps(default), _constraints(field), field.description
             )
+        out.print(table)
+    presets = info.cls.presets
+    if presets:
+        flag = {"attack": "--attack", "purifier": "--defense"}.get(info.kind)
+        how = f"with {flag} {info.name}:PRESET" if flag else f"as {info.name}:PRESET"
+        table = Table(title=f"{info.name} presets (choose one {how}; explicit values win over a preset's)")
+        for col in ("preset", "description", "values"):
+            table.add_column(col)
+        for name, preset in presets.items():
+            values = "\n".join(f"{k}={json.dumps(v)}" for k, v in preset.values.items())
+            table.add_row(f"{info.name}:{name}", escape(preset.description), escape(values))
         out.print(table)
     out.print("Config JSON schema:")
     out.print_json(json.dumps(info.cls.Config.model_json_schema()))

@@ -26,9 +26,11 @@ def victim_config(
 
 def load_victim(cfg: BenchmarkConfig) -> tuple[Dataset, Attack, BackdooredModel]:
     """The run's dataset, its attack, and the backdoored model (from the cache, or trained on a miss)."""
-    ((info, attack_cfg),) = validate(cfg).attacks
+    (chosen,) = validate(cfg).attacks
     data = load_run_dataset(cfg)
-    attack = cast(type[Attack], info.cls)(cast(AttackConfig, attack_cfg), data.spec, seed=cfg.seeds[0])
+    attack = cast(type[Attack], chosen.info.cls)(
+        cast(AttackConfig, chosen.config), data.spec, seed=cfg.seeds[0]
+    )
     cache = ArtifactCache(Path(cfg.cache_dir) if cfg.cache_dir else None)
     victim = backdoored_model(data, cfg.model, attack, cfg.training, resolve_device(cfg.device), cache)
     return data, attack, victim

@@ -23,16 +23,18 @@ from backdoor_toolkit import (
     StrictConfig,
     TrainingSettings,
     accuracy,
-    build_config,
-    get_inverter,
+    create_inverter,
     train_classifier,
 )
 
 
 class NCUnlearningConfig(StrictConfig):
-    inverter: str = Field(default="neural-cleanse", min_length=1, description="Registered inverter to use")
+    inverter: str = Field(
+        default="neural-cleanse", min_length=1, description="Registered inverter to use: NAME or NAME:PRESET"
+    )
     inverter_config: dict[str, Any] = Field(
-        default_factory=dict, description="Settings for the inverter's Config (validated by it)"
+        default_factory=dict,
+        description="Settings for the inverter's Config (validated by it), over its preset's values",
     )
     stamp_ratio: float = Field(
         default=0.2, gt=0, lt=1, description="Share of each batch stamped with a reversed trigger"
@@ -62,9 +64,8 @@ class NCUnlearning(Purifier):
 
     def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
         c = self.config
-        inverter_cls = get_inverter(c.inverter)
-        inverter = inverter_cls(
-            build_config(inverter_cls.Config, c.inverter_config, f"inverter {c.inverter!r}"), seed=self.seed
+        inverter = create_inverter(
+            c.inverter, c.inverter_config, seed=self.seed, where=f"nc-unlearning inverter {c.inverter!r}"
         )
         model.to(self.device)
         result = inverter.invert(model, data)

@@ -10,9 +10,10 @@ feature of the clean input and pushed away from its feature of the triggered inp
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from backdoor_toolkit import (
+    BdtkError,
     Capability,
     ConfigError,
     DefenseData,
@@ -28,13 +30,13 @@ from backdoor_toolkit import (
     InversionResult,
     MaskTrigger,
     PluginMeta,
+    Preset,
     PurificationResult,
     Purifier,
     StrictConfig,
     accuracy,
     augment_batch,
-    build_config,
-    get_inverter,
+    create_inverter,
     iterate_batches,
     predict,
 )
@@ -66,10 +68,12 @@ class MCLDefConfig(StrictConfig):
     min_mask_l1: float = Field(
         default=0.01, ge=0, le=1e6, description="A recovered mask with a smaller L1 norm is degenerate"
     )
-    epochs: int = Field(default=20, ge=1, le=1000, description="Epochs of contrastive fine-tuning")
+    epochs: int = Field(
+        default=40, ge=1, le=1000, description="Epochs of contrastive fine-tuning (the most, with early_stop)"
+    )
     batch_size: int = Field(default=64, ge=2, le=4096, description="Clean images per batch")
     lr: float = Field(
-        default=0.1,
+        default=0.01,
         gt=0,
         le=10,
         description="SGD learning rate for the first 1/20 of epochs; then /10 until half, /100 after",
@@ -78,16 +82,16 @@ class MCLDefConfig(StrictConfig):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     temperature: float = Field(default=0.5, gt=0, le=100, description="Temperature τ of the contrastive loss")
     ce_weight: float = Field(
-        default=0.0, ge=0, le=100, description="Weight λ of an added cross-entropy term (see ce_on)"
+        default=1.0, ge=0, le=100, description="Weight λ of an added cross-entropy term (see ce_on)"
     )
     ce_on: Literal["clean", "clean+triggered"] = Field(
-        default="clean",
+        default="clean+triggered",
         description="Inputs of the added cross-entropy term: clean ones, or clean and triggered ones (the "
         "triggered image keeps its true label, as in Neural Cleanse's unlearning)",
     )
     augment: bool = Field(default=True, description="Random crop (and flips where they fit) of each batch")
     stamp: Literal["after-augment", "before-augment"] = Field(
-        default="after-augment",
+        default="before-augment",
         description="Stamp the recovered trigger on the augmented image (authors' code: the trigger stays "
         "where it was recovered), or before augmenting, so the pair is cropped and mirrored together and the "
         "trigger moves with the image as the attacker's poisoned training images did",
@@ -98,10 +102,43 @@ class MCLDefConfig(StrictConfig):
         "batches, as in the authors' code) or eval (statistics frozen)",
     )
 
+    early_stop: bool = Field(
+        default=True,
+        description="Stop before `epochs` once, on the defender's val split, every recovered trigger's "
+        "success is at most early_stop_asr and clean accuracy has settled (see early_stop_patience)",
+    )
+    early_stop_asr: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Val success of a recovered trigger (on non-target images) that counts as removed",
+    )
+    early_stop_patience: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Val accuracy has settled when the last this-many epochs gained no more than "
+        "early_stop_delta over the best accuracy before them",
+    )
+    early_stop_delta: float = Field(
+        default=0.005, ge=0, le=1, description="Val accuracy gain (absolute) that still counts as moving"
+    )
+
     @model_validator(mode="after")
     def _ce_on_needs_a_weight(self) -> MCLDefConfig:
         if self.ce_on != "clean" and self.ce_weight == 0:
             raise ValueError(f"ce_on={self.ce_on!r} has no effect with ce_weight=0; set ce_weight > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stop_can_trigger(self) -> MCLDefConfig:
+        # only when early stopping was asked for explicitly: lowering `epochs` alone just runs them all
+        asked = {"early_stop", "early_stop_patience"} & self.model_fields_set
+        if self.early_stop and asked and self.early_stop_patience >= self.epochs:
+            raise ValueError(
+                f"early_stop_patience={self.early_stop_patience} is not below epochs={self.epochs}, so early "
+                "stopping can never trigger; lower the patience, raise epochs, or set early_stop=false"
+            )
         return self
 
 
@@ -128,6 +165,28 @@ class MCLDef(Purifier):
         threat_model="defender holds the backdoored model and a small clean set; target unknown",
         requires=(Capability.FEATURES,),
     )
+    presets: ClassVar[dict[str, Preset]] = {
+        "paper": Preset(
+            values={
+                "stamp": "after-augment",
+                "ce_weight": 0.0,
+                "ce_on": "clean",
+                "lr": 0.1,
+                "epochs": 20,
+                "batch_size": 64,
+                "momentum": 0.9,
+                "weight_decay": 1e-4,
+                "temperature": 0.5,
+                "augment": True,
+                "bn_mode": "train",
+                "inverter": "neural-cleanse",
+                "inverter_config": {},
+                "early_stop": False,
+            },
+            description="The authors' recipe (Yue et al. 2022): contrastive loss alone, lr 0.1 step "
+            "schedule, 20 epochs, trigger stamped after augmentation, full Neural Cleanse scan",
+        ),
+    }
 
     def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
         c = self.config
@@ -164,18 +223,34 @@ class MCLDef(Purifier):
                 stage_seconds=stage_seconds,
             )  # fmt: skip
 
+        if c.early_stop and len(data.val) == 0:
+            raise ConfigError(
+                "mcldef: early_stop reads the defender's val split, which is empty here (val_fraction 0); "
+                "give the run a val split or set mcldef.early_stop=false."
+            )
         triggers = [inversion.trigger(cls) for cls in usable]
         diagnostics["purified_targets"] = usable
         diagnostics["val_accuracy_before"] = accuracy(model, data.val, self.device)
         diagnostics["val_trigger_asr_before"] = self._trigger_asr(model, data.val, usable, triggers)
         start = time.perf_counter()
-        losses = self._contrastive_finetune(model, data, triggers)
+        watch = _ValWatch(self, model, data.val, usable, triggers)
+        losses = self._contrastive_finetune(model, data, triggers, watch)
         stage_seconds["purification"] = time.perf_counter() - start
         diagnostics["epoch_losses"] = losses
         diagnostics["final_loss"] = losses[-1]
+        diagnostics["epochs_run"] = len(losses)
+        diagnostics["stopped_early"] = len(losses) < c.epochs
+        diagnostics["val_accuracy_by_epoch"] = watch.accuracies
+        diagnostics["val_trigger_asr_by_epoch"] = watch.trigger_asrs
         diagnostics["val_accuracy_after"] = accuracy(model, data.val, self.device)
         diagnostics["val_trigger_asr_after"] = self._trigger_asr(model, data.val, usable, triggers)
-        notes += f" Purified against class(es) {usable} with {len(triggers)} recovered trigger(s)."
+        notes += f" Purified against class(es) {usable} with {len(triggers)} recovered trigger(s)"
+        notes += (
+            f", stopped early after {len(losses)} of {c.epochs} epochs (val trigger success and accuracy "
+            "settled)."
+            if len(losses) < c.epochs
+            else f", {len(losses)} epochs."
+        )
         return PurificationResult(
             model, modified=True, detected=detected, notes=notes.strip(), diagnostics=diagnostics,
             stage_seconds=stage_seconds,
@@ -185,9 +260,9 @@ class MCLDef(Purifier):
 
     def _invert(self, model: ImageClassifier, data: DefenseData) -> InversionResult:
         c = self.config
-        cls = get_inverter(c.inverter)
-        inverter_config = build_config(cls.Config, c.inverter_config, f"mcldef inverter {c.inverter!r}")
-        inverter = cls(inverter_config, seed=self.seed)
+        inverter = create_inverter(
+            c.inverter, c.inverter_config, seed=self.seed, where=f"mcldef inverter {c.inverter!r}"
+        )
         classes = None if c.target is None else [c.target]
         return inverter.invert(model, data, classes)
 
@@ -233,9 +308,13 @@ class MCLDef(Purifier):
     # --- stage 2 ---------------------------------------------------------------------------
 
     def _contrastive_finetune(
-        self, model: ImageClassifier, data: DefenseData, triggers: list[MaskTrigger]
+        self, model: ImageClassifier, data: DefenseData, triggers: list[MaskTrigger], watch: _ValWatch
     ) -> list[float]:
-        """Fine-tune `model` in place; each image is stamped with one of `triggers` drawn at random."""
+        """Fine-tune `model` in place; each image is stamped with one of `triggers` drawn at random.
+
+        After every epoch `watch` reads the val split; with `early_stop` the loop ends as soon as
+        it says the trigger is gone and clean accuracy has settled.
+        """
         c, device = self.config, self.device
         frozen = FrozenReference(copy.deepcopy(model)).to(device)
         masks = torch.stack([t.mask for t in triggers]).to(device)
@@ -260,6 +339,14 @@ class MCLDef(Purifier):
                 seen += y.numel()
                 total += float(loss.detach()) * y.numel()
             epoch_losses.append(total / max(seen, 1))
+            if not math.isfinite(epoch_losses[-1]):
+                raise BdtkError(
+                    f"mcldef: the purification loss became {epoch_losses[-1]} in epoch {epoch + 1}; "
+                    "lower mcldef.lr."
+                )
+            if watch.settled(stop=c.early_stop):
+                break
+            model.train(c.bn_mode == "train")
         model.eval()
         return epoch_losses
 
@@ -310,6 +397,43 @@ class MCLDef(Purifier):
             pred = predict(model, val.images[victims], self.device, transform=trigger)
             out[str(cls)] = float((pred == cls).float().mean())
         return out
+
+
+class _ValWatch:
+    """Reads the val split after each epoch: clean accuracy and each recovered trigger's success.
+
+    The rule (documented in docs/defenses/mcldef.md): stop once every trigger's val success is at
+    most `early_stop_asr` *and* the best val accuracy of the last `early_stop_patience` epochs is no
+    more than `early_stop_delta` above the best before them. Only the defender's val split is read,
+    never test data.
+    """
+
+    def __init__(
+        self,
+        purifier: MCLDef,
+        model: ImageClassifier,
+        val: ImageData,
+        targets: list[int],
+        triggers: list[MaskTrigger],
+    ) -> None:
+        self.purifier, self.model, self.val = purifier, model, val
+        self.targets, self.triggers = targets, triggers
+        self.accuracies: list[float] = []
+        self.trigger_asrs: list[float] = []
+
+    def settled(self, stop: bool) -> bool:
+        """Record this epoch's val numbers; True when `stop` and the rule says training is done."""
+        c = self.purifier.config
+        if not stop and not len(self.val):
+            return False
+        device = self.purifier.device
+        self.accuracies.append(round(accuracy(self.model, self.val, device), 6))
+        rates = self.purifier._trigger_asr(self.model, self.val, self.targets, self.triggers)
+        self.trigger_asrs.append(round(max(rates.values(), default=0.0), 6))
+        k = c.early_stop_patience
+        if not stop or len(self.accuracies) <= k or self.trigger_asrs[-1] > c.early_stop_asr:
+            return False
+        return max(self.accuracies[-k:]) <= max(self.accuracies[:-k]) + c.early_stop_delta
 
 
 def _inversion_diagnostics(inversion: InversionResult) -> dict[str, Any]:
