@@ -28,6 +28,7 @@ from .training import (
     augment_batch,
     cross_entropy_loss,
     iterate_batches,
+    preferred_memory_format,
     seed_everything,
     train_classifier,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "hookimpl",
     "iterate_batches",
     "predict",
+    "preferred_memory_format",
     "resolve_config",
     "seed_everything",
     "to_float",

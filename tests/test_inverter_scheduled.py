@@ -86,6 +86,9 @@ def test_scheduled_scan_flags_the_target_with_fewer_class_steps(
     assert d["class_steps"] < full.diagnostics["class_steps"] <= d["full_scan_class_steps_bound"]
     assert d["class_steps"] == sum(d["steps"]) and d["full_scan_class_steps_bound"] == 6 * 200
     assert TARGET not in d["dropped"] and d["dropped"]
+    # a dropped class is never flagged; what the MAD test said before that rule is kept
+    assert not set(sched.flagged) & set(d["dropped"])
+    assert set(sched.flagged) <= set(d.get("flagged_before_drops", sched.flagged))
     assert all(steps >= 50 for steps in d["dropped"].values())  # nobody is dropped in the warm-up
     i = sched.classes.index(TARGET)
     assert torch.allclose(sched.masks[i], full.masks[i], atol=1e-5)  # it ran its whole course

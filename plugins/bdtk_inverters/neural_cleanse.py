@@ -380,6 +380,11 @@ class NeuralCleanse(TriggerInverter):
         else:
             index = anomaly_index(norms, log=c.log_norms)
             flagged = flag_targets(chosen, norms, index, c.threshold)
+            if info.get("dropped"):
+                # a dropped class stopped because it cannot win, with its norm still shrinking: it is
+                # never a target, only a member of the statistics the target is an outlier from
+                info["flagged_before_drops"] = flagged
+                flagged = [k for k in flagged if k not in info["dropped"]]
         if c.schedule == "k-arm" and given:
             info["schedule_used"] = "full (known target)" if known else "full (classes given)"
         diagnostics: dict[str, Any] = {
@@ -479,7 +484,7 @@ class NeuralCleanse(TriggerInverter):
                 scan.run_full(c.batched)
                 used = "full (pre-screen ambiguous)"
             else:
-                dropped = self._bandit(scan, classes, chosen, candidate)
+                dropped = self._bandit(scan, classes, chosen)
                 used = "k-arm"
         opt = scan.result()
         info.update(
@@ -523,21 +528,19 @@ class NeuralCleanse(TriggerInverter):
             others += other.sum(0)
         return counts / others.clamp_min(1), k
 
-    def _bandit(self, scan: _Scan, classes: list[int], scores: Tensor, candidate: Tensor) -> dict[int, int]:
+    def _bandit(self, scan: _Scan, classes: list[int], scores: Tensor) -> dict[int, int]:
         """Warm up every class, then give one round at a time to one alive class, ε-greedily;
         return the classes stopped as unable to win, with the step count at which they stopped.
 
-        Alive: not frozen by early stopping, budget left, and able to win. A class cannot win once
-        its best working mask norm exceeds `drop_ratio` × the smallest one *and* its λ has gone
-        both up and down (NC's own sign that its mask was squeezed to its limit): a dropped class's
-        norm still enters the anomaly index, and a norm taken earlier is near the random start, so
-        a cluster of them shrinks the MAD and flags a natural small class. Pre-screen candidates
-        are spared until they have taken twice the warm-up; a class whose trigger does not work
-        yet cannot be compared, and is dropped once it has taken twice the warm-up while another
-        class's trigger works. Best norms only decrease, so a dropped class's norm is an upper
-        bound of what the full scan would reach. The greedy choice is the smallest best norm
-        (ties, and classes without a working trigger, by pre-screen score): driving the smallest
-        norm down first is what lets the others be dropped.
+        Alive: not frozen by early stopping, budget left, and able to win. After the warm-up a class
+        cannot win once its trigger does not work while another's does, or its best working mask
+        norm exceeds `drop_ratio` × the smallest one and its λ has gone both up and down (NC's own
+        sign that its mask was squeezed to its limit). A dropped class is never flagged: its norm
+        is an upper bound of what the full scan would reach (best norms only decrease), taken while
+        it still shrinks, and only enters the anomaly statistics the winner is an outlier from.
+        The greedy choice is the smallest best norm (ties, and classes without a working trigger,
+        by pre-screen score): driving the smallest norm down first is what lets the others be
+        dropped.
         """
         c = self.config
         for _ in range(c.warmup_steps // c.round_steps):
@@ -559,7 +562,7 @@ class NeuralCleanse(TriggerInverter):
                 works = torch.isfinite(scan.best_norm)
                 young = scan.steps < 2 * c.warmup_steps
                 far = works & (scan.best_norm > c.drop_ratio * smallest) & scan.schedule.explored
-                lose = alive & ((far & ~(candidate & young)) | (~works & ~young))
+                lose = alive & ~young & (far | ~works)
                 for i in torch.nonzero(lose).squeeze(1).tolist():
                     dropped[classes[i]] = int(scan.steps[i])
                 stopped |= lose

@@ -13,12 +13,14 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 from torch.nn import functional as F
+from torch.optim import Optimizer
 
 from backdoor_toolkit import (
     BdtkError,
@@ -39,6 +41,7 @@ from backdoor_toolkit import (
     create_inverter,
     iterate_batches,
     predict,
+    preferred_memory_format,
 )
 
 from .loss import FrozenReference, model_contrastive_loss
@@ -51,7 +54,9 @@ class DegenerateTriggerWarning(UserWarning):
 class MCLDefConfig(StrictConfig):
     inverter: str = Field(default="neural-cleanse", min_length=1, description="Registered trigger inverter")
     inverter_config: dict[str, Any] = Field(
-        default_factory=dict, description="Config values passed to the inverter's own Config"
+        default_factory=lambda: {"schedule": "k-arm"},
+        description="Config values passed to the inverter's own Config (default: Neural Cleanse's scheduled "
+        "scan)",
     )
     target: int | None = Field(
         default=None,
@@ -315,29 +320,16 @@ class MCLDef(Purifier):
         After every epoch `watch` reads the val split; with `early_stop` the loop ends as soon as
         it says the trigger is gone and clean accuracy has settled.
         """
-        c, device = self.config, self.device
-        frozen = FrozenReference(copy.deepcopy(model)).to(device)
-        masks = torch.stack([t.mask for t in triggers]).to(device)
-        patterns = torch.stack([t.pattern for t in triggers]).to(device)
-        model.train(c.bn_mode == "train")
-        optimiser = torch.optim.SGD(
-            model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
-        )
+        c = self.config
+        step = self.step_runner(model, triggers, data.spec.hflip)
         gen = torch.Generator().manual_seed(self.seed)
         epoch_losses = []
         for epoch in range(c.epochs):
-            for group in optimiser.param_groups:
-                group["lr"] = step_lr(epoch, c.epochs, c.lr)
+            step.set_lr(step_lr(epoch, c.epochs, c.lr))
             seen, total = 0, 0.0
             for x, y in iterate_batches(data.train.images, data.train.labels, c.batch_size, gen):
-                x, triggered = self._pairs(x.to(device), masks, patterns, data.spec.hflip, gen)
-                y = y.to(device)
-                loss = self._loss(model, frozen, x, triggered, y)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
+                total += step(x, y, gen) * y.numel()
                 seen += y.numel()
-                total += float(loss.detach()) * y.numel()
             epoch_losses.append(total / max(seen, 1))
             if not math.isfinite(epoch_losses[-1]):
                 raise BdtkError(
@@ -347,8 +339,36 @@ class MCLDef(Purifier):
             if watch.settled(stop=c.early_stop):
                 break
             model.train(c.bn_mode == "train")
-        model.eval()
+        model.eval().to(memory_format=torch.contiguous_format)
         return epoch_losses
+
+    def step_runner(self, model: ImageClassifier, triggers: list[MaskTrigger], hflip: bool) -> _Step:
+        """One purification step of `model` (trained in place) against `triggers`, as a callable.
+
+        The trainable model and its frozen copy run in the device's fastest memory layout
+        (`preferred_memory_format`); the caller gets the model back in the default layout.
+        """
+        c, device = self.config, self.device
+        layout = preferred_memory_format(device)
+        model.to(device).to(memory_format=layout).train(c.bn_mode == "train")
+        frozen = FrozenReference(copy.deepcopy(model)).to(device)
+        masks = torch.stack([t.mask for t in triggers]).to(device)
+        patterns = torch.stack([t.pattern for t in triggers]).to(device)
+        optimiser = torch.optim.SGD(
+            model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+        )
+
+        def step(x: Tensor, y: Tensor, gen: torch.Generator) -> float:
+            clean, triggered = self._pairs(x.to(device), masks, patterns, hflip, gen)
+            clean = clean.contiguous(memory_format=layout)
+            triggered = triggered.contiguous(memory_format=layout)
+            loss = self._loss(model, frozen, clean, triggered, y.to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            return float(loss.detach())
+
+        return _Step(step, optimiser)
 
     def _pairs(
         self, x: Tensor, masks: Tensor, patterns: Tensor, hflip: bool, gen: torch.Generator
@@ -399,6 +419,21 @@ class MCLDef(Purifier):
         return out
 
 
+class _Step:
+    """A purification step bound to its model, frozen copy, triggers and optimiser."""
+
+    def __init__(self, run: Callable[[Tensor, Tensor, torch.Generator], float], optimiser: Optimizer) -> None:
+        self._run, self.optimiser = run, optimiser
+
+    def __call__(self, x: Tensor, y: Tensor, gen: torch.Generator) -> float:
+        """Train on one batch of clean images `x` with labels `y`; returns the batch's loss."""
+        return self._run(x, y, gen)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimiser.param_groups:
+            group["lr"] = lr
+
+
 class _ValWatch:
     """Reads the val split after each epoch: clean accuracy and each recovered trigger's success.
 
@@ -444,4 +479,10 @@ def _inversion_diagnostics(inversion: InversionResult) -> dict[str, Any]:
         "mask_norms": [round(float(v), 4) for v in inversion.mask_norms],
         "inversion_attack_success": [round(float(v), 4) for v in inversion.attack_success],
         "inverter_seconds": inversion.seconds,
+        # how the inverter spent its work, where it says (Neural Cleanse: full or scheduled scan)
+        **{k: inversion.diagnostics[k] for k in SCAN_KEYS if k in inversion.diagnostics},
     }
+
+
+#: The inverter's own diagnostics copied into MCLDef's, so a stored row shows what the scan cost.
+SCAN_KEYS = ("schedule_used", "class_steps", "full_scan_class_steps_bound", "candidates", "dropped")
