@@ -3,7 +3,8 @@
     python -m benchmarks.mcldef [--attack badnets --attack blended ...] [--variant faithful ...]
 
 Each attack named (default: the whole suite) that is not registered is skipped with a note.
-Variants are MCLDef configs: `faithful` is the authors' recipe (defaults); `improved` and
+Variants are MCLDef configs: `default` is bdtk's recipe (the plugin's defaults), `faithful` the authors'
+recipe (preset `paper`); `improved` and
 `improved+ce-triggered` are bdtk's options; docs/defenses/mcldef.md explains them all. Every
 MCLDef cell runs its own trigger inversion (5–8 min on one loaded CPU thread; `+known-target`
 variants invert one class only), so pick variants with --variant.
@@ -26,21 +27,36 @@ from .setting import bench_config
 
 SUITE = ["badnets", "blended", "trojan", "sig", "wanet", "input-aware"]
 
-IMPROVED: dict[str, Any] = {"stamp": "before-augment", "ce_weight": 1.0, "lr": 0.01, "epochs": 40}
+#: The authors' recipe (preset `paper`); every variant but `default` is written on top of it.
+FAITHFUL: dict[str, Any] = dict(get_purifier("mcldef").presets["paper"].values)
+IMPROVED: dict[str, Any] = {
+    **FAITHFUL,
+    "stamp": "before-augment",
+    "ce_weight": 1.0,
+    "lr": 0.01,
+    "epochs": 40,
+}
 CE_TRIGGERED: dict[str, Any] = {**IMPROVED, "ce_on": "clean+triggered"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "faithful": {},
-    "top-ranked": {"on_no_detection": "top-ranked"},
-    "top-ranked+tau0.1": {"on_no_detection": "top-ranked", "temperature": 0.1},
-    "top-ranked+ce": {"on_no_detection": "top-ranked", "ce_weight": 1.0},
-    "top-ranked+tau0.1+ce": {"on_no_detection": "top-ranked", "temperature": 0.1, "ce_weight": 1.0},
-    "top-ranked+ce+lr0.01": {"on_no_detection": "top-ranked", "ce_weight": 1.0, "lr": 0.01},
+    "default": {},  # bdtk's recipe: CE_TRIGGERED with the scheduled scan and early stop
+    "faithful": FAITHFUL,
+    "top-ranked": {**FAITHFUL, "on_no_detection": "top-ranked"},
+    "top-ranked+tau0.1": {**FAITHFUL, "on_no_detection": "top-ranked", "temperature": 0.1},
+    "top-ranked+ce": {**FAITHFUL, "on_no_detection": "top-ranked", "ce_weight": 1.0},
+    "top-ranked+tau0.1+ce": {
+        **FAITHFUL,
+        "on_no_detection": "top-ranked",
+        "temperature": 0.1,
+        "ce_weight": 1.0,
+    },
+    "top-ranked+ce+lr0.01": {**FAITHFUL, "on_no_detection": "top-ranked", "ce_weight": 1.0, "lr": 0.01},
     "improved": IMPROVED,
     # the attack's target given, as the authors' code is given it: stage 2 without detection
-    "faithful+known-target": {"target": 0},
+    "faithful+known-target": {**FAITHFUL, "target": 0},
     "improved+known-target": {**IMPROVED, "target": 0},
     "improved+ce-triggered": CE_TRIGGERED,
     "improved+ce-triggered+known-target": {**CE_TRIGGERED, "target": 0},
+    "default+known-target": {"target": 0},
 }
 
 

@@ -37,6 +37,7 @@ from bdtk_mcldef.mcldef import MCLDef
 from backdoor_toolkit import MaskTrigger, create_model, preferred_memory_format, resolve_config
 from backdoor_toolkit.benchmark import CellResult, load_run_dataset, run_benchmark
 from backdoor_toolkit.config import BenchmarkConfig, PluginChoice
+from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.training import resolve_device
 
 from .setting import bench_config
@@ -75,9 +76,10 @@ def step_costs(cfg: BenchmarkConfig, rounds: int) -> list[dict[str, Any]]:
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
     model = create_model(cfg.model, spec).to(device)
-    mask = torch.zeros(1, spec.image_size, spec.image_size)
+    channels, height, width = spec.image_shape
+    mask = torch.zeros(1, height, width)
     mask[:, -4:-1, -4:-1] = 1.0
-    trigger = MaskTrigger(mask, torch.ones(spec.channels, spec.image_size, spec.image_size))
+    trigger = MaskTrigger(mask, torch.ones(channels, height, width))
     gen = torch.Generator().manual_seed(0)
     runs: dict[str, Callable[[], None]] = {}
     for name in PRESETS:
@@ -85,7 +87,7 @@ def step_costs(cfg: BenchmarkConfig, rounds: int) -> list[dict[str, Any]]:
         assert isinstance(config, MCLDef.Config)
         purifier = MCLDef(config, seed=0, device=device)
         step = purifier.step_runner(copy.deepcopy(model), [trigger], spec.hflip)
-        batch = torch.rand(config.batch_size, spec.channels, spec.image_size, spec.image_size)
+        batch = torch.rand(config.batch_size, channels, height, width)
         labels = torch.randint(0, spec.num_classes, (config.batch_size,))
         runs[name] = lambda step=step, batch=batch, labels=labels: step(batch, labels, gen)
         runs[f"{name} bound"] = _bound(copy.deepcopy(model), config, batch, labels, device)
@@ -187,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         "output": str(args.output.with_suffix(".json")),
     }
     cfg = bench_config(**fields) if args.bench else BenchmarkConfig.model_validate(fields)
-    cells = [] if args.step_only else [r for r in run_benchmark(cfg) if r.defense != "none"]
+    # cells go to a result store as they finish: a rerun resumes instead of recomputing them
+    store = ResultStore(args.output.with_suffix(".sqlite"))
+    cells = [] if args.step_only else [r for r in run_benchmark(cfg, store=store) if r.defense != "none"]
     steps = step_costs(cfg, args.step_rounds)
     report = tables(cells, steps)
     print(report)

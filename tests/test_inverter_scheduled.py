@@ -176,3 +176,11 @@ def test_config_errors_name_the_problem() -> None:
         NeuralCleanseConfig(schedule="greedy")  # type: ignore[arg-type]
     # the full scan ignores the scheduling fields, so short budgets stay valid
     assert NeuralCleanseConfig(steps=5, warmup_steps=50).schedule == "full"
+
+
+def test_a_budget_within_the_default_warm_up_runs_the_full_scan_and_says_so() -> None:
+    model = _model()
+    short = _inverter(steps=30).invert(model, _data())
+    full = _inverter(steps=30, schedule="full").invert(model, _data())
+    assert short.diagnostics["schedule_used"] == "full (budget within the warm-up)"
+    assert torch.equal(short.masks, full.masks) and short.flagged == full.flagged

@@ -408,5 +408,10 @@ def test_paper_preset_is_the_authors_recipe() -> None:
     assert (paper.lr, paper.epochs, paper.ce_weight, paper.stamp, paper.early_stop) == (
         0.1, 20, 0.0, "after-augment", False
     )
+    assert paper.inverter == "neural-cleanse" and paper.inverter_config == {}  # the full scan
     default = resolve_config("purifier", "mcldef")
+    assert isinstance(default, MCLDef.Config)
     assert default != paper and default.early_stop
+    assert (default.ce_weight, default.ce_on, default.stamp) == (1.0, "clean+triggered", "before-augment")
+    inverter = resolve_config("inverter", default.inverter)
+    assert getattr(inverter, "schedule", None) == "k-arm"

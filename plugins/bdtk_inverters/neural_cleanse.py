@@ -144,7 +144,8 @@ class NeuralCleanseConfig(StrictConfig):
     def _schedule_can_act(self) -> NeuralCleanseConfig:
         """A k-arm warm-up that spans the whole budget would be a full scan that claims otherwise."""
         if self.schedule == "k-arm":
-            if self.warmup_steps >= self.steps:
+            # asked for explicitly it is an error; a small `steps` alone runs the full scan, and says so
+            if "warmup_steps" in self.model_fields_set and self.warmup_steps >= self.steps:
                 raise ValueError(
                     f"schedule='k-arm' needs warmup_steps ({self.warmup_steps}) below steps "
                     f"({self.steps}): otherwise every class spends its whole budget in the warm-up "
@@ -350,7 +351,13 @@ class NeuralCleanse(TriggerInverter):
     presets: ClassVar[dict[str, Preset]] = {
         "paper": Preset(
             values={"log_norms": False},
-            description="Wang et al. 2019 as published: anomaly index on raw mask norms",
+            description="Wang et al. 2019's anomaly index on raw mask norms (optimisation keeps bdtk's step "
+            "budget)",
+        ),
+        "k-arm": Preset(
+            values={"schedule": "k-arm"},
+            description="Scheduled scan after K-Arm (Shen et al. 2021): pre-screen, warm-up, bandit over "
+            "classes; far fewer class-steps",
         ),
     }
 
@@ -466,9 +473,9 @@ class NeuralCleanse(TriggerInverter):
         scan = _Scan(c, self.seed, model, data.train, classes, starts)
         info: dict[str, Any] = {"prescreen_scores": None, "prescreen_top_k": None, "candidates": None}
         dropped: dict[int, int] = {}  # class → its step count when stopped as unable to win
-        if not scheduled:
+        if not scheduled or c.warmup_steps >= c.steps:
             scan.run_full(c.batched)
-            used = "full"
+            used = "full" if not scheduled else "full (budget within the warm-up)"
         else:
             scores, top_k = self._prescreen(model, data.train, data.spec.num_classes)
             chosen = scores[classes]

@@ -52,11 +52,14 @@ class DegenerateTriggerWarning(UserWarning):
 
 
 class MCLDefConfig(StrictConfig):
-    inverter: str = Field(default="neural-cleanse", min_length=1, description="Registered trigger inverter")
+    inverter: str = Field(
+        default="neural-cleanse:k-arm",
+        min_length=1,
+        description="Registered trigger inverter, NAME or NAME:PRESET (default: Neural Cleanse's "
+        "scheduled scan)",
+    )
     inverter_config: dict[str, Any] = Field(
-        default_factory=lambda: {"schedule": "k-arm"},
-        description="Config values passed to the inverter's own Config (default: Neural Cleanse's scheduled "
-        "scan)",
+        default_factory=dict, description="Config values passed to the inverter's own Config"
     )
     target: int | None = Field(
         default=None,
@@ -74,7 +77,7 @@ class MCLDefConfig(StrictConfig):
         default=0.01, ge=0, le=1e6, description="A recovered mask with a smaller L1 norm is degenerate"
     )
     epochs: int = Field(
-        default=40, ge=1, le=1000, description="Epochs of contrastive fine-tuning (the most, with early_stop)"
+        default=20, ge=1, le=1000, description="Epochs of contrastive fine-tuning (the most, with early_stop)"
     )
     batch_size: int = Field(default=64, ge=2, le=4096, description="Clean images per batch")
     lr: float = Field(
