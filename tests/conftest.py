@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,13 @@ def separable_model() -> tuple[ImageClassifier, DefenseData]:
     train_classifier(model, train.images, train.labels, settings, seed=0)
     data = DefenseData(spec, _separable(48, 1), _separable(48, 2), torch.arange(48), torch.arange(48, 96))
     return model, data
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run far faster on one thread than on two contended ones; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,8 +7,6 @@ while every other class needs a mask over much of the image.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from bdtk_inverters.neural_cleanse import NeuralCleanse, NeuralCleanseConfig
@@ -56,17 +54,11 @@ def _inverter(**values: object) -> NeuralCleanse:
     return NeuralCleanse(NeuralCleanseConfig.model_validate({**base, **values}), seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def scan(_one_thread: None) -> InversionResult:
+def scan(one_thread: None) -> InversionResult:
     return _inverter().invert(_model(), _data())
 
 

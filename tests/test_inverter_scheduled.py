@@ -9,7 +9,6 @@ norms spread as real models' do and the anomaly index has a population to measur
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -48,17 +47,11 @@ def _pair(model: nn.Module, **values: object) -> tuple[InversionResult, Inversio
     return full, _inverter(**values).invert(model, _data())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def planted(_one_thread: None) -> tuple[InversionResult, InversionResult]:
+def planted(one_thread: None) -> tuple[InversionResult, InversionResult]:
     return _pair(_model())
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from bdtk_inverters.unlearning import NCUnlearning, NCUnlearningConfig
@@ -15,12 +13,7 @@ from backdoor_toolkit import BdtkError, ConfigError, get_purifier
 INVERSION = {"steps": 200, "batch_size": 16, "round_steps": 5, "patience": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _asr(model: nn.Module) -> float:
