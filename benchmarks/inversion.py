@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from bdtk_inverters.anomaly import anomaly_index, flag_targets
 
-from backdoor_toolkit import BdtkError, ImageClassifier, build_config, get_inverter
+from backdoor_toolkit import BdtkError, ImageClassifier, InversionResult, build_config, get_inverter
 from backdoor_toolkit.cli.common import parse_settings
 from backdoor_toolkit.data import DefenseData, ImageData
 from backdoor_toolkit.metrics import accuracy, predict
@@ -36,7 +36,9 @@ def reversed_asr(
     return float((pred == target).float().mean())
 
 
-def run_inverter(model: ImageClassifier, data: DefenseData, seed: int, values: dict[str, Any]) -> Any:
+def run_inverter(
+    model: ImageClassifier, data: DefenseData, seed: int, values: dict[str, Any]
+) -> InversionResult:
     cls = get_inverter("neural-cleanse")
     seed_everything(seed)
     return cls(build_config(cls.Config, values, "neural-cleanse"), seed=seed).invert(model, data)

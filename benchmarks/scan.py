@@ -23,14 +23,12 @@ from typing import Any
 from backdoor_toolkit import BdtkError, InversionResult, build_config, get_inverter
 from backdoor_toolkit.cli.common import parse_settings
 from backdoor_toolkit.config import BenchmarkConfig
-from backdoor_toolkit.training import seed_everything
+from benchmarks.inversion import run_inverter
 from benchmarks.setting import DEFAULT_MODELS, BenchModel, bench_config, bench_models
 
 
 def scan(m: BenchModel, values: dict[str, Any], seed: int) -> InversionResult:
-    cls = get_inverter("neural-cleanse")
-    seed_everything(seed)
-    return cls(build_config(cls.Config, values, "neural-cleanse"), seed=seed).invert(m.model, m.data)
+    return run_inverter(m.model, m.data, seed, values)
 
 
 def compare(m: BenchModel, base: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def machine() -> str:
     return f"{cpu}; {torch.get_num_threads()} torch threads; torch {torch.__version__}"
 
 
-def _median_ms(fn: Callable[[], None], repeats: int) -> list[float]:
+def _timings_ms(fn: Callable[[], None], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -97,7 +97,7 @@ def step_costs(cfg: BenchmarkConfig, rounds: int) -> list[dict[str, Any]]:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for key, fn in runs.items():
-            times[key] += _median_ms(fn, 3)
+            times[key] += _timings_ms(fn, 3)
     rows = []
     for name in PRESETS:
         step, bound = statistics.median(times[name]), statistics.median(times[f"{name} bound"])
