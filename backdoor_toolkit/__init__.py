@@ -17,14 +17,15 @@ from .interfaces import (
     Preset,
     PurificationResult,
     Purifier,
-    TrainingSettings,
     TriggerInverter,
 )
 from .metrics import accuracy, attack_scores, predict
 from .models import Capability, ImageClassifier, create_model
 from .plugins import create_inverter, get_attack, get_inverter, get_purifier, resolve_config
 from .training import (
+    BatchHook,
     LossFn,
+    TrainingSettings,
     augment_batch,
     cross_entropy_loss,
     iterate_batches,
@@ -38,6 +39,7 @@ __all__ = [
     "Attack",
     "AttackConfig",
     "AttackContext",
+    "BatchHook",
     "BdtkError",
     "Capability",
     "ConfigError",

@@ -13,9 +13,10 @@ import os
 import socket
 from typing import Any, Protocol
 
-from .benchmark import CellPlan, CellResult, VictimPlan, VictimState, failed_cell, prepare_victim, run_cell
+from .cells import CellPlan, VictimPlan, VictimState, failed_cell, prepare_victim, run_cell
 from .config import BenchmarkConfig
 from .errors import BdtkError, UnknownNameError
+from .results import CellResult
 
 
 class Reporter(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .config import StrictConfig
 from .data import DataSpec, DefenseData, ImageData
 from .models import Capability, ImageClassifier
+from .training import BatchHook, TrainingSettings, augment_batch, train_classifier
 from .triggers import MaskTrigger
 
 Kind = Literal["attack", "inverter", "purifier"]
@@ -89,50 +90,6 @@ class PoisonedTrainingSet:
     images: Tensor
     labels: Tensor
     poisoned_index: Tensor
-
-
-@dataclass
-class TrainingSettings:
-    """How a model is trained on a poisoned set; shared by the loop and training-controlled attacks."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    augment: bool
-    hflip: bool
-    device: torch.device
-
-    @classmethod
-    def from_config(cls, config: TrainingFields, spec: DataSpec, device: torch.device) -> TrainingSettings:
-        """From any config with epochs, batch_size, lr, weight_decay and augment fields."""
-        return cls(
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            augment=config.augment,
-            hflip=spec.hflip,
-            device=device,
-        )
-
-
-class TrainingFields(Protocol):
-    """The training fields a config shares with `TrainingSettings` (attack training, fine-tuning)."""
-
-    @property
-    def epochs(self) -> int: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def lr(self) -> float: ...
-    @property
-    def weight_decay(self) -> float: ...
-    @property
-    def augment(self) -> bool: ...
-
-
-BatchHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class Attack(Plugin):
@@ -222,8 +179,6 @@ class Attack(Plugin):
 
     def fit(self, model: ImageClassifier, data: PoisonedTrainingSet, settings: TrainingSettings) -> None:
         """Train `model` on the poisoned set; override to control the whole loop."""
-        from .training import augment_batch, train_classifier
-
         hook: BatchHook = self.training_batch
         if self.poison_after_augment and settings.augment:
             gen = torch.Generator().manual_seed(self.seed + 1)

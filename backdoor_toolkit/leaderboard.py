@@ -22,10 +22,10 @@ from typing import Any
 
 from rich.table import Table
 
-from .benchmark import CellResult
 from .config import config_hash
 from .errors import BdtkError, UnknownNameError
 from .metrics import METRICS, MetricInfo
+from .results import CellResult
 
 DERIVED = {
     "ba_drop": MetricInfo("BA drop", False, "clean accuracy lost against the undefended model, same seed"),

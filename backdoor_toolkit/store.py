@@ -18,9 +18,9 @@ from types import TracebackType
 
 import platformdirs
 
-from .benchmark import CellResult
 from .config import split_preset
 from .errors import BdtkError
+from .results import CellResult
 
 SCHEMA_VERSION = 1
 

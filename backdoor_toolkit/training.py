@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -11,8 +13,52 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .console import progress
+from .data import DataSpec
 from .errors import BdtkError
-from .interfaces import BatchHook, TrainingSettings
+
+
+@dataclass
+class TrainingSettings:
+    """How a model is trained on a poisoned set; shared by the loop and training-controlled attacks."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    augment: bool
+    hflip: bool
+    device: torch.device
+
+    @classmethod
+    def from_config(cls, config: TrainingFields, spec: DataSpec, device: torch.device) -> TrainingSettings:
+        """From any config with epochs, batch_size, lr, weight_decay and augment fields."""
+        return cls(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            augment=config.augment,
+            hflip=spec.hflip,
+            device=device,
+        )
+
+
+class TrainingFields(Protocol):
+    """The training fields a config shares with `TrainingSettings` (attack training, fine-tuning)."""
+
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def augment(self) -> bool: ...
+
+
+BatchHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def seed_everything(seed: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any, cast
 from backdoor_toolkit import AttackConfig, attack_scores, build_config, get_attack
 from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import backdoored_model, clean_model
-from backdoor_toolkit.benchmark import load_run_dataset
+from backdoor_toolkit.cells import load_run_dataset
 from backdoor_toolkit.cli.common import parse_settings
 from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.metrics import accuracy

@@ -20,10 +20,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from backdoor_toolkit.benchmark import CellResult, run_benchmark
+from backdoor_toolkit.benchmark import run_benchmark
 from backdoor_toolkit.config import PluginChoice
 from backdoor_toolkit.errors import UnknownNameError
 from backdoor_toolkit.plugins import get_attack
+from backdoor_toolkit.results import CellResult
 
 from .setting import bench_config
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from backdoor_toolkit import get_purifier
-from backdoor_toolkit.benchmark import CellResult, run_benchmark
+from backdoor_toolkit.benchmark import run_benchmark
 from backdoor_toolkit.config import PluginChoice
 from backdoor_toolkit.plugins import get_registry
+from backdoor_toolkit.results import CellResult
 
 from .setting import bench_config
 

@@ -18,7 +18,7 @@ import torch
 from backdoor_toolkit import ImageClassifier, build_config, get_attack
 from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import _model_key, backdoored_model, clean_model
-from backdoor_toolkit.benchmark import load_run_dataset
+from backdoor_toolkit.cells import load_run_dataset
 from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.data import DefenseData, ImageData, draw_defense_data
 from backdoor_toolkit.errors import UnknownNameError

@@ -35,8 +35,10 @@ from bdtk_mcldef.loss import FrozenReference
 from bdtk_mcldef.mcldef import MCLDef
 
 from backdoor_toolkit import MaskTrigger, create_model, preferred_memory_format, resolve_config
-from backdoor_toolkit.benchmark import CellResult, load_run_dataset, run_benchmark
+from backdoor_toolkit.benchmark import run_benchmark
+from backdoor_toolkit.cells import load_run_dataset
 from backdoor_toolkit.config import BenchmarkConfig, PluginChoice
+from backdoor_toolkit.results import CellResult
 from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.training import resolve_device
 

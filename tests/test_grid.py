@@ -20,13 +20,15 @@ from backdoor_toolkit import (
     StrictConfig,
     hookimpl,
 )
-from backdoor_toolkit import benchmark as bench
-from backdoor_toolkit.benchmark import CellResult, Provenance, plan_grid, run_benchmark
+from backdoor_toolkit import cells as bench
+from backdoor_toolkit.benchmark import run_benchmark
+from backdoor_toolkit.cells import plan_grid
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.cli.benchmark import results_notes, results_table
 from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.errors import BdtkError, ConfigError, UnknownNameError
 from backdoor_toolkit.plugins import register_plugin, unregister_plugin
+from backdoor_toolkit.results import CellResult, Provenance
 from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.suites import available_suites, load_suite
 

@@ -13,10 +13,10 @@ from PIL import Image
 from test_store import cell
 from typer.testing import CliRunner
 
-from backdoor_toolkit.benchmark import CellResult
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.errors import BdtkError
 from backdoor_toolkit.leaderboard import build_leaderboard, export, to_csv, to_html, to_json, to_markdown
+from backdoor_toolkit.results import CellResult
 from backdoor_toolkit.store import ResultStore
 
 # two seeds; "strong" removes the backdoor at a small BA cost, "weak" barely changes anything

@@ -29,6 +29,7 @@ from backdoor_toolkit import (
     Purifier,
     StrictConfig,
     TriggerInverter,
+    cells,
     create_inverter,
     get_inverter,
     get_purifier,
@@ -36,7 +37,8 @@ from backdoor_toolkit import (
 )
 from backdoor_toolkit import benchmark as bench
 from backdoor_toolkit.backdoor import BackdooredModel
-from backdoor_toolkit.benchmark import CellResult, plan_grid, run_benchmark, write_results
+from backdoor_toolkit.benchmark import run_benchmark
+from backdoor_toolkit.cells import plan_grid
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.cli.benchmark import apply_overrides, results_table
 from backdoor_toolkit.cli.common import parse_settings
@@ -45,6 +47,7 @@ from backdoor_toolkit.data import Dataset
 from backdoor_toolkit.errors import BdtkError, UnknownPresetError
 from backdoor_toolkit.leaderboard import build_leaderboard
 from backdoor_toolkit.plugins import get_registry, resolve_plugin
+from backdoor_toolkit.results import CellResult, write_results
 from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.suites import load_suite
 from backdoor_toolkit.testing import TINY_SPEC, ConformanceError, tiny_images, tiny_model
@@ -313,7 +316,7 @@ def test_hashes_without_presets_are_unchanged_and_presets_get_their_own() -> Non
     )
     (plan,) = plan_grid(cfg)
     none, plain, paper = plan.cells
-    setting = bench.run_setting(cfg)
+    setting = cells.run_setting(cfg)
     base = {
         "dataset": "fashion-mnist",
         "model": "small-cnn",
@@ -340,8 +343,9 @@ def tiny_grid(monkeypatch: pytest.MonkeyPatch) -> Dataset:
         poisoned = attack.choose_poisoned(dataset.train.labels)
         return BackdooredModel(tiny_model(dataset.spec), attack, poisoned, "tiny", False, 0.0)
 
-    monkeypatch.setattr(bench, "_grid_dataset", lambda config, name: data)
-    monkeypatch.setattr(bench, "backdoored_model", victim)
+    for module in (bench, cells):
+        monkeypatch.setattr(module, "grid_dataset", lambda config, name: data)
+    monkeypatch.setattr(cells, "backdoored_model", victim)
     return data
 
 

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from backdoor_toolkit.benchmark import CellResult, run_benchmark
+from backdoor_toolkit.benchmark import run_benchmark
 from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.errors import BdtkError
 from backdoor_toolkit.executors import check_reachable
+from backdoor_toolkit.results import CellResult
 from backdoor_toolkit.store import ResultStore
 
 GRID: dict[str, Any] = {

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from backdoor_toolkit.benchmark import CellResult, Provenance
+from backdoor_toolkit.results import CellResult, Provenance
 from backdoor_toolkit.store import ResultStore, StoreError, default_db_path
 
 
@@ -129,3 +130,15 @@ def test_default_location_honours_bdtk_db(tmp_path: Path, monkeypatch: pytest.Mo
     assert default_db_path() == tmp_path / "mine.sqlite"
     monkeypatch.delenv("BDTK_DB", raising=False)
     assert default_db_path().name == "results.sqlite" and "bdtk" in str(default_db_path())
+
+
+def test_a_row_stored_before_schema_versions_still_validates() -> None:
+    """The mteb habit: a row exactly as an earlier bdtk stored it (an `mcldef:paper` cell) still reads."""
+    from backdoor_toolkit.results import SCHEMA_VERSION
+
+    stored = json.loads((Path(__file__).parent / "data" / "cell_result_v1.json").read_text())
+    assert "schema_version" not in stored
+    row = CellResult.model_validate(stored)
+    assert row.schema_version == 1 < SCHEMA_VERSION
+    assert row.defense_label == "mcldef:paper" and row.ba is not None and row.provenance.bdtk
+    assert CellResult.model_validate(row.model_dump()) == row  # and round-trips as version 1

@@ -10,11 +10,12 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from ..benchmark import CellResult, run_benchmark, write_results
+from ..benchmark import run_benchmark
 from ..config import BenchmarkConfig, PluginChoice, build_config, join_preset, load_config_file
 from ..console import console
 from ..errors import ConfigError
 from ..executors import EXECUTORS, get_executor
+from ..results import CellResult, write_results
 from ..store import ResultStore
 from ..suites import available_suites, load_suite
 from .common import app, parse_value, user_errors

@@ -17,7 +17,7 @@ from rich.table import Table
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..benchmark import load_run_dataset
+from ..cells import load_run_dataset
 from ..config import BenchmarkConfig
 from ..console import console
 from ..data import draw_defense_data

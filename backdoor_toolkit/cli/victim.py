@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from ..artifacts import ArtifactCache
 from ..backdoor import BackdooredModel, backdoored_model
-from ..benchmark import load_run_dataset, validate
+from ..cells import load_run_dataset, validate
 from ..config import BenchmarkConfig, build_config
 from ..data import Dataset
 from ..interfaces import Attack, AttackConfig

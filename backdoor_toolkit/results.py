@@ -1,0 +1,96 @@
+"""Result records: one `CellResult` per cell, with the `Provenance` of the code that made it.
+
+These rows are the source of truth the store keeps and every leaderboard view derives from, so
+they carry a `schema_version`: a row written by an older bdtk still validates, and a reader can
+tell which fields it may rely on (version 1: rows stored before the field existed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from .config import BenchmarkConfig, join_preset
+
+SCHEMA_VERSION = 2
+"""The version new rows are written with. 1: rows stored before `schema_version` existed."""
+
+
+class Provenance(BaseModel):
+    bdtk: str
+    torch: str
+    python: str
+    device: str
+    date: str
+    attack_plugin: str
+    defense_plugin: str | None
+
+
+class CellResult(BaseModel):
+    """One leaderboard row: an attack on a model, then one defense (or none), for one seed.
+
+    `attack` and `defense` are plugin names; `attack_preset` and `defense_preset` the presets they
+    were chosen with (None: none, as in every row stored before presets existed), and the configs
+    are the resolved ones (defaults ⊕ preset ⊕ explicit values).
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    dataset: str
+    model: str
+    attack: str
+    attack_preset: str | None = None
+    attack_config: dict[str, Any]
+    defense: str
+    defense_preset: str | None = None
+    defense_config: dict[str, Any] = Field(default_factory=dict)
+    seed: int
+    status: Literal["ok", "failed"] = "ok"
+    error: str = ""
+    ba: float | None = None
+    asr: float | None = None
+    ra: float | None = None
+    der: float | None = None
+    seconds: float | None = None
+    peak_mb: float | None = None
+    modified: bool | None = None
+    detected: bool | None = None
+    notes: str = ""
+    diagnostics: dict[str, Any] = Field(default_factory=dict)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    config_hash: str
+    provenance: Provenance
+    setting: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def attack_label(self) -> str:
+        """`NAME` or `NAME:PRESET`: a preset is a different recipe, so tables name it."""
+        return join_preset(self.attack, self.attack_preset)
+
+    @property
+    def defense_label(self) -> str:
+        return join_preset(self.defense, self.defense_preset)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _versioned(cls, data: Any) -> Any:
+        """A stored row without `schema_version` predates it: version 1."""
+        if isinstance(data, dict) and "schema_version" not in data:
+            data = {**data, "schema_version": 1}
+        return data
+
+
+def jsonable(value: Any) -> Any:
+    """A value as plain JSON (tensors become lists); diagnostics are stored this way."""
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def write_results(path: Path, config: BenchmarkConfig, rows: list[CellResult]) -> None:
+    """Write (atomically) the run's config and rows as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": config.model_dump(), "results": [r.model_dump() for r in rows]}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
