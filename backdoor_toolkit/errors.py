@@ -10,8 +10,11 @@ class BdtkError(Exception):
 class UnknownNameError(BdtkError, KeyError):
     """A name (plugin, dataset, model) that is not registered; the message lists what exists."""
 
-    def __init__(self, kind: str, name: str, known: list[str]) -> None:
-        super().__init__(f"Unknown {kind} {name!r}.{did_you_mean(name, known)}")
+    def __init__(self, kind: str, name: str, known: list[str], note: str = "") -> None:
+        """`note` is appended as it stands: e.g. that some plugin distributions failed to load,
+        which may be why `name` is unknown."""
+        message = f"Unknown {kind} {name!r}.{did_you_mean(name, known)}"
+        super().__init__(f"{message} {note}" if note else message)
         self.kind, self.name, self.known = kind, name, known
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
@@ -42,6 +45,19 @@ class UnknownPresetError(UnknownNameError):
         self.kind, self.name, self.known, self.plugin = "preset", preset, known, plugin
 
 
+class PluginUnavailableError(UnknownNameError):
+    """A plugin name that belongs to a distribution which failed to load or is turned off.
+
+    "Unknown" would send the user hunting for a typo; this says which distribution the name
+    belongs to and why it is missing. A subclass of UnknownNameError, so callers that already
+    turn unknown names into one line treat it the same way.
+    """
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        BdtkError.__init__(self, f"{kind} {name!r} is not available: {reason}")
+        self.kind, self.name, self.known = kind, name, []
+
+
 class DatasetNotFoundError(BdtkError):
     """The files of a dataset are missing; the message says how to get them."""
 
@@ -64,3 +80,15 @@ class ConfigError(BdtkError):
             loc = ".".join(str(p) for p in err["loc"]) or "(root)"
             lines.append(f"  {loc}: {err['msg']}")
         return cls(f"Invalid configuration for {where}:\n" + "\n".join(lines))
+
+
+class NonFiniteError(BdtkError):
+    """A loss or a weight became NaN or infinite: that stage stops, and its cell fails.
+
+    A diverged model still predicts something (usually one class), so without this check it
+    would be scored, stored as `ok` and ranked; a NaN is an error, never a result.
+    """
+
+
+class DatasetCorruptError(BdtkError):
+    """A dataset's files are there but damaged or of the wrong shape; the message names the file."""

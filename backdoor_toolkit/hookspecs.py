@@ -3,15 +3,18 @@
 A plugin is an import package named by an entry point of group `bdtk`; its top-level module
 implements some of these hooks with `@hookimpl` (`from backdoor_toolkit import hookimpl`). Each
 hook hands plugin *classes* to a `register` callback owned by the core, which checks the class
-(subclass of the right interface, a `name`, a `StrictConfig` `Config` whose fields are all
-described, a `PluginMeta` `meta`), detects duplicate names and records which distribution the
-class came from. Instances are created later, per run, from a validated config.
+(subclass of the right interface, a `name`, a `Config` whose fields are all described and which
+subclasses the interface's config base, `AttackConfig` for attacks and `StrictConfig` otherwise, a
+`PluginMeta` `meta`), settles duplicate names and records which distribution the class came
+from. Instances are created later, per run, from a validated config.
 
 The hooks are called lazily: the first time anything asks for the registry (a lookup such as
 `get_purifier("clp")`, `bdtk plugins`, a benchmark), each hook is called once per plugin, in the
-order the plugins were loaded (entry points sorted by name). A hook implementation whose name
-matches no hook below (e.g. `register_attack`) makes its plugin fail to load with an error that
-names the misspelling.
+order the plugins were loaded: bdtk's own entry points, then the other distributions sorted by
+name (then by entry-point name), then plugins registered in-process. Of two classes of one kind
+that claim a name, the first in that order keeps it; the other is reported as a load failure and
+stays selectable as `DIST/NAME`. A hook implementation whose name matches no hook below (e.g.
+`register_attack`) makes its plugin fail to load with an error that names the misspelling.
 
 `docs/reference/hooks.md` is generated from this module by `docs/generate_reference.py`.
 """

@@ -3,15 +3,23 @@
 Built-in plugins are found through the very same entry-point group as third-party ones.
 Loading is lazy and idempotent: the first lookup loads every entry point once, and the registry is
 built once from the `register_*` hooks. `BDTK_LOAD_PLUGINS` (comma-separated distribution or
-entry-point names) restricts what loads. A plugin that fails to import, implements a hook that
-does not exist (a misspelling), or raises while registering is recorded as a `LoadFailure` with its
-package and error; everything else keeps working. Two plugins claiming the same name is an error
-naming both. Both caches are process-wide; `reset_plugin_manager()` drops them (tests use it after
-changing `BDTK_LOAD_PLUGINS` or `sys.path`).
+entry-point names) restricts what loads; `BDTK_DISABLE_PLUGINS` (same spelling) turns some off.
+A plugin that fails to import, implements a hook that does not exist (a misspelling), or raises
+while registering is recorded as a `LoadFailure` with its package and error; everything else keeps
+working, and a lookup of a name that plugin was meant to provide says so instead of "unknown".
+Both caches are process-wide; `reset_plugin_manager()` drops them (tests use it after changing
+`BDTK_LOAD_PLUGINS` or `sys.path`).
 
-A plugin is chosen as `NAME` or `NAME:PRESET`; `resolve_config` (and `resolve_plugin`,
-`create_inverter`) turn that and explicit values into the plugin's validated config, always in
-one order: the Config's defaults, then the preset's values, then the explicit values.
+Load order is deterministic, because it decides who keeps a name that two plugins claim: bdtk's own
+entry points first, then the other distributions by (normalised) name, then entry-point name, then
+in-process plugins in the order they were registered. The first class to claim a name keeps it; a
+later one is left out of plain-name lookups and reported as a `LoadFailure` naming both, but stays
+reachable as `DIST/NAME` (e.g. `bdtk-clp/clp`).
+
+A plugin is chosen as `NAME`, `DIST/NAME`, or either with `:PRESET`; `resolve_config` (and
+`resolve_plugin`, `create_inverter`) turn that and explicit values into the plugin's validated
+config, always in one order: the Config's defaults, then the preset's values, then the explicit
+values.
 """
 
 from __future__ import annotations
@@ -31,11 +39,18 @@ from pydantic import ValidationError
 
 from . import hookspecs
 from .config import PRESET_SEPARATOR, StrictConfig, build_config, join_preset, split_preset
-from .errors import BdtkError, ConfigError, UnknownNameError, UnknownPresetError
+from .errors import BdtkError, ConfigError, PluginUnavailableError, UnknownNameError, UnknownPresetError
 from .interfaces import Attack, Kind, Plugin, PluginMeta, Preset, Purifier, TriggerInverter
 
 ENTRY_POINT_GROUP = "bdtk"
 LOAD_ENV = "BDTK_LOAD_PLUGINS"
+DISABLE_ENV = "BDTK_DISABLE_PLUGINS"
+#: The distribution of the built-in plugins: its entry points load first, so its names win clashes.
+BUILTIN_DISTRIBUTION = "backdoor-toolkit"
+#: Separates a distribution from a plugin name, `bdtk-clp/clp` (and `bdtk-clp/clp:strict`): it picks
+#: one of two plugins that claim a name. Neither plugin nor distribution names can contain it, and
+#: it is not the preset separator ':', so `split_preset` and `--set DIST/NAME.FIELD=…` keep working.
+DISTRIBUTION_SEPARATOR = "/"
 IN_PROCESS = "(in-process)"  # the distribution recorded for plugins registered by register_plugin
 _BASES: dict[Kind, type[Plugin]] = {
     "attack": Attack,
@@ -44,6 +59,9 @@ _BASES: dict[Kind, type[Plugin]] = {
 }
 #: Plugin names: lower-case, starting with a letter or digit.
 PLUGIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+#: Names a plugin of the kind may not take: results already use them for something else (a
+#: purifier called "none" would pass for the undefended baseline rows, `leaderboard.UNDEFENDED`).
+RESERVED_NAMES: dict[Kind, frozenset[str]] = {"purifier": frozenset({"none"})}
 #: Preset names: like plugin names but without dots, since `--set NAME:PRESET.FIELD=VALUE` splits
 #: the field off at the first dot.
 PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -91,31 +109,124 @@ class PluginInfo:
             "presets": list(self.cls.presets),
         }
 
+    @property
+    def qualified_name(self) -> str:
+        """`DIST/NAME`: selects this class even when another distribution's took `NAME`."""
+        return f"{self.source.distribution}{DISTRIBUTION_SEPARATOR}{self.name}"
+
 
 @dataclass(frozen=True)
 class LoadFailure:
-    """A plugin that could not be imported or could not register its classes."""
+    """A plugin that could not be imported or could not register its classes, or one of whose
+    classes lost a name clash (`clash`: its other classes did load)."""
 
     plugin: str
     distribution: str
     error: str
     detail: str
+    #: Names of the classes the plugin offered before failing, so a lookup of one can say why.
+    names: tuple[str, ...] = ()
+    clash: bool = False
 
     def as_dict(self) -> dict[str, str]:
         return {"plugin": self.plugin, "distribution": self.distribution, "error": self.error}
+
+    @property
+    def origin(self) -> str:
+        if self.distribution == IN_PROCESS:
+            return f"in-process plugin {self.plugin!r}"
+        return f"distribution {self.distribution!r}"
+
+
+@dataclass(frozen=True)
+class SkippedPlugin:
+    """An installed plugin left unloaded on purpose, by `env` (`BDTK_DISABLE_PLUGINS` or
+    `BDTK_LOAD_PLUGINS`): listed so that a user who asks for one of its names learns why."""
+
+    plugin: str
+    distribution: str
+    version: str
+    env: str
+
+    @property
+    def reason(self) -> str:
+        return f"disabled by {DISABLE_ENV}" if self.env == DISABLE_ENV else f"not listed in {LOAD_ENV}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "version": self.version,
+            "reason": self.reason,
+        }
 
 
 @dataclass
 class Registry:
     by_kind: dict[Kind, dict[str, PluginInfo]] = field(default_factory=lambda: {k: {} for k in _BASES})
+    #: Every accepted class by (normalised distribution, name), including one that lost a clash
+    #: and is missing from `by_kind`: what `DIST/NAME` selects.
+    qualified: dict[Kind, dict[tuple[str, str], PluginInfo]] = field(
+        default_factory=lambda: {k: {} for k in _BASES}
+    )
     failures: list[LoadFailure] = field(default_factory=list)
+    skipped: list[SkippedPlugin] = field(default_factory=list)
 
     def all(self) -> list[PluginInfo]:
         return [info for kind in _BASES for info in sorted(self.by_kind[kind].values(), key=_by_name)]
 
     def named(self, name: str) -> list[PluginInfo]:
-        """Every plugin called `name`, of any kind (an attack and a purifier may share a name)."""
-        return [info for info in self.all() if info.name == name]
+        """Every plugin called `name` (or `DIST/NAME`), of any kind (an attack and a purifier may
+        share a name)."""
+        return [info for kind in _BASES if (info := self.lookup(kind, name)) is not None]
+
+    def lookup(self, kind: Kind, name: str) -> PluginInfo | None:
+        """The `kind` plugin `NAME` (the first to claim it) or `DIST/NAME`; None when there is none."""
+        dist, sep, base = name.partition(DISTRIBUTION_SEPARATOR)
+        if not sep:
+            return self.by_kind[kind].get(name)
+        return self.qualified[kind].get((normalize_name(dist), base))
+
+    def known(self, kinds: tuple[Kind, ...], name: str) -> list[str]:
+        """The names to suggest for a misspelt `name`: `DIST/NAME` spellings when it has one."""
+        if DISTRIBUTION_SEPARATOR in name:
+            return sorted({info.qualified_name for kind in kinds for info in self.qualified[kind].values()})
+        return sorted({n for kind in kinds for n in self.by_kind[kind]})
+
+    def why_missing(self, name: str) -> str | None:
+        """Why `name` (`NAME` or `DIST/NAME`) is not registered, when it can be attributed to a
+        plugin that failed to load or was left unloaded: by the names its classes carried, its
+        entry-point name, or its distribution's name (`clp`, `bdtk-clp`). None otherwise."""
+        for failure in self.failures:
+            if not failure.clash and _claims(failure.plugin, failure.distribution, failure.names, name):
+                return f"{failure.origin} failed to load: {failure.error}"
+        for skipped in self.skipped:
+            if _claims(skipped.plugin, skipped.distribution, (), name):
+                return f"distribution {skipped.distribution!r} is {skipped.reason}."
+        return None
+
+    def missing_note(self) -> str:
+        """For an unknown name no failure explains: how many distributions failed or are off."""
+        failed = len({f.distribution for f in self.failures if not f.clash})
+        disabled = len({s.distribution for s in self.skipped if s.env == DISABLE_ENV})
+        parts = []
+        if failed:
+            parts.append(f"{failed} plugin distribution{'s' * (failed != 1)} failed to load")
+        if disabled:
+            count = str(disabled) if parts else f"{disabled} plugin distribution{'s' * (disabled != 1)}"
+            parts.append(f"{count} {'is' if disabled == 1 else 'are'} disabled by {DISABLE_ENV}")
+        return f"Note: {' and '.join(parts)} (see `bdtk plugins`)." if parts else ""
+
+
+def _claims(plugin: str, distribution: str, names: tuple[str, ...], wanted: str) -> bool:
+    """Whether `wanted` plausibly belongs to the plugin `plugin` of `distribution`, which offered
+    `names` before failing (often nothing: an import error stops it before any class is seen)."""
+    dist = normalize_name(distribution)
+    qualifier, sep, _ = wanted.partition(DISTRIBUTION_SEPARATOR)
+    if sep:
+        return normalize_name(qualifier) == dist
+    key = normalize_name(wanted)
+    return wanted in names or key in {normalize_name(plugin), dist} or dist == f"bdtk-{key}"
 
 
 def _by_name(info: PluginInfo) -> str:
@@ -125,6 +236,7 @@ def _by_name(info: PluginInfo) -> str:
 _pm: pluggy.PluginManager | None = None
 _sources: dict[str, Source] = {}
 _load_failures: list[LoadFailure] = []
+_skipped: list[SkippedPlugin] = []
 _registry: Registry | None = None
 
 
@@ -151,6 +263,7 @@ def reset_plugin_manager() -> None:
     _registry = None
     _sources.clear()
     _load_failures.clear()
+    _skipped.clear()
 
 
 def normalize_name(name: str) -> str:
@@ -158,33 +271,54 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _allowed() -> set[str] | None:
-    value = os.environ.get(LOAD_ENV)
+def _names_in(env: str) -> set[str] | None:
+    """The normalised names listed in the environment variable `env`; None when it is unset."""
+    value = os.environ.get(env)
     if value is None:
         return None
     return {normalize_name(part.strip()) for part in value.split(",") if part.strip()}
 
 
+def _load_order(ep: md.EntryPoint) -> tuple[bool, str, str]:
+    """bdtk's own entry points first, then by distribution, then by entry-point name: the order
+    decides which plugin keeps a name two of them claim, so it must not depend on sys.path."""
+    dist = normalize_name(ep.dist.name) if ep.dist is not None else ""
+    return (dist != BUILTIN_DISTRIBUTION, dist, ep.name)
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    allowed = _allowed()
-    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    allowed = _names_in(LOAD_ENV)
+    disabled = _names_in(DISABLE_ENV) or set()
+    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
         dist = ep.dist.name if ep.dist is not None else "?"
         version = ep.dist.version if ep.dist is not None else "?"
-        if allowed is not None and not {normalize_name(dist), normalize_name(ep.name)} & allowed:
+        names = {normalize_name(dist), normalize_name(ep.name)}
+        if names & disabled:
+            _skipped.append(SkippedPlugin(ep.name, dist, version, DISABLE_ENV))
             continue
-        if pm.get_plugin(ep.name) is not None:
+        if allowed is not None and not names & allowed:
+            _skipped.append(SkippedPlugin(ep.name, dist, version, LOAD_ENV))
+            continue
+        # pluggy needs unique plugin names; another distribution's entry point of the same name
+        # loads under `DIST/NAME` rather than being dropped unseen
+        key = ep.name if pm.get_plugin(ep.name) is None else f"{dist}{DISTRIBUTION_SEPARATOR}{ep.name}"
+        if pm.get_plugin(key) is not None:
             continue
         source = Source(ep.name, dist, version)
         try:
             module = ep.load()
-            _register_checked(pm, module, source)
+            _register_checked(pm, module, source, key)
         except Exception as exc:  # a broken plugin must not take the others down
             _load_failures.append(LoadFailure(ep.name, dist, _one_line(exc), traceback.format_exc()))
 
 
-def _register_checked(pm: pluggy.PluginManager, plugin: object, source: Source) -> None:
-    """Register `plugin`, refusing hook implementations that match no hookspec (misspellings)."""
-    pm.register(plugin, name=source.plugin)
+def _register_checked(
+    pm: pluggy.PluginManager, plugin: object, source: Source, key: str | None = None
+) -> None:
+    """Register `plugin` (as pluggy's `key`, by default `source.plugin`), refusing hook
+    implementations that match no hookspec (misspellings)."""
+    key = key or source.plugin
+    pm.register(plugin, name=key)
     unknown = sorted(c.name for c in pm.get_hookcallers(plugin) or [] if c.spec is None)
     if unknown:
         pm.unregister(plugin)
@@ -197,7 +331,7 @@ def _register_checked(pm: pluggy.PluginManager, plugin: object, source: Source) 
             f"bdtk hooks are {', '.join(hookspecs.HOOK_NAMES)}."
         )
     pm.check_pending()
-    _sources[source.plugin] = source
+    _sources[key] = source
 
 
 def _one_line(exc: BaseException) -> str:
@@ -235,15 +369,19 @@ def get_registry() -> Registry:
     """Build (once) the registry of every plugin class, checking each as it registers.
 
     A plugin's classes enter the registry only when its hook returns without error and every class
-    passes the checks; otherwise the plugin is listed under `failures`. A name claimed twice in
-    one kind raises PluginError naming both sources.
+    passes the checks; otherwise the plugin is listed under `failures`. Hooks run in load order
+    (not pluggy's call order, which `tryfirst` could change), so of two classes of one kind that
+    claim a name the first keeps it; the other is listed under `failures` too, naming both, and
+    stays reachable as `DIST/NAME`.
     """
     global _registry
     if _registry is None:
         pm = get_plugin_manager()
-        registry = Registry(failures=list(_load_failures))
+        rank = {key: i for i, key in enumerate(_sources)}  # load order, then in-process order
+        registry = Registry(failures=list(_load_failures), skipped=list(_skipped))
         for kind, hook_name in _HOOKS.items():
-            for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order
+            impls = getattr(pm.hook, hook_name).get_hookimpls()
+            for impl in sorted(impls, key=lambda impl: rank.get(impl.plugin_name, len(rank))):
                 source = _sources.get(impl.plugin_name, Source(impl.plugin_name, "?", "?"))
                 offered: list[type[Any]] = []
                 try:
@@ -253,27 +391,54 @@ def get_registry() -> Registry:
                 except Exception as exc:  # a broken plugin must not take the others down
                     registry.failures.append(
                         LoadFailure(
-                            source.plugin, source.distribution, _one_line(exc), traceback.format_exc()
+                            source.plugin,
+                            source.distribution,
+                            _one_line(exc),
+                            traceback.format_exc(),
+                            _offered_names(offered),
                         )
                     )
                     continue
                 for cls in offered:
-                    _add(registry, kind, cls, source)
+                    clash = _add(registry, kind, cls, source)
+                    if clash:
+                        registry.failures.append(
+                            LoadFailure(source.plugin, source.distribution, clash, "", (cls.name,), True)
+                        )
         _registry = registry
     return _registry
 
 
-def _add(registry: Registry, kind: Kind, cls: type[Plugin], source: Source) -> None:
+def _offered_names(offered: list[type[Any]]) -> tuple[str, ...]:
+    return tuple(name for cls in offered if isinstance(name := getattr(cls, "name", None), str))
+
+
+def _add(registry: Registry, kind: Kind, cls: type[Plugin], source: Source) -> str | None:
+    """Enter `cls`; the first class to claim a name keeps it. Returns why `cls` was left out of
+    plain-name lookups (a one-line message naming both classes), or None."""
+    info = PluginInfo(kind, cls.name, cls, source)
+    registry.qualified[kind].setdefault((normalize_name(source.distribution), cls.name), info)
     table = registry.by_kind[kind]
-    if cls.name in table:
-        other = table[cls.name]
-        raise PluginError(
-            f"Duplicate {kind} name {cls.name!r}: registered by {other.source} "
-            f"({other.cls.__module__}.{other.cls.__qualname__}) and by {source} "
-            f"({cls.__module__}.{cls.__qualname__}). Rename one, or restrict loading "
-            f"with {LOAD_ENV}."
+    other = table.get(cls.name)
+    if other is None:
+        table[cls.name] = info
+        return None
+    dists = {normalize_name(other.source.distribution), normalize_name(source.distribution)}
+    if len(dists) == 2 and IN_PROCESS not in dists:
+        how = (
+            f"select one as {other.qualified_name!r} or {info.qualified_name!r}, "
+            f"or turn one distribution off with {DISABLE_ENV}"
         )
-    table[cls.name] = PluginInfo(kind, cls.name, cls, source)
+    else:  # one distribution (or an in-process plugin): `DIST/NAME` cannot tell them apart
+        how = "rename one"
+    return (
+        f"Duplicate {kind} name {cls.name!r}: {_describe(other)} has it, so {_describe(info)} is "
+        f"left out; {how}."
+    )
+
+
+def _describe(info: PluginInfo) -> str:
+    return f"{info.cls.__module__}.{info.cls.__qualname__} of {info.source}"
 
 
 def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
@@ -289,8 +454,22 @@ def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
         raise PluginError(
             f"{where}: {cls.__qualname__}.name must be a lower-case name like 'my-defense', got {name!r}."
         )
-    if not (isinstance(cls.Config, type) and issubclass(cls.Config, StrictConfig)):
-        raise PluginError(f"{where}: {cls.__qualname__}.Config must subclass StrictConfig.")
+    if name in RESERVED_NAMES.get(kind, ()):
+        raise PluginError(
+            f"{where}: {cls.__qualname__}.name {name!r} is reserved for {kind}s (results use it for "
+            "the undefended baseline); choose another."
+        )
+    # the interface's own Config is the base every config of the kind needs (AttackConfig holds
+    # the target, mode and poison rate the runner reads); a plain StrictConfig would pass until a
+    # run reads those fields
+    required = base.Config
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, required)):
+        shared = ", ".join(f for f in required.model_fields if f not in StrictConfig.model_fields)
+        why = f" (it holds the fields every {kind} needs: {shared})" if shared else ""
+        got = cls.Config.__name__ if isinstance(cls.Config, type) else repr(cls.Config)
+        raise PluginError(
+            f"{where}: {cls.__qualname__}.Config must subclass {required.__name__}{why}, got {got}."
+        )
     if not isinstance(getattr(cls, "meta", None), PluginMeta):
         raise PluginError(f"{where}: {cls.__qualname__}.meta must be a PluginMeta.")
     undocumented = [f for f, info in cls.Config.model_fields.items() if not info.description]
@@ -335,23 +514,34 @@ def _check_presets(cls: type[Plugin], where: str) -> None:
 
 
 def get_plugin(kind: Kind, name: str) -> PluginInfo:
-    """Look a plugin up by kind and name; an unknown name lists those that exist.
+    """Look a plugin up by kind and `NAME` or `DIST/NAME`; an unknown name lists those that exist.
 
     A `NAME:PRESET` is refused with a pointer to `resolve_config`: a lookup by name alone would
-    silently drop the preset.
+    silently drop the preset. A name that belongs to a plugin that failed to load (or is turned
+    off) says so: see `Registry.why_missing`.
     """
-    table = get_registry().by_kind[kind]
-    if name not in table:
+    registry = get_registry()
+    info = registry.lookup(kind, name)
+    if info is None:
         base, sep, _ = name.partition(PRESET_SEPARATOR)
-        if sep and base in table:
+        if sep and registry.lookup(kind, base) is not None:
             raise BdtkError(
                 f"{kind} {name!r} selects a preset of {base!r}; resolve it with "
                 f"resolve_config({kind!r}, {name!r})"
                 + (f" or create_inverter({name!r})" if kind == "inverter" else "")
                 + ", not with a lookup by name alone."
             )
-        raise UnknownNameError(kind, name, sorted(table))
-    return table[name]
+        raise _missing(registry, kind, name, (kind,))
+    return info
+
+
+def _missing(registry: Registry, label: str, name: str, kinds: tuple[Kind, ...]) -> UnknownNameError:
+    """The error for a name no loaded plugin has: why, when a failed or unloaded plugin explains
+    it; otherwise "unknown" with suggestions, noting plugins that failed to load or are off."""
+    reason = registry.why_missing(name)
+    if reason is not None:
+        return PluginUnavailableError(label, name, reason)
+    return UnknownNameError(label, name, registry.known(kinds, name), registry.missing_note())
 
 
 def get_preset(kind: Kind, name: str, preset: str) -> Preset:
@@ -438,11 +628,12 @@ def create_inverter(
 
 
 def find_plugins(name: str) -> list[PluginInfo]:
-    """Every plugin called `name` across kinds; an unknown name answers "did you mean"."""
+    """Every plugin called `name` (or `DIST/NAME`) across kinds; an unknown name answers "did you
+    mean" (or why it is missing, see `get_plugin`)."""
     registry = get_registry()
     matches = registry.named(name)
     if not matches:
-        raise UnknownNameError("plugin", name, sorted({info.name for info in registry.all()}))
+        raise _missing(registry, "plugin", name, tuple(_BASES))
     return matches
 
 

@@ -13,6 +13,7 @@ from pydantic import Field
 from typer.testing import CliRunner
 
 from backdoor_toolkit import (
+    Attack,
     DefenseData,
     ImageClassifier,
     PluginMeta,
@@ -137,3 +138,65 @@ def test_malformed_config_file(tmp_path: Path) -> None:
     wrong.write_text('modle = "wrn-16-1"\n')
     result = runner.invoke(app, ["benchmark", "--config", str(wrong)])
     assert result.exit_code == 2 and "modle" in result.output
+
+
+class PlainConfig(StrictConfig):
+    size: int = Field(default=3, ge=1, le=8, description="Patch size")
+
+
+class PlainConfigAttack(Attack):
+    """An attack whose Config is a plain StrictConfig: it has no target, mode or poison_rate."""
+
+    name = "plain-config-attack"
+    Config = PlainConfig
+    meta = PluginMeta(summary="test-only malformed attack")
+
+    def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flip(-1)
+
+
+class SecondFinetune(ZeroHead):
+    """Claims a built-in's name from an in-process plugin, which loads after every entry point."""
+
+    name = "finetune"
+
+
+class _Malformed:
+    @hookimpl
+    def register_attacks(self, register):  # type: ignore[no-untyped-def]
+        register(PlainConfigAttack)
+
+    @hookimpl
+    def register_purifiers(self, register):  # type: ignore[no-untyped-def]
+        register(SecondFinetune)
+
+
+@pytest.fixture
+def malformed() -> Iterator[None]:
+    register_plugin(_Malformed(), "test-malformed")
+    yield
+    unregister_plugin("test-malformed")
+
+
+def test_malformed_in_process_plugin_is_reported_not_fatal(malformed: None) -> None:
+    listing = runner.invoke(app, ["plugins", "--json"])
+    assert listing.exit_code == 0, listing.output
+    payload = json.loads(listing.stdout)
+    errors = [f["error"] for f in payload["failures"] if f["plugin"] == "test-malformed"]
+    assert len(errors) == 2
+    assert any("PlainConfigAttack.Config must subclass AttackConfig" in e for e in errors)
+    assert any(e.startswith("Duplicate purifier name 'finetune'") and "rename one" in e for e in errors)
+    rows = {(p["kind"], p["name"]): p for p in payload["plugins"]}
+    assert rows[("purifier", "finetune")]["distribution"] == "backdoor-toolkit"  # the first one keeps it
+    assert ("attack", "plain-config-attack") not in rows
+    result = runner.invoke(app, ["benchmark", "--attack", "plain-config-attack"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert message.startswith(
+        "Error: attack 'plain-config-attack' is not available: in-process plugin 'test-malformed' failed "
+        "to load: PluginError: plugin test-malformed (in-process): PlainConfigAttack.Config must subclass "
+        "AttackConfig"
+    ), message
+    # the built-in finetune is what plain `finetune` selects: its Config has no `scale`
+    result = runner.invoke(app, ["benchmark", "--defense", "finetune", "--set", "finetune.scale=0.5"])
+    assert result.exit_code == 2 and "scale" in result.output and "Extra inputs" in result.output

@@ -1,5 +1,6 @@
 """Plugin loading end to end: entry points, the example third-party package, broken packages,
-BDTK_LOAD_PLUGINS, misspelt hooks, duplicate names and `bdtk plugins [show]`."""
+BDTK_LOAD_PLUGINS and BDTK_DISABLE_PLUGINS, misspelt hooks, duplicate names (`DIST/NAME`), names of
+plugins that failed to load, configs of the wrong base, and `bdtk plugins [show]`."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from backdoor_toolkit.cli import app
 from backdoor_toolkit.data import DEBIAN_FASHION_MNIST
 from backdoor_toolkit.plugins import (
     PluginError,
+    check_plugin_class,
     get_plugin,
     get_plugin_manager,
     get_registry,
@@ -32,6 +34,7 @@ from backdoor_toolkit.plugins import (
     reset_plugin_manager,
     unregister_plugin,
 )
+from backdoor_toolkit.testing import ConformanceError
 
 runner = CliRunner()
 
@@ -46,13 +49,23 @@ def listing() -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
-def make_distribution(root: Path, dist: str, module: str, source: str) -> None:
-    """A minimal installed distribution on `root`: dist-info with a `bdtk` entry point, and its module."""
+def make_distribution(root: Path, dist: str, module: str, source: str, entry_point: str = "") -> None:
+    """A minimal installed distribution on `root`: dist-info with a `bdtk` entry point (named
+    `entry_point`, by default like the module), and its module."""
     info = root / f"{dist.replace('-', '_')}-0.0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
-    (info / "entry_points.txt").write_text(f"[bdtk]\n{module} = {module}\n")
+    (info / "entry_points.txt").write_text(f"[bdtk]\n{entry_point or module} = {module}\n")
     (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+def one_error(result: Any) -> str:
+    """The CLI's single error message (exit 2, no traceback), with rich's wrapping undone."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("Error: ") and "\nError: " not in result.output, result.output
+    return " ".join(result.output.split())
 
 
 BROKEN_IMPORT = """
@@ -170,11 +183,13 @@ def test_load_plugins_env_restricts_loading(site: Path, monkeypatch: pytest.Monk
 def test_duplicate_names_fail_naming_both_sources(site: Path) -> None:
     make_distribution(site, "bdtk-other-clp", "other_clp_plugin", CLASHING)
     result = bdtk("plugins")
-    assert result.exit_code == 2
+    assert result.exit_code == 0, result.output
     message = " ".join(result.output.split())
-    assert "Duplicate purifier name 'clp'" in message
+    assert "Name clash in plugin other_clp_plugin (bdtk-other-clp): Duplicate purifier name 'clp'" in message
     assert "bdtk-clp 0.1.0" in message and "bdtk-other-clp 0.0.1" in message
     assert "bdtk_clp.clp.CLP" in message and "other_clp_plugin.OtherCLP" in message
+    assert "'bdtk-clp/clp' or 'bdtk-other-clp/clp'" in message
+    assert get_plugin("purifier", "clp").cls.__module__ == "bdtk_clp.clp"  # "bdtk-clp" < "bdtk-other-clp"
 
 
 class Throwaway(Purifier):
@@ -206,7 +221,9 @@ def test_in_process_duplicate_names_both(bdtk_register: Any) -> None:
         name = "clp"
 
     with pytest.raises(
-        PluginError, match=r"'clp': registered by clp \(bdtk-clp 0\.1\.0\).*by test-clp \(in-process\)"
+        ConformanceError,
+        match=r"'clp': bdtk_clp\.clp\.CLP of clp \(bdtk-clp 0\.1\.0\) has it, so .*Clash of "
+        r"test-clp \(in-process\) is left out; rename one\.",
     ):
         bdtk_register(Clash)
     assert get_plugin("purifier", "clp").source.distribution == "bdtk-clp"
@@ -270,3 +287,301 @@ def test_show_unknown_name_suggests() -> None:
     result = bdtk("plugins", "show", "clpp")
     assert result.exit_code == 2
     assert "Unknown plugin 'clpp'. Did you mean 'clp'?" in " ".join(result.output.split())
+
+
+# --- a name whose plugin failed to load ---------------------------------------------------------
+
+
+def test_name_of_a_plugin_that_failed_to_import_says_why(site: Path) -> None:
+    make_distribution(site, "bdtk-mydefense", "mydefense", BROKEN_IMPORT)
+    why = (
+        "distribution 'bdtk-mydefense' failed to load: "
+        "ImportError: this plugin needs a package that is not installed"
+    )
+    message = one_error(bdtk("benchmark", "-d", "mydefense"))
+    assert f"Error: purifier 'mydefense' is not available: {why}" in message
+    assert "Unknown" not in message
+    # with a preset, through `plugins show`, and as DIST/NAME: the same reason
+    assert f"purifier 'mydefense' is not available: {why}" in one_error(
+        bdtk("benchmark", "-d", "mydefense:paper")
+    )
+    assert f"plugin 'mydefense' is not available: {why}" in one_error(bdtk("plugins", "show", "mydefense"))
+    qualified = one_error(bdtk("plugins", "show", "bdtk-mydefense/anything"))
+    assert f"plugin 'bdtk-mydefense/anything' is not available: {why}" in qualified
+
+
+def test_unattributable_unknown_name_counts_failed_distributions(site: Path) -> None:
+    make_distribution(site, "bdtk-broken-import", "broken_import_plugin", BROKEN_IMPORT)
+    make_distribution(site, "bdtk-raising-hook", "raising_hook_plugin", RAISING_HOOK)
+    message = one_error(bdtk("benchmark", "--defense", "fine-tune"))
+    assert "Unknown purifier 'fine-tune'. Did you mean 'finetune'" in message
+    assert "Note: 2 plugin distributions failed to load (see `bdtk plugins`)." in message
+    shown = one_error(bdtk("plugins", "show", "nosuch"))
+    assert "Unknown plugin 'nosuch'." in shown and "2 plugin distributions failed to load" in shown
+
+
+def test_no_note_when_nothing_failed() -> None:
+    message = one_error(bdtk("benchmark", "--defense", "fine-tune"))
+    assert "Did you mean 'finetune'" in message and "Note:" not in message
+
+
+# --- duplicate names ----------------------------------------------------------------------------
+
+# "aaa-finetune" sorts before "backdoor-toolkit": the built-ins still load first and keep the name
+OTHER_FINETUNE = """
+from typing import ClassVar
+
+from pydantic import Field
+
+from backdoor_toolkit import PluginMeta, Preset, PurificationResult, Purifier, StrictConfig, hookimpl
+
+
+class OtherConfig(StrictConfig):
+    strength: float = Field(default=0.5, ge=0.0, le=1.0, description="How hard to tune")
+
+
+class OtherFinetune(Purifier):
+    name = "finetune"
+    Config = OtherConfig
+    meta = PluginMeta(summary="a third-party purifier that also calls itself finetune")
+    presets: ClassVar = {"fast": Preset(values={"strength": 0.1}, description="Gentle and quick")}
+
+    def purify(self, model, data):
+        return PurificationResult(model=model, modified=False, notes="the other finetune")
+
+
+class Extra(Purifier):
+    name = "extra-defense"
+    meta = PluginMeta(summary="a purifier whose name is free")
+
+    def purify(self, model, data):
+        return PurificationResult(model=model, modified=False)
+
+
+@hookimpl
+def register_purifiers(register):
+    register(OtherFinetune)
+    register(Extra)
+"""
+
+
+def test_a_clash_with_a_builtin_keeps_the_builtin_and_everything_works(site: Path) -> None:
+    make_distribution(site, "aaa-finetune", "aaa_finetune_plugin", OTHER_FINETUNE)
+    result = bdtk("plugins", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    plugins = {(p["kind"], p["name"]): p for p in payload["plugins"]}
+    assert plugins[("purifier", "finetune")]["distribution"] == "backdoor-toolkit"
+    assert plugins[("purifier", "extra-defense")]["distribution"] == "aaa-finetune"
+    assert {"badnets", "clp", "mcldef"} <= {name for _, name in plugins}
+    [clash] = payload["failures"]
+    assert clash["plugin"] == "aaa_finetune_plugin" and clash["distribution"] == "aaa-finetune"
+    assert clash["error"].startswith("Duplicate purifier name 'finetune': bdtk_baselines.")
+    assert "of baselines (backdoor-toolkit " in clash["error"]
+    assert (
+        "aaa_finetune_plugin.OtherFinetune of aaa_finetune_plugin (aaa-finetune 0.0.1) is left out"
+        in (clash["error"])
+    )
+    assert "select one as 'backdoor-toolkit/finetune' or 'aaa-finetune/finetune'" in clash["error"]
+    table = bdtk("plugins")
+    assert table.exit_code == 0
+    assert "Name clash in plugin aaa_finetune_plugin (aaa-finetune): Duplicate purifier name" in " ".join(
+        table.output.split()
+    )
+    # DIST/NAME picks either one
+    [builtin] = json.loads(bdtk("plugins", "show", "backdoor-toolkit/finetune", "--json").stdout)
+    assert builtin["class"].startswith("bdtk_baselines.")
+    [other] = json.loads(bdtk("plugins", "show", "AAA_Finetune/finetune", "--json").stdout)
+    assert other["class"] == "aaa_finetune_plugin.OtherFinetune" and other["distribution"] == "aaa-finetune"
+    [plain] = json.loads(bdtk("plugins", "show", "finetune", "--kind", "purifier", "--json").stdout)
+    assert plain["class"] == builtin["class"]
+    unknown = one_error(bdtk("plugins", "show", "aaa-finetune/finetun"))
+    assert "Unknown plugin 'aaa-finetune/finetun'. Did you mean 'aaa-finetune/finetune'" in unknown
+
+
+def test_dist_name_combines_with_presets_and_set_on_the_cli_and_in_toml(site: Path, tmp_path: Path) -> None:
+    make_distribution(site, "aaa-finetune", "aaa_finetune_plugin", OTHER_FINETUNE)
+    # the preset and the field exist only in the third-party class: reaching them proves the choice
+    bad = one_error(
+        bdtk("benchmark", "-d", "aaa-finetune/finetune:fast", "--set", "aaa-finetune/finetune.strength=5")
+    )
+    assert "Invalid configuration for purifier 'aaa-finetune/finetune:fast'" in bad
+    assert "strength: Input should be less than or equal to 1" in bad
+    builtin = one_error(bdtk("benchmark", "-d", "backdoor-toolkit/finetune:fast"))
+    assert "Unknown preset 'fast' of purifier 'backdoor-toolkit/finetune'" in builtin
+    suite = tmp_path / "suite.toml"
+    suite.write_text(
+        'defenses = [{ name = "aaa-finetune/finetune:fast", config = { strength = 2 } }]\n'
+        'attacks = ["backdoor-toolkit/badnets"]\n'
+    )
+    from_toml = one_error(bdtk("benchmark", "--config", str(suite)))
+    assert "purifier 'aaa-finetune/finetune:fast'" in from_toml and "strength" in from_toml
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_benchmark_runs_the_plugin_that_lost_the_clash_by_dist_name(site: Path, tmp_path: Path) -> None:
+    make_distribution(site, "aaa-finetune", "aaa_finetune_plugin", OTHER_FINETUNE)
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'model = "small-cnn"\ntrain_size = 400\ntest_size = 200\n'
+        'defenses = ["aaa-finetune/finetune:fast"]\n[training]\nepochs = 1\n'
+    )
+    out = tmp_path / "results.json"
+    result = bdtk("benchmark", "--config", str(config), "--output", str(out), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    [row] = [r for r in rows if r["defense"] != "none"]
+    assert row["status"] == "ok" and row["notes"] == "the other finetune"
+    assert row["defense"] == "finetune" and row["defense_preset"] == "fast"
+    assert row["provenance"]["defense_plugin"] == "aaa-finetune 0.0.1"
+
+
+def test_an_entry_point_name_taken_by_another_distribution_still_loads(site: Path) -> None:
+    # the built-in distribution has an entry point called `baselines` too
+    make_distribution(site, "bdtk-extra", "extra_plugin", OTHER_FINETUNE, entry_point="baselines")
+    payload = listing()
+    plugins = {(p["kind"], p["name"]): p for p in payload["plugins"]}
+    assert plugins[("purifier", "extra-defense")]["plugin"] == "baselines"
+    assert plugins[("purifier", "extra-defense")]["distribution"] == "bdtk-extra"
+    assert plugins[("purifier", "finetune")]["distribution"] == "backdoor-toolkit"
+    assert [f["distribution"] for f in payload["failures"]] == ["bdtk-extra"]
+
+
+# --- BDTK_DISABLE_PLUGINS ---------------------------------------------------------------------
+
+
+def test_disable_plugins_env_turns_a_distribution_off(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_distribution(site, "aaa-finetune", "aaa_finetune_plugin", OTHER_FINETUNE)
+    monkeypatch.setenv("BDTK_DISABLE_PLUGINS", "AAA_finetune, bdtk-clp")  # names compare like pip's
+    payload = listing()
+    names = {p["name"] for p in payload["plugins"]}
+    assert "extra-defense" not in names and "clp" not in names and {"finetune", "badnets"} <= names
+    assert payload["failures"] == []  # the clash is gone with the distribution
+    assert sorted((s["distribution"], s["reason"]) for s in payload["skipped"]) == [
+        ("aaa-finetune", "disabled by BDTK_DISABLE_PLUGINS"),
+        ("bdtk-clp", "disabled by BDTK_DISABLE_PLUGINS"),
+    ]
+    table = bdtk("plugins")
+    assert table.exit_code == 0
+    assert table.output.rstrip().splitlines()[-1] == (
+        "Not loaded, disabled by BDTK_DISABLE_PLUGINS: aaa-finetune 0.0.1, bdtk-clp 0.1.0"
+    )
+    message = one_error(bdtk("benchmark", "-d", "clp"))
+    assert (
+        "Error: purifier 'clp' is not available: distribution 'bdtk-clp' is disabled by BDTK_DISABLE_PLUGINS."
+        in message
+    )
+    shown = one_error(bdtk("plugins", "show", "aaa-finetune/finetune"))
+    assert "plugin 'aaa-finetune/finetune' is not available: distribution 'aaa-finetune' is disabled" in shown
+    unknown = one_error(bdtk("benchmark", "-d", "nosuch"))
+    assert (
+        "Note: 2 plugin distributions are disabled by BDTK_DISABLE_PLUGINS (see `bdtk plugins`)." in unknown
+    )
+
+
+def test_disabling_the_builtins_lets_the_third_party_name_win(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_distribution(site, "aaa-finetune", "aaa_finetune_plugin", OTHER_FINETUNE)
+    monkeypatch.setenv("BDTK_DISABLE_PLUGINS", "backdoor-toolkit")
+    payload = listing()
+    plugins = {(p["kind"], p["name"]): p for p in payload["plugins"]}
+    assert plugins[("purifier", "finetune")]["distribution"] == "aaa-finetune"
+    assert ("attack", "badnets") not in plugins and payload["failures"] == []
+
+
+def test_load_plugins_env_names_the_missing_distribution(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BDTK_LOAD_PLUGINS", "backdoor-toolkit")
+    message = one_error(bdtk("benchmark", "-d", "clp"))
+    assert (
+        "purifier 'clp' is not available: distribution 'bdtk-clp' is not listed in BDTK_LOAD_PLUGINS."
+        in message
+    )
+    assert "Not loaded, not listed in BDTK_LOAD_PLUGINS: bdtk-clp 0.1.0" in bdtk("plugins").output
+
+
+# --- configs of the wrong base ------------------------------------------------------------------
+
+PLAIN_CONFIG_ATTACK = """
+from pydantic import Field
+
+from backdoor_toolkit import Attack, PluginMeta, StrictConfig, hookimpl
+
+
+class PlainConfig(StrictConfig):
+    size: int = Field(default=3, ge=1, le=8, description="Patch size")
+
+
+class PlainAttack(Attack):
+    name = "plain-attack"
+    Config = PlainConfig
+    meta = PluginMeta(summary="an attack whose config lacks target, mode and poison_rate")
+
+    def apply_trigger(self, images):
+        return images.flip(-1)
+
+
+@hookimpl
+def register_attacks(register):
+    register(PlainAttack)
+"""
+
+
+def test_attack_with_a_plain_strict_config_is_refused_at_registration(site: Path) -> None:
+    make_distribution(site, "bdtk-plain-attack", "plain_attack_plugin", PLAIN_CONFIG_ATTACK)
+    result = bdtk("plugins", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert "plain-attack" not in {p["name"] for p in payload["plugins"]}
+    [failure] = payload["failures"]
+    assert failure["distribution"] == "bdtk-plain-attack"
+    assert (
+        "PlainAttack.Config must subclass AttackConfig (it holds the fields every attack needs: "
+        "target, mode, poison_rate), got PlainConfig." in failure["error"]
+    )
+    # the class's name is known, so asking for it says why it is missing instead of "unknown"
+    message = one_error(bdtk("benchmark", "--attack", "plain-attack"))
+    assert (
+        "Error: attack 'plain-attack' is not available: distribution 'bdtk-plain-attack' failed to load: "
+        "PluginError: plugin plain_attack_plugin (bdtk-plain-attack 0.0.1): PlainAttack.Config must "
+        "subclass AttackConfig"
+    ) in message
+
+
+def test_each_kind_needs_its_interfaces_config_base() -> None:
+    from pydantic import BaseModel
+
+    from backdoor_toolkit import StrictConfig, TriggerInverter
+
+    class Loose(BaseModel):
+        pass
+
+    class Plain(StrictConfig):
+        pass
+
+    class LooseInverter(TriggerInverter):
+        name = "loose"
+        Config = Loose  # type: ignore[assignment]
+        meta = PluginMeta(summary="s")
+
+    class LoosePurifier(Throwaway):
+        Config = Loose  # type: ignore[assignment]
+
+    class PlainPurifier(Throwaway):
+        Config = Plain
+
+    with pytest.raises(PluginError, match=r"LooseInverter\.Config must subclass StrictConfig, got Loose\."):
+        check_plugin_class(LooseInverter, "inverter")
+    with pytest.raises(PluginError, match=r"LoosePurifier\.Config must subclass StrictConfig, got Loose\."):
+        check_plugin_class(LoosePurifier, "purifier")
+    check_plugin_class(PlainPurifier, "purifier")  # StrictConfig is the purifiers' (and inverters') base
+
+
+def test_a_purifier_may_not_take_the_baselines_name(bdtk_register: Any) -> None:
+    class NoneDefense(Throwaway):
+        name = "none"
+
+    with pytest.raises(ConformanceError, match=r"NoneDefense\.name 'none' is reserved for purifiers"):
+        bdtk_register(NoneDefense)
+    payload = listing()
+    assert "none" not in {p["name"] for p in payload["plugins"]} and payload["failures"] == []

@@ -28,7 +28,8 @@ def plugins(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (stable)")] = False,
 ) -> None:
-    """List plugins: kind, name, distribution, version; and plugins that failed to load."""
+    """List plugins: kind, name, distribution, version; plugins that failed to load or lost a name
+    clash; distributions left unloaded by BDTK_DISABLE_PLUGINS or BDTK_LOAD_PLUGINS."""
     if ctx.invoked_subcommand is not None:
         return
     registry = get_registry()
@@ -36,6 +37,7 @@ def plugins(
         payload = {
             "plugins": [info.as_dict() for info in registry.all()],
             "failures": [f.as_dict() for f in registry.failures],
+            "skipped": [s.as_dict() for s in registry.skipped],
         }
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -53,10 +55,19 @@ def plugins(
         )
     out.print(table)
     for failure in registry.failures:
+        what = "Name clash in" if failure.clash else "Failed to load"
         console.print(
-            f"[red]Failed to load plugin {failure.plugin} ({failure.distribution}): {failure.error}[/]",
+            f"[red]{what} plugin {failure.plugin} ({failure.distribution}): {escape(failure.error)}[/]",
             highlight=False,
         )
+    # one line per reason, so a distribution turned off is visible next to the listing
+    reasons: dict[str, list[str]] = {}
+    for skipped in registry.skipped:
+        entry = f"{skipped.distribution} {skipped.version}"
+        if entry not in reasons.setdefault(skipped.reason, []):
+            reasons[skipped.reason].append(entry)
+    for reason, entries in reasons.items():
+        console.print(f"[yellow]Not loaded, {reason}: {', '.join(entries)}[/]", highlight=False)
 
 
 def describe(info: PluginInfo) -> dict[str, Any]:
@@ -131,7 +142,7 @@ def _print_plugin(info: PluginInfo) -> None:
 @plugins_app.command("show")
 @user_errors
 def plugins_show(
-    name: Annotated[str, typer.Argument(help="Plugin name")],
+    name: Annotated[str, typer.Argument(help="Plugin name, or DIST/NAME for one distribution's")],
     kind: Annotated[
         Literal["attack", "inverter", "purifier"] | None,
         typer.Option(help="Only the plugin of this kind (when a name is shared by several kinds)"),
