@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from backdoor_toolkit import Attack
 from backdoor_toolkit.cli import app
+from backdoor_toolkit.cli import attack as attack_cli
 from backdoor_toolkit.cli.attack import sample_per_class, trigger_grid
 from backdoor_toolkit.data import ImageData
 
@@ -79,3 +82,39 @@ def test_grid_rows_and_class_sampling() -> None:
     data = ImageData(torch.zeros(12, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 1, 2] * 2))
     picked = sample_per_class(data, 4)
     assert data.labels[picked].tolist() == [0, 1, 2, 0]
+
+
+def test_attack_command_rebuilds_a_tampered_cache_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edited cached JSON (`train_seconds: "fast"`) is reported in one line and retrained, with
+    no traceback; training itself is stubbed out, the cache is what is tested."""
+    trained: list[str] = []
+    monkeypatch.setattr(Attack, "fit", lambda self, model, poisoned, settings: trained.append(self.name))
+    # no PNG: spares the torchvision import
+    monkeypatch.setattr(attack_cli, "write_grid", lambda *args, **kwargs: None)
+    cache = tmp_path / "cache"
+    args = [
+        "attack",
+        "--attack",
+        "badnets",
+        *TINY,
+        "--cache-dir",
+        str(cache),
+        "--grid",
+        str(tmp_path / "g.png"),
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+    (meta,) = cache.glob("*.json")
+    record = json.loads(meta.read_text())
+    record["metadata"]["train_seconds"] = "fast"
+    meta.write_text(json.dumps(record))
+    result = runner.invoke(app, args)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert (
+        f"Cache entry {meta.stem} is corrupt (checksum mismatch: the metadata changed since it was "
+        "written); rebuilding it." in output
+    )
+    assert "trained in" in output and "Traceback" not in output and trained == ["badnets", "badnets"]
+    assert "loaded from cache" in " ".join(runner.invoke(app, args).output.split())
