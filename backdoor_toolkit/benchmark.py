@@ -70,6 +70,8 @@ def run_benchmark(
         grid_dataset(config, name)
     plans = plan_grid(config, resolved)
     rows: dict[str, CellResult] = {}
+    if store is not None and (recovered := store.import_unsaved()):
+        console.print(f"{recovered} cells kept aside by an earlier run were added to {store.path}.")
     if store is not None and not force:
         stored = store.hashes("ok")
         for plan in plans:
@@ -90,8 +92,12 @@ def run_benchmark(
         )
 
     def finish(row: CellResult) -> None:
-        if store is not None:
-            store.put(row)
+        if store is not None and (error := store.put_or_keep(row)) is not None:
+            console.print(
+                f"[red]Could not store {row.defense_label} vs {row.attack_label} seed {row.seed} "
+                f"({error}); kept it in {store.unsaved_path}, which the next run imports.[/]",
+                highlight=False,
+            )
         rows[row.config_hash] = row
         if on_result is not None:
             on_result(row)

@@ -32,7 +32,7 @@ from .metrics import Scores, attack_scores, der, measure
 from .models import available_models, check_capabilities, create_model
 from .plugins import PluginInfo, ResolvedPlugin, resolve_plugin
 from .results import SCHEMA_VERSION, CellResult, Provenance, jsonable
-from .training import resolve_device, seed_everything
+from .training import check_finite, resolve_device, seed_everything, torch_threads
 
 
 @dataclass
@@ -100,6 +100,7 @@ def _provenance(device: torch.device, attack: PluginInfo, defense: PluginInfo | 
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         attack_plugin=f"{attack.source.distribution} {attack.source.version}",
         defense_plugin=None if defense is None else f"{defense.source.distribution} {defense.source.version}",
+        threads=torch.get_num_threads(),
     )
 
 
@@ -176,7 +177,9 @@ def _defense_fields(defense: ResolvedPlugin) -> dict[str, Any]:
 
 def run_setting(config: BenchmarkConfig) -> dict[str, Any]:
     """Everything besides a cell's own fields that determines its numbers."""
-    return config.model_dump(include={"training", "train_size", "test_size", "clean_ratio", "val_fraction"})
+    return config.model_dump(
+        include={"training", "train_size", "test_size", "clean_ratio", "val_fraction", "threads"}
+    )
 
 
 def plan_grid(config: BenchmarkConfig, resolved: ResolvedGrid | None = None) -> list[VictimPlan]:
@@ -215,6 +218,11 @@ class VictimState:
 
 def prepare_victim(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
     """Train (or load from the artifact cache) the plan's backdoored model and score it."""
+    with torch_threads(config.threads):
+        return _prepare_victim(config, plan)
+
+
+def _prepare_victim(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
     dataset = grid_dataset(config, plan.dataset)
     device = resolve_device(config.device)
     cache = ArtifactCache(Path(config.cache_dir) if config.cache_dir else None)
@@ -266,7 +274,10 @@ def failed_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, exc: 
     """The record of a cell that could not run: its error, and the tail of the traceback if unexpected."""
     if isinstance(exc, BdtkError):
         return CellResult(**_cell_fields(config, plan, cell), status="failed", error=str(exc))
-    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    if isinstance(exc, SystemExit):
+        detail = f"the plugin called sys.exit({exc.code!r}) instead of raising an error"
+    else:
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     console.print(f"[red]{cell.defense_label} against {plan.label} failed: {detail}[/]")
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
     return CellResult(**_cell_fields(config, plan, cell), status="failed", error=detail, notes=tb)
@@ -274,6 +285,11 @@ def failed_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, exc: 
 
 def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:
     """Evaluate one cell on the shared backdoored model; a failing defense gives a failed record."""
+    with torch_threads(config.threads):
+        return _run_cell(config, plan, cell, state)
+
+
+def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:
     fields = _cell_fields(config, plan, cell)
     if cell.defense is None:
         return CellResult(
@@ -294,9 +310,10 @@ def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: V
         assert issubclass(pcls, Purifier)
         purifier = pcls(defense.config, seed=plan.seed, device=device)
         result, cost = run_defense(purifier, victim, data, device)
+        check_finite(result.model, f"defense {defense.label!r}")
         attack = victim.attack
         after = attack_scores(result.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
-    except Exception as exc:  # a broken defense must not lose the rest of the grid
+    except (Exception, SystemExit) as exc:  # a broken defense (even one calling sys.exit) fails its cell only
         return failed_cell(config, plan, cell, exc)
     return CellResult(
         **fields,

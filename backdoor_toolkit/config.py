@@ -22,11 +22,49 @@ class StrictConfig(BaseModel):
 
 
 def build_config(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
-    """Validate `values` into `cls`, turning pydantic's error into a ConfigError naming `where`."""
+    """Validate `values` into `cls`, turning pydantic's error into a ConfigError naming `where`.
+
+    A value out of bounds is answered with the field's whole valid range, not only the bound it
+    crossed ("greater than 0" alone leaves the user guessing the upper end).
+    """
     try:
         return cls.model_validate(values or {})
     except ValidationError as exc:
-        raise ConfigError.from_validation(where, exc) from None
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            hint = valid_range(cls, loc) if err["type"] in _BOUND_ERRORS else ""
+            lines.append(f"  {'.'.join(str(p) for p in loc) or '(root)'}: {err['msg']}{hint}")
+        raise ConfigError(f"Invalid configuration for {where}:\n" + "\n".join(lines)) from None
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def valid_range(cls: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """' (valid: 0 < value ≤ 0.5)' for the numeric field at `loc` of `cls`, or '' if unknown."""
+    import annotated_types as at
+
+    model: Any = cls
+    field = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return ""
+        field = model.model_fields[str(part)]
+        model = field.annotation
+    if field is None:
+        return ""
+    low = high = ""
+    for bound in field.metadata:
+        if isinstance(bound, at.Gt):
+            low = f"{bound.gt} < "
+        elif isinstance(bound, at.Ge):
+            low = f"{bound.ge} ≤ "
+        elif isinstance(bound, at.Lt):
+            high = f" < {bound.lt}"
+        elif isinstance(bound, at.Le):
+            high = f" ≤ {bound.le}"
+    return f" (valid: {low}{loc[-1]}{high})" if low or high else ""
 
 
 def config_hash(payload: Any) -> str:
@@ -144,6 +182,13 @@ class BenchmarkConfig(StrictConfig):
         default=0.2, ge=0, lt=1, description="Share of the budget held out for choosing thresholds"
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+    threads: int = Field(
+        default=2,
+        ge=1,
+        le=1024,
+        description="torch CPU threads per cell, wherever it runs (results depend on it, so cells "
+        "and cached models record it)",
+    )
     cache_dir: str | None = Field(default=None, description="Artifact cache (default: user cache)")
     output: str = Field(default="bdtk-results/results.json", description="Results JSON path")
 
@@ -158,9 +203,7 @@ class BenchmarkConfig(StrictConfig):
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a dict; errors name the file."""
-    if not path.exists():
-        raise ConfigError(f"Config file {path} does not exist.")
-    text = path.read_text()
+    text = read_text_file(path, "Config file")
     try:
         if path.suffix == ".toml":
             if sys.version_info >= (3, 11):
@@ -168,6 +211,30 @@ def load_config_file(path: Path) -> dict[str, Any]:
             else:  # pragma: no cover
                 import tomli as tomllib
             return tomllib.loads(text)
-        return dict(json.loads(text))
+        data = json.loads(text)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"Cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a table of fields, not {type(data).__name__}.")
+    return data
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A small UTF-8 text file's contents; a folder, binary or unreadable file is a ConfigError."""
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist.")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a file (a folder?); give the path of a file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read {what.lower()} {path}: {exc.strerror or exc}.") from None
+    if len(raw) > 10_000_000:
+        raise ConfigError(f"{what} {path} is {len(raw):,} bytes; that is not a config file.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (a binary file?).") from None
+    if "\x00" in text:
+        raise ConfigError(f"{what} {path} is not a text file (it holds NUL bytes).")
+    return text

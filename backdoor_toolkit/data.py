@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import BdtkError, DatasetNotFoundError, UnknownNameError
+from .errors import BdtkError, DatasetCorruptError, DatasetNotFoundError, UnknownNameError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -117,13 +118,26 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         root = Path(os.environ["BDTK_DATA_DIR"]).expanduser()
     try:
         train, test = entry.loader(root, download)
-    except DatasetNotFoundError:
+    except DatasetCorruptError:
         raise
+    except DatasetNotFoundError as exc:
+        raise DatasetNotFoundError(f"Dataset {name!r} was not found ({exc}). {entry.how_to_get}") from None
     except (RuntimeError, FileNotFoundError, OSError) as exc:
         where = f" under {root}" if root else ""
         raise DatasetNotFoundError(
             f"Dataset {name!r} was not found{where} ({exc}). {entry.how_to_get}"
         ) from None
+    for split, part in (("training", train), ("test", test)):
+        bad = part.labels.numel() != part.images.shape[0] or tuple(part.images.shape[1:]) != spec.image_shape
+        if bad or (
+            part.labels.numel()
+            and not 0 <= int(part.labels.min()) <= int(part.labels.max()) < spec.num_classes
+        ):
+            raise DatasetCorruptError(
+                f"Dataset {name!r}: the {split} split does not look like {name} (images "
+                f"{tuple(part.images.shape)}, {part.labels.numel()} labels; expected images of "
+                f"{spec.image_shape} with labels 0..{spec.num_classes - 1}). {entry.how_to_get}"
+            )
     return Dataset(spec, train, test)
 
 
@@ -131,14 +145,31 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzipped or not."""
+    """Read an IDX file (MNIST format), gzipped or not; a damaged file is named, never a traceback."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetCorruptError(f"Cannot read dataset file {path} ({exc}); {_REINSTALL}") from None
     magic = int.from_bytes(data[0:4], "big")
     ndim = magic & 0xFF
+    if len(data) < 4 or magic >> 8 != 0x08 or ndim not in (1, 3) or len(data) < 4 + 4 * ndim:
+        raise DatasetCorruptError(f"Dataset file {path} is not an IDX file of bytes; {_REINSTALL}")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(data) != expected:
+        raise DatasetCorruptError(
+            f"Dataset file {path} is damaged ({len(data)} bytes, its header promises {expected}); "
+            f"{_REINSTALL}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+_REINSTALL = (
+    "reinstall it (`apt-get install --reinstall dataset-fashion-mnist` for the embedded copy) or "
+    "point --data-dir at an intact copy."
+)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -166,7 +197,8 @@ def _mnist_like(
         if train is not None and test is not None:
             return train, test
     if root is None:
-        raise DatasetNotFoundError("no data directory given")
+        looked = ", ".join(str(f) for f in folders) or "nowhere"
+        raise DatasetNotFoundError(f"no IDX files in {looked}, and no --data-dir given")
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, tv_name)

@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Any, Protocol
 
-from .cells import CellPlan, VictimPlan, VictimState, failed_cell, prepare_victim, run_cell
+from .cells import CellPlan, VictimPlan, failed_cell, prepare_victim, run_cell
 from .config import BenchmarkConfig
 from .errors import BdtkError, UnknownNameError
 from .results import CellResult
@@ -37,30 +37,13 @@ class LocalExecutor:
             reporter.started(f"backdoored model: {plan.label}")
             try:
                 state = prepare_victim(config, plan)
-            except Exception as exc:  # a broken attack fails its cells, not the grid
+            except (Exception, SystemExit) as exc:  # a broken attack fails its cells, not the grid
                 for cell in plan.cells:
                     reporter.finished(failed_cell(config, plan, cell, exc))
                 continue
             for cell in plan.cells:
                 reporter.started(f"{cell.defense_label} vs {plan.label}")
                 reporter.finished(run_cell(config, plan, cell, state))
-
-
-def _single_thread() -> None:
-    """Ray workers share the machine: one torch thread each (Ray hands each task one CPU)."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _ray_prepare(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
-    _single_thread()
-    return prepare_victim(config, plan)
-
-
-def _ray_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:
-    _single_thread()
-    return run_cell(config, plan, cell, state)
 
 
 def check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -88,7 +71,7 @@ class RayExecutor:
             check_reachable(address)
         self.address, self.num_cpus = address, num_cpus
 
-    def _init(self) -> tuple[Any, bool]:
+    def _init(self, threads: int) -> tuple[Any, bool]:
         """Ray, and whether this call connected it (then `run` disconnects at the end)."""
         try:
             import ray
@@ -96,7 +79,7 @@ class RayExecutor:
             raise BdtkError("--executor ray needs Ray: pip install 'backdoor-toolkit[ray]'.") from None
         if ray.is_initialized():  # the caller set Ray up (e.g. with its own resources)
             return ray, False
-        env = {"OMP_NUM_THREADS": "1", "BDTK_QUIET": "1"}
+        env = {"OMP_NUM_THREADS": str(threads), "BDTK_QUIET": "1"}
         try:
             if self.address:
                 ray.init(address=self.address, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -115,9 +98,27 @@ class RayExecutor:
         return ray, True
 
     def run(self, config: BenchmarkConfig, plans: list[VictimPlan], reporter: Reporter) -> None:
-        ray, connected_here = self._init()
-        prepare = ray.remote(num_cpus=1)(_ray_prepare)
-        evaluate = ray.remote(num_cpus=1)(_ray_cell)
+        ray, connected_here = self._init(config.threads)
+        try:
+            cpus = max(
+                (node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")),
+                default=0,
+            )
+            if cpus < config.threads:
+                raise BdtkError(
+                    f"Each cell runs with {config.threads} threads (--threads) and reserves that many CPUs, "
+                    f"but no Ray node has more than {cpus:g}; lower --threads or add CPUs to the cluster."
+                )
+            self._run(ray, config, plans, reporter)
+        finally:
+            if connected_here:
+                ray.shutdown()
+
+    def _run(self, ray: Any, config: BenchmarkConfig, plans: list[VictimPlan], reporter: Reporter) -> None:
+        # a task reserves as many CPUs as the threads it runs with (set by prepare_victim/run_cell),
+        # so a cell computes the same numbers here as in a local run
+        prepare = ray.remote(num_cpus=config.threads)(prepare_victim)
+        evaluate = ray.remote(num_cpus=config.threads)(run_cell)
         pending: dict[Any, tuple[VictimPlan, CellPlan]] = {}
         for plan in plans:
             state = prepare.remote(config, plan)
@@ -137,8 +138,6 @@ class RayExecutor:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
-            if connected_here:
-                ray.shutdown()
 
 
 def _cause(exc: BaseException) -> BaseException:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from .artifacts import atomic_write_text
 from .config import BenchmarkConfig, join_preset
 
 SCHEMA_VERSION = 2
@@ -27,6 +28,7 @@ class Provenance(BaseModel):
     date: str
     attack_plugin: str
     defense_plugin: str | None
+    threads: int | None = Field(default=None, description="torch CPU threads the cell ran with")
 
 
 class CellResult(BaseModel):
@@ -91,6 +93,4 @@ def write_results(path: Path, config: BenchmarkConfig, rows: list[CellResult]) -
     """Write (atomically) the run's config and rows as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"config": config.model_dump(), "results": [r.model_dump() for r in rows]}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2))

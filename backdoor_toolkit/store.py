@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from types import TracebackType
 import platformdirs
 
 from .config import split_preset
+from .console import console
 from .errors import BdtkError
 from .results import CellResult
 
@@ -43,6 +45,11 @@ CREATE INDEX cells_scenario ON cells (dataset, model, attack, defense);
 """
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[:3]) if lines else type(exc).__name__
+
+
 class StoreError(BdtkError):
     """The result database cannot be used (locked, corrupt, newer schema, unwritable)."""
 
@@ -53,9 +60,14 @@ def default_db_path() -> Path:
     return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("bdtk")) / "results.sqlite"
 
 
+def _busy(exc: BaseException) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
 def _explain(path: Path, exc: sqlite3.Error) -> StoreError:
     text = str(exc)
-    if "locked" in text or "busy" in text:
+    if _busy(exc):
         return StoreError(
             f"The result database {path} is locked by another process ({text}). Wait for that run to "
             "finish, or pass --db (or set BDTK_DB) to use another database."
@@ -69,14 +81,26 @@ def _explain(path: Path, exc: sqlite3.Error) -> StoreError:
 
 
 class ResultStore:
-    """Cells by config hash; `put` replaces a stored cell with the same hash (e.g. under --force)."""
+    """Cells by config hash; `put` replaces a stored cell with the same hash (e.g. under --force).
 
-    def __init__(self, path: Path | str | None = None, timeout: float = 5.0) -> None:
+    Opened for writing (the default), an unwritable database or folder is refused at once, before
+    any cell is computed. A write that keeps finding the database locked is retried with back-off
+    for `retry_seconds`; `put_or_keep` then keeps the row in a side file, which the next run
+    imports, so a finished cell is never lost.
+    """
+
+    def __init__(
+        self,
+        path: Path | str | None = None,
+        timeout: float = 5.0,
+        *,
+        write: bool = True,
+        retry_seconds: float = 60.0,
+    ) -> None:
         self.path = Path(path).expanduser() if path is not None else default_db_path()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"Cannot create the folder of the result database {self.path}: {exc}") from None
+        self.retry_seconds = retry_seconds
+        if write:
+            self._check_writable()
         try:
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         except sqlite3.Error as exc:
@@ -89,6 +113,27 @@ class ResultStore:
         except StoreError:
             self._db.close()
             raise
+
+    def _check_writable(self) -> None:
+        """SQLite needs the file and its folder (journal files) writable; say so before any work."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"Cannot create the folder of the result database {self.path}: {exc.strerror or exc}. "
+                "Pass --db (or set BDTK_DB) to use another location."
+            ) from None
+        for target in (self.path.parent, self.path):
+            if target.exists() and not os.access(target, os.W_OK):
+                raise StoreError(
+                    f"The result database {self.path} is not writable ({target} is read-only). "
+                    "Pass --db (or set BDTK_DB) to use another location."
+                )
+
+    @property
+    def unsaved_path(self) -> Path:
+        """Where rows that could not be written are kept until the next run imports them."""
+        return self.path.with_name(self.path.name + ".unsaved.jsonl")
 
     def _prepare(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -142,12 +187,57 @@ class ResultStore:
             row.provenance.date,
             row.model_dump_json(),
         )
-        with self._transaction():
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(f"INSERT OR REPLACE INTO cells VALUES ({', '.join('?' * len(values))})", values)
+        delay, waited = 0.25, 0.0
+        while True:
+            try:
+                with self._transaction():
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute(
+                        f"INSERT OR REPLACE INTO cells VALUES ({', '.join('?' * len(values))})", values
+                    )
+                return
+            except StoreError as exc:
+                if not _busy(exc) or waited >= self.retry_seconds:
+                    raise
+            time.sleep(delay)
+            waited += delay
+            delay = min(2 * delay, 8.0)
+
+    def put_or_keep(self, row: CellResult) -> StoreError | None:
+        """`put`, or, when the database still refuses the write, append the row to `unsaved_path`.
+
+        Returns the error when the row went to the side file (the caller reports it and carries
+        on); `import_unsaved` moves such rows into the database on the next run.
+        """
+        try:
+            self.put(row)
+        except StoreError as exc:
+            with self.unsaved_path.open("a") as fh:
+                fh.write(row.model_dump_json() + "\n")
+            return exc
+        return None
+
+    def import_unsaved(self) -> int:
+        """Move the rows kept in `unsaved_path` by an earlier run into the database; their count."""
+        if not self.unsaved_path.exists():
+            return 0
+        rows = []
+        for number, line in enumerate(self.unsaved_path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(CellResult.model_validate_json(line))
+                except ValueError as exc:
+                    console.print(
+                        f"[yellow]Skipping line {number} of {self.unsaved_path}: not a result row "
+                        f"({_first_line(exc)}).[/]"
+                    )
+        for row in rows:
+            self.put(row)
+        self.unsaved_path.unlink()
+        return len(rows)
 
     def get(self, config_hash: str) -> CellResult | None:
-        found = self._query("SELECT record FROM cells WHERE config_hash = ?", (config_hash,))
+        found = self._query("SELECT config_hash, record FROM cells WHERE config_hash = ?", (config_hash,))
         return found[0] if found else None
 
     def hashes(self, status: str | None = "ok") -> set[str]:
@@ -178,16 +268,32 @@ class ResultStore:
             clauses.append(f"attack IN ({', '.join('?' * len(names))})")
             args.extend(names)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT record FROM cells{where} ORDER BY dataset, model, attack, defense, seed, config_hash"
+        order = "ORDER BY dataset, model, attack, defense, seed, config_hash"
+        sql = f"SELECT config_hash, record FROM cells{where} {order}"
         rows = self._query(sql, tuple(args))
         if any(preset is not None for _, preset in wanted):
             rows = [r for r in rows if any(r.attack == n and p in (None, r.attack_preset) for n, p in wanted)]
         return rows
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[CellResult]:
+        """The rows `sql` selects (as `config_hash, record`).
+
+        A row that no longer validates is skipped with a warning naming it, so one bad row cannot
+        break every view and every resume of the database.
+        """
         with self._transaction():
-            records = [r[0] for r in self._db.execute(sql, args)]
-        return [CellResult.model_validate(json.loads(text)) for text in records]
+            records = list(self._db.execute(sql, args))
+        rows = []
+        for config_hash, text in records:
+            try:
+                rows.append(CellResult.model_validate(json.loads(text)))
+            except (ValueError, TypeError) as exc:
+                console.print(
+                    f"[yellow]Skipping stored cell {config_hash} in {self.path}: not a valid result "
+                    f"record ({_first_line(exc)}). `bdtk benchmark` recomputes it.[/]",
+                    highlight=False,
+                )
+        return rows
 
     def __len__(self) -> int:
         with self._transaction():

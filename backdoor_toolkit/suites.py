@@ -15,8 +15,10 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from .config import BenchmarkConfig
-from .errors import ConfigError, UnknownNameError
+from .config import BenchmarkConfig, read_text_file
+from .errors import BdtkError, ConfigError, UnknownNameError
+from .interfaces import Kind
+from .plugins import resolve_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,9 +52,7 @@ def _suite_text(name_or_path: str) -> tuple[str, str]:
     """The suite's (source label, TOML text): a built-in name, or a path to a TOML file."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"Suite file {path} does not exist.")
-        return str(path), path.read_text()
+        return str(path), read_text_file(path, "Suite file")
     if name_or_path not in available_suites():
         raise UnknownNameError("suite", name_or_path, available_suites())
     resource = files("backdoor_toolkit") / "suites" / f"{name_or_path}.toml"
@@ -104,7 +104,7 @@ def load_suite(name_or_path: str) -> Suite:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Cannot parse {source}: {exc}") from None
     try:
-        return Suite.model_validate(data)
+        suite = Suite.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -114,3 +114,27 @@ def load_suite(name_or_path: str) -> Suite:
             at = f" (line {line})" if line else ""
             lines.append(f"  {where}{at}: {err['msg']}")
         raise ConfigError(f"Invalid {source}:\n" + "\n".join(lines)) from None
+    _check_plugins(suite, source, text)
+    return suite
+
+
+def _check_plugins(suite: Suite, source: str, text: str) -> None:
+    """Resolve every attack and defense now, so a misspelt plugin, preset or setting is reported
+    with the file and the line to fix, not later as a bare plugin error."""
+    sections: tuple[tuple[str, Kind], ...] = (("attacks", "attack"), ("defenses", "purifier"))
+    for section, kind in sections:
+        for index, choice in enumerate(getattr(suite, section)):
+            try:
+                resolve_config(kind, choice.name, choice.preset, choice.config)
+            except BdtkError as exc:
+                message = str(exc)
+                loc: tuple[int | str, ...] = (section, index)
+                for key in choice.config:
+                    if f"  {key}:" in message or f"  {key}." in message:
+                        loc = (section, index, "config", key)
+                        break
+                line = field_line(text, loc)
+                at = f" (line {line})" if line else ""
+                raise ConfigError(
+                    f"Invalid {source}, {section}[{index}] {choice.spec!r}{at}: {message}"
+                ) from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,7 +16,7 @@ from torch.nn import functional as F
 
 from .console import progress
 from .data import DataSpec
-from .errors import BdtkError
+from .errors import BdtkError, NonFiniteError
 
 
 @dataclass
@@ -59,6 +61,22 @@ class TrainingFields(Protocol):
 
 
 BatchHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch CPU threads, then restore the previous count.
+
+    On CPU a reduction's order, and so its float result, depends on the thread count: the same
+    cell trained with 1 and with 2 threads gives different models. The runner therefore fixes the
+    count per cell, wherever the cell runs, and records it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:
@@ -187,7 +205,14 @@ def train_classifier(
                 if after_step is not None:
                     after_step()
                 seen += y.numel()
-                loss_sum += float(loss.detach()) * y.numel()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteError(
+                        f"{description}: the loss became {value} at epoch {epoch + 1}; training "
+                        f"diverged. Lower the learning rate (now {settings.lr:g}) or the weight decay "
+                        f"({settings.weight_decay:g}), or the loss's weights."
+                    )
+                loss_sum += value * y.numel()
                 status = f"epoch {epoch + 1}/{settings.epochs} loss {loss_sum / seen:.3f}"
                 if logits is not None:
                     correct += int((logits.detach().argmax(1) == y).sum())
@@ -195,4 +220,15 @@ def train_classifier(
                 bar.update(task, advance=1, status=status)
             epoch_losses.append(loss_sum / max(seen, 1))
     model.eval()
+    check_finite(model, description)
     return epoch_losses
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Raise NonFiniteError naming `what` unless every floating weight and buffer is finite."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"{what}: the model's {name} holds NaN or infinite values (training diverged); "
+                "lower the learning rate, the weight decay or the loss's weights."
+            )

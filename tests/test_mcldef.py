@@ -406,7 +406,11 @@ def test_paper_preset_is_the_authors_recipe() -> None:
     paper = resolve_config("purifier", "mcldef:paper")
     assert isinstance(paper, MCLDef.Config)
     assert (paper.lr, paper.epochs, paper.ce_weight, paper.stamp, paper.early_stop) == (
-        0.1, 20, 0.0, "after-augment", False
+        0.1,
+        20,
+        0.0,
+        "after-augment",
+        False,
     )
     assert paper.inverter == "neural-cleanse" and paper.inverter_config == {}  # the full scan
     default = resolve_config("purifier", "mcldef")

@@ -303,8 +303,10 @@ def test_name_preset_in_suite_and_config_files(bdtk_register: Register, tmp_path
         load_suite(str(bad))
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('defenses = ["knob:papr"]\n')
-    with pytest.raises(UnknownPresetError, match="Did you mean 'paper'"):
-        plan_grid(load_suite(str(unknown)))
+    with pytest.raises(
+        ConfigError, match=r"unknown\.toml, defenses\[0\] 'knob:papr' \(line 1\).*Did you mean 'paper'"
+    ):
+        load_suite(str(unknown))  # named with its file and line when the suite is read
 
 
 # --- stored rows, resume and leaderboards ----------------------------------------------------------

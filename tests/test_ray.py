@@ -47,18 +47,19 @@ def test_ray_grid_matches_local_run(tmp_path: Path) -> None:
     # a separate cache, so the Ray workers really train the backdoored models themselves
     ray_cfg = BenchmarkConfig.model_validate({**GRID, "cache_dir": str(tmp_path / "ray-cache")})
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as on the Ray workers, so float sums run in the same order
+    torch.set_num_threads(1)  # whatever this process uses, each cell runs with the configured count
     try:
         with ResultStore(tmp_path / "local.sqlite") as store:
             run_benchmark(local_cfg, store=store)
             local = store.rows()
+        assert torch.get_num_threads() == 1  # and the caller's count is restored
     finally:
         torch.set_num_threads(threads)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "BDTK_QUIET": "1"}},
+        runtime_env={"env_vars": {"BDTK_QUIET": "1"}},
     )
     try:
         with ResultStore(tmp_path / "ray.sqlite") as store:
@@ -69,3 +70,13 @@ def test_ray_grid_matches_local_run(tmp_path: Path) -> None:
     assert len(local) == len(stored) == len(returned) == 4
     assert _by_hash(stored) == _by_hash(local)  # same cells (config hashes), same numbers
     assert {r.notes for r in stored if r.defense == "none"} == {"undefended"}  # trained, not cached
+    assert {r.provenance.threads for r in [*local, *stored]} == {local_cfg.threads}
+    assert {r.setting["threads"] for r in stored} == {local_cfg.threads}
+
+
+def test_threads_are_part_of_a_cells_identity() -> None:
+    from backdoor_toolkit.cells import plan_grid
+
+    one, two = (BenchmarkConfig.model_validate({**GRID, "threads": n}) for n in (1, 2))
+    hashes = [{c.config_hash for p in plan_grid(cfg) for c in p.cells} for cfg in (one, two)]
+    assert hashes[0].isdisjoint(hashes[1])

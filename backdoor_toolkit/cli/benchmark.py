@@ -18,7 +18,7 @@ from ..executors import EXECUTORS, get_executor
 from ..results import CellResult, write_results
 from ..store import ResultStore
 from ..suites import available_suites, load_suite
-from .common import app, parse_value, user_errors
+from .common import Terminated, app, check_writable, parse_value, terminate_as_interrupt, user_errors
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
@@ -78,6 +78,10 @@ def benchmark(
         float | None, typer.Option(help="Defender's clean budget (share of train)")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch CPU threads per cell, wherever it runs; part of each cell's identity"),
+    ] = None,
     data_dir: Annotated[str | None, typer.Option(help="Root of torchvision-format datasets")] = None,
     download: Annotated[bool, typer.Option(help="Let torchvision download missing datasets")] = False,
     output: Annotated[str | None, typer.Option(help="Results JSON path")] = None,
@@ -134,11 +138,12 @@ def benchmark(
         "seeds": seed,
         "clean_ratio": clean_ratio,
         "device": device,
+        "threads": threads,
         "data_dir": data_dir,
         "output": output,
         "cache_dir": cache_dir,
     }
-    values.update({k: v for k, v in flags.items() if v})
+    values.update({k: v for k, v in flags.items() if v is not None})  # 0 and "" are honoured
     if download:
         values["download"] = True
     if epochs is not None:
@@ -146,28 +151,54 @@ def benchmark(
     apply_overrides(values, set_ or [])
     cfg = build_config(BenchmarkConfig, values, "benchmark")
     out = Path(cfg.output)
+    check_writable(out, "--output (the results JSON)")
     rows: list[CellResult] = []
 
     def save(row: CellResult) -> None:
         rows.append(row)
         write_results(out, cfg, rows)
 
-    with ResultStore(db) as store:
+    with ResultStore(db) as store, terminate_as_interrupt():
         try:
             grid = run_benchmark(
                 cfg, on_result=save, store=store, force=force, executor=executor, ray_address=ray_address
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            why = "Terminated" if isinstance(stop, Terminated) else "Interrupted"
             console.print(
-                f"[yellow]Interrupted: {len(rows)} finished cells are stored in {store.path} (and {out}); "
+                f"[yellow]{why}: {len(rows)} finished cells are stored in {store.path} (and {out}); "
                 "run the same command again to resume.[/]"
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
         write_results(out, cfg, grid)
         console.print(results_table(grid))
         for line in results_notes(grid):
             console.print(line, highlight=False)
         console.print(f"Results stored in {store.path} and written to {out}")
+        unsaved = store.unsaved_path.exists()
+    failed = [r for r in grid if r.status == "failed"]
+    if failed:
+        console.print(f"[bold red]{failure_summary(failed, len(grid))}[/]", highlight=False)
+    if unsaved:
+        console.print(
+            f"[bold red]Some cells could not be written to {store.path}; they are kept in "
+            f"{store.unsaved_path} and imported by the next run.[/]",
+            highlight=False,
+        )
+    if failed or unsaved:
+        raise typer.Exit(1)
+
+
+def failure_summary(failed: list[CellResult], total: int) -> str:
+    """One line: how many cells failed, grouped by cell and first line of the error."""
+    groups: dict[str, int] = {}
+    for row in failed:
+        first = (row.error or "no message").strip().splitlines()[0]
+        key = f"{row.defense_label} vs {row.attack_label}: {first[:120]}"
+        groups[key] = groups.get(key, 0) + 1
+    parts = [f"{key}" + (f" (×{n})" if n > 1 else "") for key, n in groups.items()]
+    shown = "; ".join(parts[:3]) + (f"; and {len(parts) - 3} more" if len(parts) > 3 else "")
+    return f"{len(failed)} of {total} cells failed: {shown}."
 
 
 def _pct(value: float | None) -> str:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -22,21 +27,84 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+DEBUG_ENV = "BDTK_DEBUG"
+
+
 def user_errors(fn: F) -> F:
-    """Turn bdtk's own errors into one red message and exit code 2; Ctrl-C into exit code 130."""
+    """Every way a command can stop, as one line and an exit code; never a traceback.
+
+    bdtk's own errors exit 2; a file the system refuses (permissions, a folder where a file was
+    expected, a full disk) exits 2 naming the path; Ctrl-C exits 130 and SIGTERM 143. Anything else
+    is a bug (in bdtk or a plugin): one line saying so, exit 1, and the traceback only with
+    BDTK_DEBUG=1.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with terminate_as_interrupt():
+                return fn(*args, **kwargs)
         except BdtkError as exc:
             console.print(f"[bold red]Error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            console.print(f"[bold red]Error:[/] {exc.strerror or exc}{where}", highlight=False)
+            raise typer.Exit(2) from None
+        except Terminated:
+            console.print("[yellow]Terminated.[/]")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             console.print("[yellow]Interrupted.[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+            console.print(
+                f"[bold red]Unexpected error:[/] {type(exc).__name__}: {detail} (a bug in bdtk or a "
+                f"plugin; run with {DEBUG_ENV}=1 for the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so a command stops as cleanly as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) instead of killing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, before any work, if `path` cannot be written (its folder is created if needed)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BdtkError(f"Cannot create the folder for {what} {path}: {exc.strerror or exc}.") from None
+    if path.is_dir():
+        raise BdtkError(f"{what} {path} is a folder; give a file path.")
+    for target in (path.parent, path):
+        if target.exists() and not os.access(target, os.W_OK):
+            raise BdtkError(f"Cannot write {what} {path}: {target} is read-only; choose another path.")
 
 
 def parse_value(text: str) -> Any:

@@ -52,7 +52,7 @@ def leaderboard(
     path = db or default_db_path()
     if not path.exists():
         raise BdtkError(f"No result database at {path}; run `bdtk benchmark` first (or pass --db).")
-    with ResultStore(path) as store:
+    with ResultStore(path, write=False) as store:
         rows = store.rows(dataset=dataset, model=model, attacks=attack)
         where = store.path
     if not rows:

@@ -1,0 +1,270 @@
+"""Hostile and broken inputs through the CLI: one clear line and the right exit code, never a
+traceback, a NaN ranked as a result, or a finished cell lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from backdoor_toolkit import (
+    DefenseData,
+    ImageClassifier,
+    PluginMeta,
+    PurificationResult,
+    Purifier,
+    StrictConfig,
+    TrainingSettings,
+    train_classifier,
+)
+from backdoor_toolkit import data as data_module
+from backdoor_toolkit.cli import app
+from backdoor_toolkit.cli.common import user_errors
+from backdoor_toolkit.data import load_dataset
+from backdoor_toolkit.errors import DatasetCorruptError, DatasetNotFoundError, NonFiniteError
+from backdoor_toolkit.results import CellResult
+from backdoor_toolkit.store import ResultStore
+from backdoor_toolkit.testing import TINY_SPEC, tiny_images, tiny_model
+
+runner = CliRunner()
+STORED_ROW = Path(__file__).parent / "data" / "cell_result_v1.json"
+TINY_RUN: dict[str, Any] = {
+    "model": "small-cnn",
+    "train_size": 600,
+    "test_size": 200,
+    "training": {"epochs": 1},
+    "device": "cpu",
+}
+
+
+def _one_line_error(output: str) -> str:
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "Error" in line]
+    assert errors, output
+    return " ".join(output.split())
+
+
+def _config(tmp_path: Path, **values: Any) -> Path:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**TINY_RUN, "output": str(tmp_path / "out" / "results.json"), **values}))
+    return path
+
+
+class QuitConfig(StrictConfig):
+    pass
+
+
+class Quits(Purifier):
+    """A defense that ends the process the wrong way: the grid must record it and carry on."""
+
+    name = "quits"
+    Config = QuitConfig
+    meta = PluginMeta(summary="Calls sys.exit", paper="none", threat_model="none")
+
+    def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
+        raise SystemExit(3)
+
+
+class Diverges(Purifier):
+    """A defense whose training diverged: its model holds NaN, which must never be scored."""
+
+    name = "diverges"
+    Config = QuitConfig
+    meta = PluginMeta(summary="Returns a NaN model", paper="none", threat_model="none")
+
+    def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
+        with torch.no_grad():
+            next(iter(model.parameters())).fill_(float("nan"))
+        return PurificationResult(model=model, modified=True)
+
+
+def test_an_explicit_zero_is_honoured_and_refused_with_the_valid_range(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    result = runner.invoke(
+        app, ["benchmark", "--config", str(_config(tmp_path)), "--clean-ratio", "0", "--db", str(db)]
+    )
+    assert result.exit_code == 2
+    assert "clean_ratio" in _one_line_error(result.output) and "valid: 0 < clean_ratio ≤ 0.5" in result.output
+    assert not db.exists() or len(ResultStore(db)) == 0
+
+
+def test_failed_cells_exit_non_zero_and_the_grid_goes_on(tmp_path: Path, bdtk_register: Any) -> None:
+    bdtk_register(Quits, Diverges)
+    db = tmp_path / "r.sqlite"
+    args = ["benchmark", "--config", str(_config(tmp_path)), "--db", str(db)]
+    result = runner.invoke(
+        app, [*args, "-d", "quits", "-d", "diverges", "-d", "finetune", "--set", "finetune.epochs=1"]
+    )
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "2 of 4 cells failed" in text and "sys.exit(3)" in text and "NaN" in text
+    with ResultStore(db) as store:
+        rows = {r.defense: r for r in store.rows()}
+    assert {d: r.status for d, r in rows.items()} == {
+        "none": "ok",
+        "quits": "failed",
+        "diverges": "failed",
+        "finetune": "ok",  # the cell after the broken ones still ran
+    }
+    assert rows["diverges"].ba is None and "non-finite" not in rows["finetune"].error
+
+
+def test_a_diverging_loss_stops_training_with_a_clear_error() -> None:
+    model = tiny_model(TINY_SPEC)
+    data = tiny_images(n=32)
+    settings = TrainingSettings(1, 16, 0.1, 0.0, False, False, torch.device("cpu"))
+
+    def exploding(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return model(x).sum() * float("inf"), None
+
+    with pytest.raises(NonFiniteError, match="loss became"):
+        train_classifier(model, data.images, data.labels, settings, seed=0, loss_fn=exploding)
+
+
+def _row() -> CellResult:
+    return CellResult.model_validate(json.loads(STORED_ROW.read_text()))
+
+
+def test_a_locked_store_keeps_the_row_aside_and_the_next_run_imports_it(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    with ResultStore(path, timeout=0.05, retry_seconds=0.3) as store:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        error = store.put_or_keep(_row())
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert error is not None and "locked" in str(error)
+        assert store.unsaved_path.exists() and len(store) == 0
+        assert store.import_unsaved() == 1
+        assert len(store) == 1 and not store.unsaved_path.exists()
+
+
+def test_a_store_write_retries_while_another_writer_holds_the_lock(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "r.sqlite"
+    with ResultStore(path, timeout=0.05, retry_seconds=10) as store:
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN EXCLUSIVE")
+        release = threading.Timer(0.5, lambda: blocker.execute("ROLLBACK"))
+        release.start()
+        assert store.put_or_keep(_row()) is None  # retried with back-off until the lock went
+        release.join()
+        blocker.close()
+        assert len(store) == 1 and not store.unsaved_path.exists()
+
+
+def test_an_invalid_stored_row_is_skipped_with_a_warning_naming_it(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "r.sqlite"
+    good = _row()
+    bad = good.model_copy(update={"config_hash": "badbadbadbadbad0", "seed": 7})
+    with ResultStore(path) as store:
+        store.put(good)
+        store.put(bad)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("UPDATE cells SET record = ? WHERE config_hash = ?", ('{"ba": "high"}', bad.config_hash))
+    db.close()
+    result = runner.invoke(app, ["leaderboard", "--db", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Skipping stored cell badbadbadbadbad0" in " ".join(result.output.split())
+    with ResultStore(path) as store:
+        assert [r.config_hash for r in store.rows()] == [good.config_hash]
+        assert store.get(bad.config_hash) is None
+
+
+def test_unwritable_places_are_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    trained: list[str] = []
+    monkeypatch.setattr("backdoor_toolkit.cells.backdoored_model", lambda *a, **k: trained.append("x"))
+    for flag in (["--output", str(locked / "results.json")], ["--db", str(locked / "r.sqlite")]):
+        args = ["benchmark", "--config", str(_config(tmp_path)), "--db", str(tmp_path / "ok.sqlite"), *flag]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "read-only" in _one_line_error(result.output)
+    assert trained == []
+
+
+@pytest.mark.parametrize("option", ["--config", "--suite"])
+def test_a_folder_or_binary_file_as_config_is_one_line(tmp_path: Path, option: str) -> None:
+    binary = tmp_path / "model.toml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for target, words in ((tmp_path, "is not a file"), (binary, "not UTF-8 text")):
+        result = runner.invoke(app, ["benchmark", option, str(target)])
+        assert result.exit_code == 2
+        assert words in _one_line_error(result.output)
+
+
+def _write_idx(path: Path, dims: list[int], payload: bytes) -> None:
+    header = bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    path.write_bytes(header + payload)
+
+
+def test_a_corrupt_dataset_file_is_named(tmp_path: Path) -> None:
+    _write_idx(tmp_path / "train-images-idx3-ubyte", [10, 28, 28], bytes(100))  # truncated
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", [10], bytes(10))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", [10, 28, 28], bytes(7840))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", [10], bytes(10))
+    with pytest.raises(DatasetCorruptError, match="train-images-idx3-ubyte is damaged"):
+        load_dataset("fashion-mnist", tmp_path)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", [10, 28, 28], bytes(7840))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", [10], bytes([42] * 10))  # no class 42
+    with pytest.raises(DatasetCorruptError, match=r"labels 0\.\.9"):
+        load_dataset("fashion-mnist", tmp_path)
+    result = runner.invoke(
+        app, ["benchmark", "--data-dir", str(tmp_path), "--db", str(tmp_path / "r.sqlite")]
+    )
+    assert result.exit_code == 2 and "does not look like fashion-mnist" in _one_line_error(result.output)
+
+
+def test_without_the_embedded_dataset_the_message_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", tmp_path / "absent")
+    monkeypatch.delenv("BDTK_DATA_DIR", raising=False)
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_dataset("fashion-mnist")
+    message = str(caught.value)
+    assert "fashion-mnist" in message and "apt-get install dataset-fashion-mnist" in message
+    assert "--data-dir" in message
+
+
+def test_a_misspelt_setting_in_a_suite_names_the_file_and_line(tmp_path: Path) -> None:
+    suite = tmp_path / "mine.toml"
+    suite.write_text('attacks = ["badnets"]\n\n[[defenses]]\nname = "finetune"\nconfig = { epoch = 3 }\n')
+    result = runner.invoke(app, ["benchmark", "--suite", str(suite)])
+    assert result.exit_code == 2
+    text = _one_line_error(result.output)
+    assert "mine.toml" in text and "(line 5)" in text and "epoch" in text
+
+
+def test_sigterm_and_unexpected_errors_end_in_one_line(capsys: Any) -> None:
+    import typer
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    @user_errors
+    def terminated() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    @user_errors
+    def buggy() -> None:
+        raise ZeroDivisionError("division by zero")
+
+    for command, code, words in ((terminated, 143, "Terminated"), (buggy, 1, "ZeroDivisionError")):
+        with pytest.raises(typer.Exit) as stopped:
+            command()
+        assert stopped.value.exit_code == code
+        assert words in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
