@@ -8,13 +8,14 @@ recipe (preset `paper`); `improved` and
 `improved+ce-triggered` are bdtk's options; docs/defenses/mcldef.md explains them all. Every
 MCLDef cell runs its own trigger inversion (5–8 min on one loaded CPU thread; `+known-target`
 variants invert one class only), so pick variants with --variant.
-Rows are appended to a JSON-lines file as they finish and the table is printed at the end.
+Each cell goes to a result store as it finishes (a rerun skips the cells already stored; `bdtk
+leaderboard --db bdtk-results/mcldef.sqlite` ranks them) and the table, which names each MCLDef
+row by its variant, is printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from backdoor_toolkit.benchmark import run_benchmark
 from backdoor_toolkit.config import PluginChoice
 from backdoor_toolkit.plugins import get_registry
 from backdoor_toolkit.results import CellResult
+from backdoor_toolkit.store import ResultStore
 
 from .setting import bench_config
 
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-finetune", action="store_true", help="Skip the fine-tuning reference rows")
     parser.add_argument("--full", action="store_true", help="Whole dataset instead of the bench subsets")
     parser.add_argument(
-        "--output", type=Path, default=Path("bdtk-results/mcldef.jsonl"), help="JSON-lines rows"
+        "--db",
+        type=Path,
+        default=Path("bdtk-results/mcldef.sqlite"),
+        help="Result store (SQLite); a rerun resumes from it",
     )
     args = parser.parse_args(argv)
 
@@ -124,20 +129,18 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_finetune:
         defenses.append(PluginChoice(name="finetune"))
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     rows: list[CellResult] = []
 
     def record(row: CellResult) -> None:
-        rows.append(row)
-        with args.output.open("a") as fh:
-            fh.write(json.dumps(row.model_dump()) + "\n")
         print(table([row]).splitlines()[-1], flush=True)
 
-    for attack in attacks:  # one run per attack, so a failing attack does not stop the others
-        run_benchmark(
-            bench_config(full=args.full, attacks=[PluginChoice(name=attack)], defenses=defenses),
-            on_result=record,
-        )
+    with ResultStore(args.db) as store:
+        for attack in attacks:  # one run per attack, so a failing attack does not stop the others
+            rows += run_benchmark(
+                bench_config(full=args.full, attacks=[PluginChoice(name=attack)], defenses=defenses),
+                on_result=record,
+                store=store,
+            )
     print(table(rows))
 
 

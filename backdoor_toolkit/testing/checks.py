@@ -1,22 +1,13 @@
-"""Conformance kit for plugin authors: pytest fixtures and checks of the plugin interface contract.
+"""Checks of the plugin interface contract, usable from any test runner (no pytest needed).
 
-bdtk installs this module as a pytest plugin (entry point `pytest11`), so wherever bdtk is installed
-its fixtures are available in any test without an import:
-
-- `bdtk_register(*classes)`: register throwaway plugin classes (or a module/object with hookimpls)
-  for one test; they are unregistered afterwards.
-- `bdtk_isolated_plugins`: a fresh plugin manager for one test (after changing `BDTK_LOAD_PLUGINS`
-  or `sys.path`), and another one afterwards so nothing leaks.
-- `bdtk_spec`, `bdtk_device`, `bdtk_model`, `bdtk_images`, `bdtk_defense_data`: tiny inputs
-  (a 4-class 1×16×16 dataset of 64 random images, a barely-trained `small-cnn`).
-  `pytest --bdtk-device cuda` runs them (and the checks below, through `bdtk_device`) on a GPU.
-
-The checks run a plugin class against those tiny inputs and raise `ConformanceError` (an
-AssertionError) naming the broken rule: `check_attack`, `check_inverter`, `check_purifier`, or
-`check_plugin` to dispatch on the class's kind. Each first runs `check_config` (the config and
-metadata contract). They verify output types, shapes and ranges, that inputs the plugin must not
-touch are unchanged (the defense data; an inverter's model weights; an attack's input batch), and
-that outputs are on the device of the inputs.
+A check runs a plugin class against the tiny inputs of `inputs` and raises `ConformanceError`
+(an AssertionError, so every runner reports it as a failed test) naming the broken rule:
+`check_attack`, `check_inverter`, `check_purifier`, or `check_plugin` to dispatch on the class's
+kind. Each first runs `check_config` (the config and metadata contract). They verify output types,
+shapes and ranges, that inputs the plugin must not touch are unchanged (the defense data; an
+inverter's model weights; an attack's input batch), and that outputs are on the device of the
+inputs. The pytest fixtures live apart in `pytest_plugin`, so importing these checks never
+imports pytest.
 
 Fast settings: a check runs the plugin with `config` when given, else with the class attribute
 `conformance_config` (a dict of small values, e.g. `{"steps": 5}`) when the class defines one,
@@ -26,23 +17,19 @@ else with its defaults. Give slow methods a `conformance_config` so the registry
 
 from __future__ import annotations
 
-import functools
 import json
 import types
-from collections.abc import Callable, Iterator
-from typing import Any, Union, cast, get_args, get_origin
+from collections.abc import Callable
+from typing import Any, Union, get_args, get_origin
 
-import pytest
 import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from .config import StrictConfig, build_config
-from .data import DataSpec, DefenseData, ImageData, to_float
-from .hookspecs import hookimpl
-from .interfaces import (
+from ..config import StrictConfig, build_config
+from ..data import DataSpec, DefenseData, ImageData, to_float
+from ..interfaces import (
     Attack,
-    AttackConfig,
     AttackContext,
     InversionResult,
     Kind,
@@ -50,22 +37,20 @@ from .interfaces import (
     PoisonedTrainingSet,
     PurificationResult,
     Purifier,
-    TrainingSettings,
     TriggerInverter,
 )
-from .models import ImageClassifier, check_capabilities, create_model
-from .plugins import (
+from ..models import check_capabilities, create_model
+from ..plugins import (
+    IN_PROCESS,
+    PluginInfo,
+    ResolvedPlugin,
+    Source,
     check_plugin_class,
-    get_registry,
-    register_plugin,
-    reset_plugin_manager,
-    unregister_plugin,
+    create_attack,
+    create_inverter,
+    create_purifier,
 )
-from .training import train_classifier
-
-#: The tiny dataset every check uses unless given another spec: 4 classes, 1×16×16 images.
-TINY_SPEC = DataSpec("bdtk-tiny", 4, 1, 16, 16, (0.5,), (0.5,), hflip=False)
-TINY_SIZE = 64
+from .inputs import TINY_SPEC, tiny_defense_data, tiny_images, tiny_model, tiny_settings
 
 
 class ConformanceError(AssertionError):
@@ -74,51 +59,6 @@ class ConformanceError(AssertionError):
 
 def _fail(cls: type[Plugin], message: str) -> ConformanceError:
     return ConformanceError(f"{getattr(cls, 'name', cls.__qualname__)!s}: {message}")
-
-
-# --- tiny inputs -----------------------------------------------------------------------------
-
-
-def tiny_images(spec: DataSpec = TINY_SPEC, n: int = TINY_SIZE, seed: int = 0) -> ImageData:
-    """`n` random uint8 images with balanced labels."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, *spec.image_shape), generator=gen, dtype=torch.uint8)
-    return ImageData(images, torch.arange(n) % spec.num_classes)
-
-
-def tiny_defense_data(spec: DataSpec = TINY_SPEC, seed: int = 0) -> DefenseData:
-    """A defender's budget of 48 training and 16 validation images."""
-    data = tiny_images(spec, TINY_SIZE, seed)
-    index = torch.arange(TINY_SIZE)
-    return DefenseData(spec, data.subset(index[:48]), data.subset(index[48:]), index[:48], index[48:])
-
-
-def tiny_settings(device: torch.device, spec: DataSpec = TINY_SPEC) -> TrainingSettings:
-    return TrainingSettings(
-        epochs=1, batch_size=32, lr=0.05, weight_decay=0.0, augment=False, hflip=spec.hflip, device=device
-    )
-
-
-def tiny_model(
-    spec: DataSpec = TINY_SPEC, device: torch.device | None = None, seed: int = 0
-) -> ImageClassifier:
-    """A `small-cnn` after two SGD steps, so BatchNorm statistics and weights are not at their init.
-
-    Trained once per (spec, seed) on the CPU; each call returns a fresh copy on `device`.
-    """
-    model = create_model("small-cnn", spec)
-    model.load_state_dict(_tiny_weights(spec, seed))
-    return model.to(device or torch.device("cpu")).eval()
-
-
-@functools.cache
-def _tiny_weights(spec: DataSpec, seed: int) -> dict[str, Tensor]:
-    torch.manual_seed(seed)
-    model = create_model("small-cnn", spec)
-    data = tiny_images(spec, TINY_SIZE, seed + 1)
-    settings = tiny_settings(torch.device("cpu"), spec)
-    train_classifier(model, data.images, data.labels, settings, seed=seed, description="tiny")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # --- the config and metadata contract ---------------------------------------------------------
@@ -187,6 +127,14 @@ def _build(cls: type[Plugin], config: dict[str, Any] | None) -> StrictConfig:
     return build_config(cls.Config, _config_values(cls, config), f"{cls.kind} {cls.name!r}")
 
 
+def _resolved(cls: type[Plugin], kind: Kind, config: dict[str, Any] | None) -> ResolvedPlugin:
+    """`cls` and its validated config as the registry hands a choice to a factory, so the kit
+    instantiates a plugin the way the runner does, whether or not the class is registered."""
+    return ResolvedPlugin(
+        PluginInfo(kind, cls.name, cls, Source(cls.name, IN_PROCESS, "")), _build(cls, config)
+    )
+
+
 # --- helpers for the behavioural checks -------------------------------------------------------
 
 
@@ -252,8 +200,8 @@ def check_attack(
     """Prepare, trigger, poison, save/restore trigger state and fit one epoch on a tiny model."""
     device = device or torch.device("cpu")
     check_config(cls, "attack")
-    cfg = cast(AttackConfig, _build(cls, config))
-    attack = cls(cfg, spec, seed=0)
+    resolved = _resolved(cls, "attack", config)
+    attack = create_attack(resolved, spec=spec, seed=0)
     train = tiny_images(spec)
     settings = tiny_settings(device, spec)
     attack.prepare(AttackContext(spec, train, "small-cnn", settings, lambda: tiny_model(spec, device)))
@@ -292,7 +240,7 @@ def check_attack(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
         raise _fail(cls, "trigger_state must return a dict of str → Tensor.")
-    restored = cls(cfg, spec, seed=0)
+    restored = create_attack(resolved, spec=spec, seed=0)
     restored.load_trigger_state({k: v.detach().cpu().clone() for k, v in state.items()})
     if deterministic and not torch.allclose(restored.apply_trigger(x), triggered, atol=1e-5):
         raise _fail(
@@ -363,7 +311,7 @@ def check_inverter(
     """Invert every class (and a subset) of a tiny model; weights and defense data stay untouched."""
     device = device or torch.device("cpu")
     check_config(cls, "inverter")
-    inverter = cls(_build(cls, config), seed=0)
+    inverter = create_inverter(_resolved(cls, "inverter", config), seed=0)
     model = tiny_model(spec, device)
     data = tiny_defense_data(spec)
     weights, tensors = _snapshot(dict(model.state_dict())), _snapshot(_data_tensors(data))
@@ -417,7 +365,7 @@ def check_purifier(
     """Purify a tiny model; the defense data stays untouched and the result is a usable model."""
     device = device or torch.device("cpu")
     check_config(cls, "purifier")
-    purifier = cls(_build(cls, config), seed=0, device=device)
+    purifier = create_purifier(_resolved(cls, "purifier", config), seed=0, device=device)
     model = tiny_model(spec, device)
     check_capabilities(model, cls.meta.requires, f"Defense {cls.name!r}")
     data = tiny_defense_data(spec)
@@ -468,110 +416,3 @@ def check_plugin(
 ) -> Any:
     """Run the check that fits the class's kind."""
     return CHECKS[cls.kind](cls, config=config, spec=spec, device=device)
-
-
-# --- pytest plugin -----------------------------------------------------------------------------
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--bdtk-device", default="cpu", help="Device for bdtk conformance fixtures and checks (cpu, cuda, …)"
-    )
-
-
-@pytest.fixture
-def bdtk_device(request: pytest.FixtureRequest) -> torch.device:
-    """The device from `--bdtk-device` (default cpu); a missing GPU skips the test."""
-    device = torch.device(request.config.getoption("--bdtk-device"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("--bdtk-device cuda, but CUDA is not available")
-    return device
-
-
-@pytest.fixture
-def bdtk_spec() -> DataSpec:
-    return TINY_SPEC
-
-
-@pytest.fixture
-def bdtk_images() -> ImageData:
-    return tiny_images()
-
-
-@pytest.fixture
-def bdtk_defense_data() -> DefenseData:
-    return tiny_defense_data()
-
-
-@pytest.fixture
-def bdtk_model(bdtk_device: torch.device) -> ImageClassifier:
-    return tiny_model(TINY_SPEC, bdtk_device)
-
-
-class _Throwaway:
-    """Hands a fixed list of classes to whichever `register_*` hook fits each."""
-
-    def __init__(self, classes: tuple[type[Plugin], ...]) -> None:
-        self.classes = classes
-
-    def _of(self, base: type[Plugin], register: Callable[[type[Any]], None]) -> None:
-        for cls in self.classes:
-            if issubclass(cls, base):
-                register(cls)
-
-    @hookimpl
-    def register_attacks(self, register: Callable[[type[Any]], None]) -> None:
-        self._of(Attack, register)
-
-    @hookimpl
-    def register_inverters(self, register: Callable[[type[Any]], None]) -> None:
-        self._of(TriggerInverter, register)
-
-    @hookimpl
-    def register_purifiers(self, register: Callable[[type[Any]], None]) -> None:
-        self._of(Purifier, register)
-
-
-@pytest.fixture
-def bdtk_register() -> Iterator[Callable[..., str]]:
-    """`bdtk_register(*classes, name=None)` or `bdtk_register(plugin_object, name=...)`.
-
-    Registers plugin classes (or a module/object with `@hookimpl` functions) for this test only,
-    and returns the plugin's name. A class that fails the registry's checks fails the test at once.
-    """
-    names: list[str] = []
-
-    def register(*items: Any, name: str | None = None) -> str:
-        if items and all(isinstance(i, type) and issubclass(i, Plugin) for i in items):
-            plugin: object = _Throwaway(tuple(items))
-            name = name or "test-" + "-".join(i.name for i in items)
-        elif len(items) == 1 and name:
-            plugin = items[0]
-        else:
-            raise TypeError("bdtk_register takes plugin classes, or one hookimpl object and name=...")
-        register_plugin(plugin, name)
-        try:  # a clash or a malformed class is the test's failure, not the next test's
-            failures = [f for f in get_registry().failures if f.plugin == name]
-            if failures:
-                raise ConformanceError(f"plugin {name!r} failed to register: {failures[0].error}")
-        except BaseException:
-            unregister_plugin(name)
-            raise
-        names.append(name)
-        return name
-
-    yield register
-    for name in reversed(names):
-        unregister_plugin(name)
-
-
-@pytest.fixture
-def bdtk_isolated_plugins() -> Iterator[None]:
-    """Reset the process-wide plugin manager before and after the test.
-
-    The next lookup reloads entry points, so a test can first change `BDTK_LOAD_PLUGINS` (with
-    monkeypatch) or put a temporary distribution on `sys.path`.
-    """
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()

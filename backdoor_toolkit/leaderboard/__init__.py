@@ -1,0 +1,53 @@
+"""Leaderboards: views derived from the result store, never a source of truth of their own.
+
+Three concerns, one module each, so that a new export format or a change to the plot cannot
+change a rank: `aggregation` builds the ranked `Leaderboard` from stored `CellResult` rows
+(grouping, mean ± std over seeds, ranks), `tables` renders it as rich tables, Markdown, CSV, JSON
+and HTML, and `plot` draws the BA-versus-ASR scatter (SVG and PNG). The names below are the
+package's public face; import them from `backdoor_toolkit.leaderboard`.
+"""
+
+from __future__ import annotations
+
+from .aggregation import (
+    COLUMNS,
+    DERIVED,
+    PERCENT,
+    UNDEFENDED,
+    Board,
+    Entry,
+    Leaderboard,
+    Stat,
+    build_leaderboard,
+    describe_setting,
+    metric_info,
+)
+from .plot import OUTLINE, PALETTE, SHAPES, scatter_svg, write_png
+from .tables import EXPORTS, column_header, export, to_csv, to_html, to_json, to_markdown, to_rich
+
+__all__ = [
+    "COLUMNS",
+    "DERIVED",
+    "EXPORTS",
+    "OUTLINE",
+    "PALETTE",
+    "PERCENT",
+    "SHAPES",
+    "UNDEFENDED",
+    "Board",
+    "Entry",
+    "Leaderboard",
+    "Stat",
+    "build_leaderboard",
+    "column_header",
+    "describe_setting",
+    "export",
+    "metric_info",
+    "scatter_svg",
+    "to_csv",
+    "to_html",
+    "to_json",
+    "to_markdown",
+    "to_rich",
+    "write_png",
+]
