@@ -6,6 +6,7 @@ This module is the public API that plugins (built-in and third-party alike) impo
 from .config import StrictConfig, build_config
 from .data import DataSpec, DefenseData, ImageData, to_float
 from .errors import BdtkError, ConfigError, ModelRequirementError
+from .finetuning import FineTuneConfig, fine_tune
 from .hookspecs import hookimpl
 from .interfaces import (
     Attack,
@@ -19,9 +20,26 @@ from .interfaces import (
     Purifier,
     TriggerInverter,
 )
+from .inversion import (
+    MAD_CONSISTENCY,
+    InversionKeys,
+    anomaly_index,
+    flag_targets,
+    split_diagnostics,
+    stamp,
+    stamp_all,
+)
 from .metrics import accuracy, attack_scores, predict
 from .models import Capability, ImageClassifier, create_model
-from .plugins import create_inverter, get_attack, get_inverter, get_purifier, resolve_config
+from .plugins import (
+    create_attack,
+    create_inverter,
+    create_purifier,
+    get_attack,
+    get_inverter,
+    get_purifier,
+    resolve_config,
+)
 from .training import (
     BatchHook,
     LossFn,
@@ -37,6 +55,7 @@ from .training import (
 from .triggers import MaskTrigger, Trigger
 
 __all__ = [
+    "MAD_CONSISTENCY",
     "Attack",
     "AttackConfig",
     "AttackContext",
@@ -46,8 +65,10 @@ __all__ = [
     "ConfigError",
     "DataSpec",
     "DefenseData",
+    "FineTuneConfig",
     "ImageClassifier",
     "ImageData",
+    "InversionKeys",
     "InversionResult",
     "LossFn",
     "MaskTrigger",
@@ -62,13 +83,18 @@ __all__ = [
     "Trigger",
     "TriggerInverter",
     "accuracy",
+    "anomaly_index",
     "attack_scores",
     "augment_batch",
     "build_config",
     "check_finite",
+    "create_attack",
     "create_inverter",
     "create_model",
+    "create_purifier",
     "cross_entropy_loss",
+    "fine_tune",
+    "flag_targets",
     "get_attack",
     "get_inverter",
     "get_purifier",
@@ -78,6 +104,9 @@ __all__ = [
     "preferred_memory_format",
     "resolve_config",
     "seed_everything",
+    "split_diagnostics",
+    "stamp",
+    "stamp_all",
     "to_float",
     "train_classifier",
 ]

@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 
@@ -27,10 +27,10 @@ from .config import BenchmarkConfig, PluginChoice, config_hash
 from .console import console
 from .data import Dataset, DefenseData, dataset_spec, draw_defense_data, load_dataset, stratified_subset
 from .errors import BdtkError, UnknownNameError
-from .interfaces import Attack, AttackConfig, Purifier
+from .interfaces import Purifier
 from .metrics import Scores, attack_scores, der, measure
 from .models import available_models, check_capabilities, create_model
-from .plugins import PluginInfo, ResolvedPlugin, resolve_plugin
+from .plugins import PluginInfo, ResolvedPlugin, create_attack, create_purifier, resolve_plugin
 from .results import SCHEMA_VERSION, CellResult, Provenance, jsonable
 from .training import check_finite, resolve_device, seed_everything, torch_threads
 
@@ -56,15 +56,9 @@ def validate(config: BenchmarkConfig) -> ResolvedGrid:
     for spec in specs:
         for attack in resolved.attacks:
             # instantiating checks trigger parameters against the dataset
-            _attack_class(attack.info)(cast(AttackConfig, attack.config), spec, seed=config.seeds[0])
+            create_attack(attack, spec=spec, seed=config.seeds[0])
     resolve_device(config.device)
     return resolved
-
-
-def _attack_class(info: PluginInfo) -> type[Attack]:
-    cls = info.cls
-    assert issubclass(cls, Attack)
-    return cls
 
 
 def load_run_dataset(config: BenchmarkConfig, name: str | None = None) -> Dataset:
@@ -226,9 +220,7 @@ def _prepare_victim(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
     dataset = grid_dataset(config, plan.dataset)
     device = resolve_device(config.device)
     cache = ArtifactCache(Path(config.cache_dir) if config.cache_dir else None)
-    attack = _attack_class(plan.attack.info)(
-        cast(AttackConfig, plan.attack.config), dataset.spec, seed=plan.seed
-    )
+    attack = create_attack(plan.attack, spec=dataset.spec, seed=plan.seed)
     victim = backdoored_model(dataset, plan.model, attack, config.training, device, cache)
     before = attack_scores(victim.model, dataset.test, attack.apply_trigger, attack.target_labels, device)
     return VictimState(
@@ -243,9 +235,7 @@ def _prepare_victim(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
 
 def _restore(config: BenchmarkConfig, plan: VictimPlan, state: VictimState) -> BackdooredModel:
     dataset = grid_dataset(config, plan.dataset)
-    attack = _attack_class(plan.attack.info)(
-        cast(AttackConfig, plan.attack.config), dataset.spec, seed=plan.seed
-    )
+    attack = create_attack(plan.attack, spec=dataset.spec, seed=plan.seed)
     attack.load_trigger_state(state.trigger_state)
     model = create_model(plan.model, dataset.spec)
     model.load_state_dict(state.model_state)
@@ -306,9 +296,7 @@ def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: 
         data = draw_defense_data(
             dataset, state.poisoned_index, config.clean_ratio, config.val_fraction, plan.seed
         )
-        pcls = defense.info.cls
-        assert issubclass(pcls, Purifier)
-        purifier = pcls(defense.config, seed=plan.seed, device=device)
+        purifier = create_purifier(defense, seed=plan.seed, device=device)
         result, cost = run_defense(purifier, victim, data, device)
         check_finite(result.model, f"defense {defense.label!r}")
         attack = victim.attack

@@ -41,8 +41,8 @@ def register_attacks(register: Register) -> None:
         register: takes one `Attack` subclass; its `name` must be unique among attacks.
 
     Called once, when the registry is first needed (the first lookup or listing). An attack is
-    then instantiated per run as `cls(config, spec, seed=seed)`, with `config` validated from
-    `cls.Config` and `spec` the dataset's `DataSpec`.
+    then instantiated per run by `create_attack` as `cls(config, spec, seed=seed)`, with `config`
+    validated from `cls.Config` and `spec` the dataset's `DataSpec`.
     """
 
 
@@ -53,8 +53,9 @@ def register_inverters(register: Register) -> None:
     Arguments:
         register: takes one `TriggerInverter` subclass; its `name` must be unique among inverters.
 
-    Called once, when the registry is first needed. Inverters are instantiated as
-    `cls(config, seed=seed)`; purifiers that need one look it up by name with `get_inverter`.
+    Called once, when the registry is first needed. Inverters are instantiated by
+    `create_inverter` as `cls(config, seed=seed)`; a purifier that needs one builds it by name (or
+    `NAME:PRESET`) with `create_inverter`.
     """
 
 
@@ -67,8 +68,8 @@ def register_purifiers(register: Register) -> None:
             the name used by `bdtk benchmark --defense NAME`.
 
     Called once, when the registry is first needed. A purifier is instantiated per benchmark cell
-    as `cls(config, seed=seed, device=device)` and its `purify(model, data)` receives a copy of the
-    backdoored model and the defender's clean budget.
+    by `create_purifier` as `cls(config, seed=seed, device=device)` and its `purify(model, data)`
+    receives a copy of the backdoored model and the defender's clean budget.
     """
 
 

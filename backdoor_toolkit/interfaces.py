@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import StrictConfig
 from .data import DataSpec, DefenseData, ImageData
+from .inversion import InversionKeys
 from .models import Capability, ImageClassifier
 from .training import BatchHook, TrainingSettings, augment_batch, train_classifier
 from .triggers import MaskTrigger
@@ -137,16 +138,20 @@ class Attack(Plugin):
             return (labels + 1) % self.spec.num_classes
         return torch.full_like(labels, self.config.target)
 
-    def victim_mask(self, labels: Tensor) -> Tensor:
-        """Which test images count for ASR/RA: those whose target differs from their class."""
+    def non_target_mask(self, labels: Tensor) -> Tensor:
+        """Which images the backdoor can act on (and ASR/RA count): target differs from class."""
         return self.target_labels(labels) != labels
+
+    def victim_mask(self, labels: Tensor) -> Tensor:
+        """Deprecated name of `non_target_mask` ("victim" means the backdoored model)."""
+        return self.non_target_mask(labels)
 
     def prepare(self, context: AttackContext) -> None:
         """Build trigger state before poisoning (e.g. optimise a Trojan patch); default: nothing."""
 
     def poison_candidates(self, labels: Tensor) -> Tensor:
         """Indices that may be poisoned: non-target samples (target-class ones for clean-label)."""
-        return torch.nonzero(self.victim_mask(labels)).squeeze(1)
+        return torch.nonzero(self.non_target_mask(labels)).squeeze(1)
 
     def choose_poisoned(self, labels: Tensor) -> Tensor:
         """Draw `poison_rate × N` indices once with the seed."""
@@ -214,7 +219,12 @@ class AttackContext:
 
 @dataclass
 class InversionResult:
-    """Per-class recovered triggers, their anomaly scores and the flagged target classes."""
+    """Per-class recovered triggers, their anomaly scores and the flagged target classes.
+
+    `diagnostics` holds what the inverter wants to explain (JSON-serialisable); keys with a shared
+    meaning (per-class λ and steps, the scan's cost) are spelled as in `InversionKeys`, and a list
+    with one plain value per class is shown as a column by `bdtk inspect`.
+    """
 
     classes: list[int]
     masks: Tensor  # (K, 1, H, W) in [0, 1]
@@ -234,6 +244,24 @@ class InversionResult:
         """Classes from the most to the least suspicious (smallest mask norm first)."""
         order = torch.argsort(self.mask_norms)
         return [self.classes[int(i)] for i in order]
+
+    def summary(self) -> dict[str, Any]:
+        """The inversion as a purifier records it in its diagnostics, under `InversionKeys`.
+
+        Per-class numbers rounded to 4 decimals (a stored row explains a result, it does not
+        reproduce it) and the inverter's scan-cost keys, where it wrote them. Every purifier that
+        runs an inverter records it this way, so rows of different defenses read alike.
+        """
+        k = InversionKeys
+        return {
+            k.CLASSES: list(self.classes),
+            k.FLAGGED: list(self.flagged),
+            k.ANOMALY_INDEX: [round(float(v), 4) for v in self.anomaly_index],
+            k.MASK_NORMS: [round(float(v), 4) for v in self.mask_norms],
+            k.ATTACK_SUCCESS: [round(float(v), 4) for v in self.attack_success],
+            k.SECONDS: self.seconds,
+            **{key: self.diagnostics[key] for key in k.SCAN if key in self.diagnostics},
+        }
 
 
 class TriggerInverter(Plugin):

@@ -17,9 +17,11 @@ later one is left out of plain-name lookups and reported as a `LoadFailure` nami
 reachable as `DIST/NAME` (e.g. `bdtk-clp/clp`).
 
 A plugin is chosen as `NAME`, `DIST/NAME`, or either with `:PRESET`; `resolve_config` (and
-`resolve_plugin`, `create_inverter`) turn that and explicit values into the plugin's validated
-config, always in one order: the Config's defaults, then the preset's values, then the explicit
-values.
+`resolve_plugin`) turn that and explicit values into the plugin's validated config, always in one
+order: the Config's defaults, then the preset's values, then the explicit values. The factories
+`create_attack`, `create_inverter` and `create_purifier` resolve a choice the same way (or take a
+`ResolvedPlugin`) and return a typed instance, so no caller looks a class up and instantiates it by
+hand.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+import torch
 from pydantic import ValidationError
 
 from . import hookspecs
 from .config import PRESET_SEPARATOR, StrictConfig, build_config, join_preset, split_preset
+from .data import DataSpec
 from .errors import BdtkError, ConfigError, PluginUnavailableError, UnknownNameError, UnknownPresetError
-from .interfaces import Attack, Kind, Plugin, PluginMeta, Preset, Purifier, TriggerInverter
+from .interfaces import Attack, AttackConfig, Kind, Plugin, PluginMeta, Preset, Purifier, TriggerInverter
 
 ENTRY_POINT_GROUP = "bdtk"
 LOAD_ENV = "BDTK_LOAD_PLUGINS"
@@ -528,7 +532,7 @@ def get_plugin(kind: Kind, name: str) -> PluginInfo:
             raise BdtkError(
                 f"{kind} {name!r} selects a preset of {base!r}; resolve it with "
                 f"resolve_config({kind!r}, {name!r})"
-                + (f" or create_inverter({name!r})" if kind == "inverter" else "")
+                + f" or create_{kind}({name!r}{', spec=...' if kind == 'attack' else ''})"
                 + ", not with a lookup by name alone."
             )
         raise _missing(registry, kind, name, (kind,))
@@ -612,19 +616,99 @@ def resolve_config(
     return resolve_plugin(kind, name, preset, overrides, where=where).config
 
 
+def _chosen(
+    kind: Kind, choice: str | ResolvedPlugin, config: Mapping[str, Any] | None, where: str | None
+) -> ResolvedPlugin:
+    """`choice` resolved (defaults ⊕ preset ⊕ `config`), or as given when already resolved.
+
+    A `ResolvedPlugin` carries its config already: values passed beside it would have to be merged
+    over a config whose preset and overrides are no longer told apart, so they are refused.
+    """
+    if not isinstance(choice, ResolvedPlugin):
+        return resolve_plugin(kind, choice, overrides=config, where=where)
+    if config is not None:
+        raise TypeError(f"{choice.label!r} is already resolved; pass config values when resolving it.")
+    if choice.info.kind != kind:
+        raise BdtkError(f"create_{kind} was given {choice.info.kind} {choice.label!r}; it creates {kind}s.")
+    return choice
+
+
+# `info.cls` typed as its interface (one function per kind: mypy refuses an abstract class as a
+# `type[T]` argument). Registration has checked the class, so these never fail for a registered one.
+
+
+def _attack_class(info: PluginInfo) -> type[Attack]:
+    if not issubclass(cls := info.cls, Attack):
+        raise _not_a(info, Attack)
+    return cls
+
+
+def _inverter_class(info: PluginInfo) -> type[TriggerInverter]:
+    if not issubclass(cls := info.cls, TriggerInverter):
+        raise _not_a(info, TriggerInverter)
+    return cls
+
+
+def _purifier_class(info: PluginInfo) -> type[Purifier]:
+    if not issubclass(cls := info.cls, Purifier):
+        raise _not_a(info, Purifier)
+    return cls
+
+
+def _not_a(info: PluginInfo, base: type[Plugin]) -> PluginError:
+    return PluginError(f"{info.kind} {info.name!r} is {info.cls!r}, not a {base.__name__} subclass.")
+
+
+def create_attack(
+    choice: str | ResolvedPlugin,
+    config: Mapping[str, Any] | None = None,
+    *,
+    spec: DataSpec,
+    seed: int = 0,
+    where: str | None = None,
+) -> Attack:
+    """The attack chosen by `NAME`, `NAME:PRESET` or `DIST/NAME` (with `config` over the preset's
+    values), or by a `ResolvedPlugin` the caller already holds, instantiated for `spec`.
+
+    Instantiating checks the trigger's parameters against the dataset (`Attack.validate_for`) and
+    raises ConfigError, so the runner calls it once per dataset before anything trains.
+    """
+    resolved = _chosen("attack", choice, config, where)
+    settings = resolved.config
+    if not isinstance(settings, AttackConfig):  # registration requires Config ⊆ AttackConfig
+        raise PluginError(f"attack {resolved.label!r}: its config is not an AttackConfig.")
+    return _attack_class(resolved.info)(settings, spec, seed=seed)
+
+
 def create_inverter(
-    choice: str, config: Mapping[str, Any] | None = None, *, seed: int = 0, where: str | None = None
+    choice: str | ResolvedPlugin,
+    config: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    where: str | None = None,
 ) -> TriggerInverter:
-    """An inverter chosen by `NAME` or `NAME:PRESET` (e.g. a purifier's `inverter` field), with
-    `config` over the preset's values.
+    """An inverter chosen by `NAME`, `NAME:PRESET` or `DIST/NAME` (e.g. a purifier's `inverter`
+    field), with `config` over the preset's values, or by a `ResolvedPlugin`.
 
     The one place where a plugin's config names another plugin, so that every purifier that runs
     an inverter accepts the same syntax and resolves it in the same order.
     """
-    resolved = resolve_plugin("inverter", choice, overrides=config, where=where)
-    cls = resolved.info.cls
-    assert issubclass(cls, TriggerInverter)
-    return cls(resolved.config, seed=seed)
+    resolved = _chosen("inverter", choice, config, where)
+    return _inverter_class(resolved.info)(resolved.config, seed=seed)
+
+
+def create_purifier(
+    choice: str | ResolvedPlugin,
+    config: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    device: torch.device | None = None,
+    where: str | None = None,
+) -> Purifier:
+    """The purifier chosen by `NAME`, `NAME:PRESET` or `DIST/NAME` (with `config` over the preset's
+    values), or by a `ResolvedPlugin`, to run on `device` (default: the CPU)."""
+    resolved = _chosen("purifier", choice, config, where)
+    return _purifier_class(resolved.info)(resolved.config, seed=seed, device=device)
 
 
 def find_plugins(name: str) -> list[PluginInfo]:
@@ -638,18 +722,15 @@ def find_plugins(name: str) -> list[PluginInfo]:
 
 
 def get_attack(name: str) -> type[Attack]:
-    cls = get_plugin("attack", name).cls
-    assert issubclass(cls, Attack)
-    return cls
+    """The attack class `NAME` (or `DIST/NAME`); `create_attack` also resolves presets and configs."""
+    return _attack_class(get_plugin("attack", name))
 
 
 def get_inverter(name: str) -> type[TriggerInverter]:
-    cls = get_plugin("inverter", name).cls
-    assert issubclass(cls, TriggerInverter)
-    return cls
+    """The inverter class `NAME` (or `DIST/NAME`); `create_inverter` also resolves presets and configs."""
+    return _inverter_class(get_plugin("inverter", name))
 
 
 def get_purifier(name: str) -> type[Purifier]:
-    cls = get_plugin("purifier", name).cls
-    assert issubclass(cls, Purifier)
-    return cls
+    """The purifier class `NAME` (or `DIST/NAME`); `create_purifier` also resolves presets and configs."""
+    return _purifier_class(get_plugin("purifier", name))

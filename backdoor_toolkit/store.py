@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -106,10 +106,7 @@ class ResultStore:
         except sqlite3.Error as exc:
             raise _explain(self.path, exc) from None
         try:
-            self._prepare()
-        except sqlite3.Error as exc:
-            self._db.close()
-            raise _explain(self.path, exc) from None
+            self._retrying(self._prepare)
         except StoreError:
             self._db.close()
             raise
@@ -136,8 +133,11 @@ class ResultStore:
         return self.path.with_name(self.path.name + ".unsaved.jsonl")
 
     def _prepare(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.Error as exc:
+            raise _explain(self.path, exc) from None
         if "cells" in tables:
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -187,14 +187,23 @@ class ResultStore:
             row.provenance.date,
             row.model_dump_json(),
         )
+
+        def write() -> None:
+            with self._transaction():
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO cells VALUES ({', '.join('?' * len(values))})", values
+                )
+
+        self._retrying(write)
+
+    def _retrying(self, action: Callable[[], None]) -> None:
+        """Run `action`, retrying with back-off (0.25 s doubling to 8 s) while the database is
+        locked by another writer, for up to `retry_seconds`; then the StoreError stands."""
         delay, waited = 0.25, 0.0
         while True:
             try:
-                with self._transaction():
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._db.execute(
-                        f"INSERT OR REPLACE INTO cells VALUES ({', '.join('?' * len(values))})", values
-                    )
+                action()
                 return
             except StoreError as exc:
                 if not _busy(exc) or waited >= self.retry_seconds:

@@ -20,8 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),
     ("data", "triggers", "artifacts"),
     ("models",),
-    ("training", "metrics"),
-    ("interfaces",),
+    ("training", "metrics", "inversion"),
+    ("interfaces", "finetuning"),
     ("plugins",),
     ("backdoor", "suites", "testing"),
     ("results",),
@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("leaderboard",),
     ("cli",),
 ]
-"""Lowest first. A subpackage (models, cli) is one unit: its modules may import each other."""
+"""Lowest first. A subpackage (models, leaderboard, testing, cli) is one unit: its modules may
+import each other."""
 
 
 def _unit(module: str) -> str:

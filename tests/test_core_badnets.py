@@ -47,7 +47,7 @@ def test_all_to_all_targets_next_class() -> None:
     attack = _badnets(mode="all-to-all")
     y = torch.tensor([0, 4, 9])
     assert attack.target_labels(y).tolist() == [1, 5, 0]
-    assert attack.victim_mask(y).all()
+    assert attack.non_target_mask(y).all() and attack.victim_mask(y).all()
 
 
 @pytest.mark.parametrize(

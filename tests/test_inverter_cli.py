@@ -1,22 +1,43 @@
-"""`bdtk inspect` on a model file: table, PNG, triggers and JSON; bad input → one clear message."""
+"""`bdtk inspect` on a model file: table, PNG, triggers and JSON for any inverter; `--set` routing;
+bad input → one clear message."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from pydantic import Field
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from backdoor_toolkit import (
+    ConfigError,
+    DefenseData,
+    ImageClassifier,
+    InversionKeys,
+    InversionResult,
+    PluginMeta,
+    StrictConfig,
+    TriggerInverter,
+)
 from backdoor_toolkit.cli import app
+from backdoor_toolkit.cli.common import split_settings
+from backdoor_toolkit.cli.inspect import _attack_settings_by_old_spelling
 from backdoor_toolkit.data import dataset_spec
 from backdoor_toolkit.models import create_model
 
 runner = CliRunner()
 TINY = ["--dataset", "fashion-mnist", "--train-size", "200", "--test-size", "100", "--clean-ratio", "0.25"]
-FAST = ["--steps", "2", "--option", "batch_size=4", "--option", "eval_images=8", "--device", "cpu"]
+FAST = ["--steps", "2", "--set", "batch_size=4", "--set", "neural-cleanse.eval_images=8", "--device", "cpu"]
+Register = Callable[..., str]
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +55,7 @@ def test_inspect_a_model_file_writes_png_triggers_and_json(model_file: Path, tmp
     args = ["inspect", "--model-file", str(model_file), "--model", "small-cnn", *TINY, *FAST]
     result = runner.invoke(app, [*args, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "anomaly index" in result.output and "Inversion took" in result.output
+    assert "Trigger inversion by neural-cleanse" in result.output and "Inversion took" in result.output
     report = json.loads((tmp_path / "inspect.json").read_text())
     assert report["classes"] == list(range(10)) and len(report["mask_norms"]) == 10
     assert report["detected"] == bool(report["flagged"])
@@ -63,7 +84,14 @@ def test_known_target_and_class_subset(model_file: Path, tmp_path: Path) -> None
         (["--model-file", "missing.safetensors"], "does not exist"),
         (["--model-file", "{model}", "--model", "wrn-16-1"], "does not hold 'wrn-16-1' weights"),
         (["--model-file", "{model}", "--model", "small-cnn", "--class", "12"], "out of range"),
-        (["--model-file", "{model}", "--model", "small-cnn", "--option", "stepz=3"], "stepz"),
+        (["--model-file", "{model}", "--model", "small-cnn", "--set", "stepz=3"], "stepz"),
+        (["{model}", "--model-file", "{model}"], "as MODEL_FILE or as --model-file, not both"),
+        (
+            ["{model}", "--model", "small-cnn", "--set", "badnets.poison_rate=0.2"],
+            "no plugin named 'badnets'",
+        ),
+        (["{model}", "--model", "small-cnn", "--set", "steps"], "--set expects PLUGIN.FIELD=VALUE"),
+        (["{model}", "--model", "small-cnn", "--inverter", "nural-cleanse"], "Did you mean"),
     ],
 )
 def test_bad_input_is_one_clear_message(model_file: Path, extra: list[str], message: str) -> None:
@@ -72,3 +100,107 @@ def test_bad_input_is_one_clear_message(model_file: Path, extra: list[str], mess
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+# --- any inverter, the positional model file, one spelling of settings ---------------------------
+
+
+class EchoConfig(StrictConfig):
+    scale: float = Field(default=1.0, gt=0, le=100, description="Multiplies every mask norm")
+
+
+class EchoInverter(TriggerInverter):
+    """Flags the last class; writes a per-class diagnostic, a scan cost and a free-form note."""
+
+    name = "echo-inverter"
+    Config = EchoConfig
+    config: EchoConfig
+    meta = PluginMeta(summary="test-only inverter with its own diagnostics")
+
+    def invert(
+        self, model: ImageClassifier, data: DefenseData, classes: list[int] | None = None
+    ) -> InversionResult:
+        chosen = list(range(data.spec.num_classes)) if classes is None else classes
+        k, (c, h, w) = len(chosen), data.spec.image_shape
+        norms = torch.arange(k, 0, -1).float() * self.config.scale
+        return InversionResult(
+            chosen,
+            torch.zeros(k, 1, h, w),
+            torch.zeros(k, c, h, w),
+            norms,
+            torch.full((k,), 0.5),
+            torch.linspace(0, 3, k),
+            [chosen[-1]],
+            diagnostics={
+                "wobble": [i % 2 == 0 for i in range(k)],
+                InversionKeys.CLASS_STEPS: 12_345,
+                "note": "echoed",
+            },
+        )
+
+
+def test_inspect_prints_any_registered_inverter_by_name(
+    bdtk_register: Register, model_file: Path, tmp_path: Path
+) -> None:
+    bdtk_register(EchoInverter)
+    args = ["inspect", str(model_file), "--model", "small-cnn", *TINY, "--device", "cpu"]
+    result = runner.invoke(
+        app, [*args, "--inverter", "echo-inverter", "--set", "scale=2", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    text = one_line(result.output)
+    assert "Trigger inversion by echo-inverter" in text and "Neural Cleanse" not in text
+    assert "wobble" in text and "attack success" in text  # its per-class extra is a column
+    assert "Flagged target class(es): 9" in text
+    assert "12,345 class-steps" in text and "note: echoed" in text
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    assert report["inverter"] == "echo-inverter" and report["inverter_config"] == {"scale": 2.0}
+    assert report["mask_norms"][0] == 20.0 and report["flagged"] == [9]
+
+
+def test_inspect_a_positional_model_file_needs_no_attack(model_file: Path, tmp_path: Path) -> None:
+    args = ["inspect", str(model_file), "--model", "small-cnn", *TINY, *FAST, "--class", "1"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Trigger inversion by neural-cleanse" in one_line(result.output)
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    assert report["model_file"] == str(model_file) and "attack" not in report
+    assert report["classes"] == [1] and report["inverter_config"]["batch_size"] == 4
+
+
+def test_option_o_still_works_with_a_deprecation_notice(model_file: Path, tmp_path: Path) -> None:
+    base = ["inspect", str(model_file), "--model", "small-cnn", *TINY, "--steps", "2", "--device", "cpu"]
+    result = runner.invoke(
+        app, [*base, "-o", "batch_size=3", "--option", "eval_images=8", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    text = one_line(result.output)
+    assert text.count("-o/--option is deprecated") == 1 and "use --set FIELD=VALUE" in text
+    config = json.loads((tmp_path / "inspect.json").read_text())["inverter_config"]
+    assert (config["batch_size"], config["eval_images"]) == (3, 8)
+    plain = runner.invoke(app, [*base, "--set", "batch_size=3", "--out", str(tmp_path)])
+    assert plain.exit_code == 0 and "deprecated" not in plain.output
+
+
+def test_set_is_sorted_by_plugin_name_or_name_and_preset() -> None:
+    items = ["steps=3", "neural-cleanse.lr=0.5", "badnets:x.poison_rate=0.2", "badnets.mode=all-to-all"]
+    assert split_settings(items, ["neural-cleanse:k-arm", "badnets:x"], default="neural-cleanse:k-arm") == {
+        "neural-cleanse:k-arm": {"steps": 3, "lr": 0.5},
+        "badnets:x": {"poison_rate": 0.2, "mode": "all-to-all"},
+    }
+    with pytest.raises(ConfigError, match=r"no plugin named 'nc'.*'neural-cleanse'"):
+        split_settings(["nc.steps=3"], ["neural-cleanse"], default="neural-cleanse")
+
+
+def test_attack_settings_in_the_old_spelling_still_reach_the_attack(capsys: Any) -> None:
+    """Before FIELD alone meant the inverter, `inspect --set FIELD=VALUE` set the attack."""
+    out = _attack_settings_by_old_spelling(["poison_rate=0.2", "steps=3"], "badnets", "neural-cleanse")
+    assert out == ["badnets.poison_rate=0.2", "steps=3"]
+    assert "deprecated" in one_line(capsys.readouterr().err)
+    with pytest.raises(
+        ConfigError, match="both attack 'badnets' and inverter 'neural-cleanse' have 'target'"
+    ):
+        _attack_settings_by_old_spelling(["target=3"], "badnets", "neural-cleanse")
+    assert _attack_settings_by_old_spelling(["badnets.target=3"], "badnets", "neural-cleanse") == [
+        "badnets.target=3"
+    ]

@@ -268,3 +268,52 @@ def test_sigterm_and_unexpected_errors_end_in_one_line(capsys: Any) -> None:
         assert stopped.value.exit_code == code
         assert words in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
+
+
+def test_concurrent_store_writers_lose_nothing(tmp_path: Path) -> None:
+    """Four processes' worth of writers (threads with their own connections) on one database,
+    one of them holding the write lock for longer than SQLite's busy timeout: every row lands."""
+    import threading
+
+    path = tmp_path / "r.sqlite"
+    template = _row()
+    ResultStore(path).close()
+    errors: list[BaseException] = []
+
+    def writer(worker: int) -> None:
+        try:
+            with ResultStore(path, timeout=0.05, retry_seconds=20) as store:
+                for i in range(20):
+                    row = template.model_copy(update={"config_hash": f"{worker:02d}{i:014d}", "seed": i})
+                    assert store.put_or_keep(row) is None
+        except BaseException as exc:  # collected: an assertion in a thread would vanish
+            errors.append(exc)
+
+    hog = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    hog.execute("BEGIN EXCLUSIVE")
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    threading.Event().wait(0.3)  # longer than the writers' busy timeout
+    hog.execute("ROLLBACK")
+    hog.close()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    with ResultStore(path) as store:
+        assert len(store) == 80 and not store.unsaved_path.exists()
+
+
+def test_every_given_flag_reaches_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-d NAME` keeps the file's settings for NAME; --train-size, --threads and zeros are honoured."""
+    seen: list[Any] = []
+    monkeypatch.setattr(
+        "backdoor_toolkit.cli.benchmark.run_benchmark", lambda cfg, **kw: seen.append(cfg) or []
+    )
+    config = _config(tmp_path, defenses=[{"name": "finetune", "config": {"epochs": 1}}, "nad"])
+    args = ["benchmark", "--config", str(config), "--db", str(tmp_path / "r.sqlite"), "-d", "finetune"]
+    result = runner.invoke(app, [*args, "--train-size", "300", "--threads", "1", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert [(d.name, d.config) for d in cfg.defenses] == [("finetune", {"epochs": 1})]
+    assert (cfg.train_size, cfg.threads, cfg.seeds) == (300, 1, [0])

@@ -14,7 +14,17 @@ from ..console import console
 from ..data import ImageData, to_float
 from ..metrics import attack_scores
 from ..training import resolve_device
-from .common import app, parse_settings, user_errors
+from .common import (
+    CacheDirOption,
+    DataDirOption,
+    DeviceOption,
+    DownloadOption,
+    SeedOption,
+    SetOption,
+    app,
+    split_settings,
+    user_errors,
+)
 from .victim import load_victim, victim_config
 
 
@@ -55,19 +65,17 @@ def attack(
     attack: Annotated[
         str, typer.Option("--attack", "-a", help="Attack plugin, NAME or NAME:PRESET (see `bdtk plugins`)")
     ],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Attack setting FIELD=VALUE (repeatable)")
-    ] = None,
+    set_: SetOption = None,
     dataset: Annotated[str, typer.Option(help="Dataset name (see `bdtk datasets`)")] = "fashion-mnist",
     model: Annotated[str, typer.Option(help="Model name (see `bdtk models`)")] = "wrn-16-1",
-    seed: Annotated[int, typer.Option(help="Seed of poisoning and training")] = 0,
+    seed: SeedOption = 0,
     epochs: Annotated[int | None, typer.Option(help="Training epochs")] = None,
     train_size: Annotated[int | None, typer.Option(help="Stratified training subset size")] = None,
     test_size: Annotated[int | None, typer.Option(help="Stratified test subset size")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
-    data_dir: Annotated[str | None, typer.Option(help="Root of torchvision-format datasets")] = None,
-    download: Annotated[bool, typer.Option(help="Let torchvision download missing datasets")] = False,
-    cache_dir: Annotated[str | None, typer.Option(help="Artifact cache directory")] = None,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    download: DownloadOption = False,
+    cache_dir: CacheDirOption = None,
     grid: Annotated[Path, typer.Option(help="PNG of clean vs triggered test images")] = Path(
         "bdtk-results/trigger.png"
     ),
@@ -77,7 +85,7 @@ def attack(
     cfg = victim_config(
         "attack",
         attack,
-        parse_settings(set_ or [], attack),
+        split_settings(set_ or [], [attack], default=attack)[attack],
         epochs,
         dataset=dataset,
         model=model,

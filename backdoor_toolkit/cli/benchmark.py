@@ -18,7 +18,20 @@ from ..executors import EXECUTORS, get_executor
 from ..results import CellResult, write_results
 from ..store import ResultStore
 from ..suites import available_suites, load_suite
-from .common import Terminated, app, check_writable, parse_value, terminate_as_interrupt, user_errors
+from .common import (
+    CacheDirOption,
+    DataDirOption,
+    DeviceOption,
+    DownloadOption,
+    SeedsOption,
+    SetOption,
+    Terminated,
+    app,
+    check_writable,
+    parse_value,
+    terminate_as_interrupt,
+    user_errors,
+)
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
@@ -55,6 +68,17 @@ def _choices(names: list[str], option: str) -> list[dict[str, Any]]:
     return [_choice(n, f"{option} {n!r}") for n in names]
 
 
+def _keep_file_config(chosen: list[dict[str, Any]], from_file: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`-d NAME` picks which plugins run; the settings a config file or suite gives that same
+    choice (same name and preset) still apply, rather than being dropped without a word."""
+    for choice in chosen:
+        for given in from_file:
+            if (given["name"], given.get("preset")) == (choice["name"], choice.get("preset")):
+                choice["config"] = {**given.get("config", {}), **choice.get("config", {})}
+                break
+    return chosen
+
+
 @app.command()
 @user_errors
 def benchmark(
@@ -72,20 +96,26 @@ def benchmark(
     model: Annotated[
         list[str] | None, typer.Option("--model", help="Model name (repeatable; see `bdtk models`)")
     ] = None,
-    seed: Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable)")] = None,
+    seed: SeedsOption = None,
+    train_size: Annotated[
+        int | None, typer.Option(help="Seeded, class-stratified subset of the training set (a quick trial)")
+    ] = None,
+    test_size: Annotated[
+        int | None, typer.Option(help="Seeded, class-stratified subset of the test set")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs to train the backdoored model")] = None,
     clean_ratio: Annotated[
         float | None, typer.Option(help="Defender's clean budget (share of train)")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = None,
+    device: DeviceOption = None,
     threads: Annotated[
         int | None,
         typer.Option(help="torch CPU threads per cell, wherever it runs; part of each cell's identity"),
     ] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Root of torchvision-format datasets")] = None,
-    download: Annotated[bool, typer.Option(help="Let torchvision download missing datasets")] = False,
+    data_dir: DataDirOption = None,
+    download: DownloadOption = False,
     output: Annotated[str | None, typer.Option(help="Results JSON path")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Artifact cache directory")] = None,
+    cache_dir: CacheDirOption = None,
     config: Annotated[Path | None, typer.Option(help="TOML/JSON file with BenchmarkConfig fields")] = None,
     suite: Annotated[
         str | None,
@@ -99,14 +129,7 @@ def benchmark(
     ray_address: Annotated[
         str | None, typer.Option(help="Existing Ray cluster (HOST:PORT, ray://…, auto) for --executor ray")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="Plugin setting PLUGIN.FIELD=VALUE, over any preset; PLUGIN is NAME or NAME:PRESET "
-            "(repeatable)",
-        ),
-    ] = None,
+    set_: SetOption = None,
 ) -> None:
     """Run a grid: train (or load) backdoored models, run each defense, store every cell.
 
@@ -126,9 +149,9 @@ def benchmark(
             raise ConfigError(f"`{section}` must be a list of plugins (NAME, NAME:PRESET or tables).")
         values[section] = [_choice(v, f"{section}[{i}]") for i, v in enumerate(values[section])]
     if attack:
-        values["attacks"] = _choices(attack, "--attack")
+        values["attacks"] = _keep_file_config(_choices(attack, "--attack"), values["attacks"])
     if defense:
-        values["defenses"] = _choices(defense, "--defense")
+        values["defenses"] = _keep_file_config(_choices(defense, "--defense"), values["defenses"])
     for one, many, given in (("dataset", "datasets", dataset), ("model", "models", model)):
         if given:
             values.pop(one, None)
@@ -136,6 +159,8 @@ def benchmark(
             values.update({one: given[0]} if len(given) == 1 else {many: given})
     flags = {
         "seeds": seed,
+        "train_size": train_size,
+        "test_size": test_size,
         "clean_ratio": clean_ratio,
         "device": device,
         "threads": threads,
@@ -178,7 +203,7 @@ def benchmark(
         unsaved = store.unsaved_path.exists()
     failed = [r for r in grid if r.status == "failed"]
     if failed:
-        console.print(f"[bold red]{failure_summary(failed, len(grid))}[/]", highlight=False)
+        console.print(f"[bold red]{failure_summary(failed, len(grid))}[/]", highlight=False, soft_wrap=True)
     if unsaved:
         console.print(
             f"[bold red]Some cells could not be written to {store.path}; they are kept in "

@@ -1,4 +1,5 @@
-"""What every `bdtk` command shares: the typer app and turning bdtk errors into messages."""
+"""What every `bdtk` command shares: the typer app, its shared options, reading `--set`, and turning
+bdtk errors into messages."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -25,6 +26,29 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# --- options several commands take, defined once so that they are spelled and explained alike ------
+# Each command gives its own default in its signature: `bdtk benchmark` uses None ("as the config
+# file or suite says"), `bdtk attack` and `bdtk inspect` the config's default.
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Plugin setting PLUGIN.FIELD=VALUE, over any preset; PLUGIN is NAME or NAME:PRESET, and may "
+        "be left out for the command's own plugin (the attack in `attack`, the inverter in `inspect`) "
+        "(repeatable)",
+    ),
+]
+DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
+DataDirOption = Annotated[str | None, typer.Option(help="Root of torchvision-format datasets")]
+DownloadOption = Annotated[bool, typer.Option(help="Let torchvision download missing datasets")]
+CacheDirOption = Annotated[str | None, typer.Option(help="Artifact cache directory")]
+SeedOption = Annotated[
+    int, typer.Option(help="Seed of everything drawn or trained (poisoning, training, budget, inversion)")
+]
+SeedsOption = Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable)")]
 
 
 DEBUG_ENV = "BDTK_DEBUG"
@@ -45,11 +69,13 @@ def user_errors(fn: F) -> F:
             with terminate_as_interrupt():
                 return fn(*args, **kwargs)
         except BdtkError as exc:
-            console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
-            console.print(f"[bold red]Error:[/] {exc.strerror or exc}{where}", highlight=False)
+            console.print(
+                f"[bold red]Error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
         except Terminated:
             console.print("[yellow]Terminated.[/]")
@@ -67,6 +93,7 @@ def user_errors(fn: F) -> F:
                 f"[bold red]Unexpected error:[/] {type(exc).__name__}: {detail} (a bug in bdtk or a "
                 f"plugin; run with {DEBUG_ENV}=1 for the traceback)",
                 highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1) from None
 
@@ -132,4 +159,33 @@ def parse_settings(items: list[str], attack: str | None = None) -> dict[str, Any
         if not sep or not key:
             raise ConfigError(f"--set expects FIELD=VALUE (e.g. alpha=0.1), got {item!r}.")
         out[key] = parse_value(raw)
+    return out
+
+
+def split_settings(items: list[str], plugins: Sequence[str], default: str) -> dict[str, dict[str, Any]]:
+    """`--set` items sorted by the plugin they set: `PLUGIN.FIELD=VALUE`, or `FIELD=VALUE` for `default`.
+
+    `plugins` are the command's choices as NAME or NAME:PRESET (`default` among them); an item's
+    PLUGIN may be a whole choice or its NAME, as `bdtk benchmark` accepts it. Every command spells
+    settings this way. An item naming a plugin the command does not run is an error that lists
+    those it does, so a typo never silently sets nothing.
+    """
+    out: dict[str, dict[str, Any]] = {p: {} for p in plugins}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        plugin, dot, field = key.rpartition(".")
+        if not dot:
+            plugin = default
+        if not sep or not field or not plugin:
+            raise ConfigError(
+                f"--set expects PLUGIN.FIELD=VALUE or FIELD=VALUE (FIELD alone sets {default!r}), "
+                f"got {item!r}."
+            )
+        chosen = next((p for p in plugins if plugin in (p, p.partition(":")[0])), None)
+        if chosen is None:
+            raise ConfigError(
+                f"--set {item!r}: no plugin named {plugin!r} in this command; it runs "
+                f"{', '.join(map(repr, plugins))}."
+            )
+        out[chosen][field] = parse_value(raw)
     return out

@@ -1,8 +1,11 @@
-"""`bdtk inspect`: scan a model for a backdoor with a trigger inverter (Neural Cleanse by default).
+"""`bdtk inspect`: scan a model for a backdoor with any registered trigger inverter (Neural Cleanse
+by default).
 
-The model is either a cached backdoored model (named by the same options as `bdtk attack`, trained
-on a cache miss) or a safetensors state dict with its zoo name. Only the defender's clean budget
-is used; the attack, when known, is shown for comparison and never informs the scan.
+The model is either a safetensors state dict with its zoo name (`bdtk inspect MODEL_FILE --model
+ARCH`) or a cached backdoored model (named by the same options as `bdtk attack`, trained on a cache
+miss). Only the defender's clean budget is used; the attack, when known, is shown for comparison
+and never informs the scan. The table is built from `InversionResult`'s fields and the shared
+`InversionKeys`, so an inverter bdtk has never seen prints as fully as Neural Cleanse does.
 """
 
 from __future__ import annotations
@@ -13,20 +16,35 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from torch import Tensor
 from torch.nn import functional as F
 
 from ..cells import load_run_dataset
-from ..config import BenchmarkConfig
+from ..config import BenchmarkConfig, split_preset
 from ..console import console
 from ..data import draw_defense_data
-from ..errors import BdtkError
-from ..interfaces import InversionResult, TriggerInverter
+from ..errors import BdtkError, ConfigError
+from ..interfaces import InversionResult, Kind
+from ..inversion import InversionKeys, split_diagnostics
 from ..models import ImageClassifier, create_model
-from ..plugins import resolve_plugin
+from ..plugins import create_inverter, get_plugin, resolve_plugin
 from ..training import resolve_device, seed_everything
-from .common import app, parse_settings, user_errors
+from .common import (
+    CacheDirOption,
+    DataDirOption,
+    DeviceOption,
+    DownloadOption,
+    SeedOption,
+    SetOption,
+    app,
+    split_settings,
+    user_errors,
+)
 from .victim import load_victim, victim_config
 
 
@@ -83,80 +101,185 @@ def trigger_sheet(result: InversionResult, scale: int = 4) -> Any:
     return sheet
 
 
-def anomaly_table(result: InversionResult, true_target: int | None) -> Table:
-    title = "Neural Cleanse scan (attack success on the defender's clean validation images)"
-    table = Table(title=title)
-    for col in ("class", "mask L1", "anomaly index", "attack success %", "λ", "steps", "flagged"):
-        table.add_column(col, justify="left" if col in ("class", "flagged") else "right")
-    lam = result.diagnostics.get("lambda", [float("nan")] * len(result.classes))
-    steps = result.diagnostics.get("steps", [0] * len(result.classes))
-    for i, cls in enumerate(result.classes):
-        flagged = cls in result.flagged
-        style = "bold red" if flagged else ""
-        name = f"{cls}" + (" (attack target)" if cls == true_target else "")
-        table.add_row(
-            name,
-            f"{float(result.mask_norms[i]):.2f}",
-            f"{float(result.anomaly_index[i]):.2f}",
-            f"{100 * float(result.attack_success[i]):.1f}",
-            f"{lam[i]:.2g}",
-            str(steps[i]),
-            "yes" if flagged else "",
-            style=style,
-        )
+#: Column headers of per-class diagnostics that read better as a symbol; others show their key.
+HEADERS = {InversionKeys.LAMBDA: "λ"}
+
+
+def _cell(value: Any) -> str:
+    """One per-class diagnostic value as a table cell, whatever its type."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "—" if value != value else f"{value:.3g}"
+    return str(value)
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(title: str, headers: list[str], rows: list[list[str]], flagged: list[bool]) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for j, header in enumerate(headers):
+        widest = max([len(word) for word in header.split()] + [len(row[j]) for row in rows])
+        # headers wrap between words; a number is never cut
+        table.add_column(header, justify="left" if j == 0 else "right", min_width=widest)
+    for row, red in zip(rows, flagged, strict=True):
+        table.add_row(*row, style="bold red" if red else "")
     return table
+
+
+def _narrowest(table: Table, screen: Console) -> int:
+    """How narrow `table` can get with its headers wrapped (unclamped by the terminal's width)."""
+    return Measurement.get(screen, screen.options.update_width(1 << 16), table).minimum
+
+
+def inversion_tables(
+    result: InversionResult, inverter: str, true_target: int | None, screen: Console | None = None
+) -> list[Table]:
+    """The scan of any inverter, titled with its name: the fields every `InversionResult` has,
+    then one column per per-class diagnostic the inverter wrote (see `split_diagnostics`).
+
+    One table where it fits on `screen` (the terminal); otherwise the per-class diagnostics go
+    into a second table, so that no column is cut or dropped at the terminal's edge.
+    """
+    per_class, _ = split_diagnostics(result.diagnostics, len(result.classes))
+    flagged = [cls in result.flagged for cls in result.classes]
+    common_headers = ["class", "mask L1", "anomaly index", "attack success %", "flagged"]
+    extra_headers = [HEADERS.get(key, key.replace("_", " ")) for key in per_class]
+    names, common, extras = [], [], []
+    for i, cls in enumerate(result.classes):
+        index = float(result.anomaly_index[i])
+        names.append(f"{cls}" + (" (attack target)" if cls == true_target else ""))
+        common.append(
+            [
+                f"{float(result.mask_norms[i]):.2f}",
+                "—" if index != index else f"{index:.2f}",  # NaN: no outlier test (a known target)
+                f"{100 * float(result.attack_success[i]):.1f}",
+                "yes" if flagged[i] else "",
+            ]
+        )
+        extras.append([_cell(values[i]) for values in per_class.values()])
+    title = f"Trigger inversion by {inverter}"
+    whole = [[n, *c, *e] for n, c, e in zip(names, common, extras, strict=True)]
+    tables = [_table(title, common_headers + extra_headers, whole, flagged)]
+    if per_class and screen is not None and _narrowest(tables[0], screen) > screen.width:
+        tables = [
+            _table(title, common_headers, [[n, *c] for n, c in zip(names, common, strict=True)], flagged),
+            _table(
+                f"{inverter}: per-class diagnostics",
+                ["class", *extra_headers],
+                [[n, *e] for n, e in zip(names, extras, strict=True)],
+                flagged,
+            ),
+        ]
+    caption = "attack success: how often the trigger sends clean images of other classes to the class"
+    tables[0].caption = caption
+    return tables
+
+
+def diagnostics_lines(result: InversionResult) -> list[str]:
+    """What the table does not show: the scan's cost (`InversionKeys.SCAN`) and the inverter's
+    other diagnostics, as `key: value` lines (long values shortened)."""
+    k = InversionKeys
+    _, other = split_diagnostics(result.diagnostics, len(result.classes))
+    lines = []
+    if k.CLASS_STEPS in other:
+        cost = f"{other[k.CLASS_STEPS]:,} class-steps"
+        if other.get(k.FULL_SCAN_CLASS_STEPS_BOUND):
+            cost += f" of at most {other[k.FULL_SCAN_CLASS_STEPS_BOUND]:,}"
+        schedule = other.get(k.SCHEDULE_USED)
+        lines.append(f"Scan: {cost}" + (f", schedule {schedule}" if schedule else "") + ".")
+    shown = {k.CLASS_STEPS, k.FULL_SCAN_CLASS_STEPS_BOUND, k.SCHEDULE_USED} if lines else set()
+    rest = [f"{key}: {_short(value)}" for key, value in other.items() if key not in shown]
+    if rest:
+        lines.append("Diagnostics: " + "; ".join(rest))
+    return lines
 
 
 @app.command()
 @user_errors
 def inspect(
+    model_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="MODEL_FILE",
+            help="Safetensors state dict of a zoo model to inspect (name the architecture with --model); "
+            "or name a cached backdoored model with --attack",
+            show_default=False,
+        ),
+    ] = None,
     attack: Annotated[
         str | None,
         typer.Option("--attack", "-a", help="Inspect the cached model of this attack (NAME or NAME:PRESET)"),
     ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Attack setting FIELD=VALUE (repeatable)")
-    ] = None,
+    set_: SetOption = None,
     model_file: Annotated[
-        Path | None, typer.Option(help="Inspect this safetensors state dict instead (needs --model)")
+        Path | None, typer.Option(help="The model file as an option (same as MODEL_FILE)")
     ] = None,
     dataset: Annotated[str, typer.Option(help="Dataset name (see `bdtk datasets`)")] = "fashion-mnist",
     model: Annotated[str, typer.Option(help="Model name (see `bdtk models`)")] = "wrn-16-1",
-    seed: Annotated[int, typer.Option(help="Seed of poisoning, training, budget and inversion")] = 0,
+    seed: SeedOption = 0,
     epochs: Annotated[int | None, typer.Option(help="Training epochs of the attacked model")] = None,
     train_size: Annotated[int | None, typer.Option(help="Stratified training subset size")] = None,
     test_size: Annotated[int | None, typer.Option(help="Stratified test subset size")] = None,
     clean_ratio: Annotated[float, typer.Option(help="Defender's clean budget (share of train)")] = 0.05,
     inverter: Annotated[
-        str, typer.Option(help="Trigger inverter plugin, NAME or NAME:PRESET")
+        str, typer.Option(help="Trigger inverter plugin, NAME or NAME:PRESET (see `bdtk plugins`)")
     ] = "neural-cleanse",
     option: Annotated[
         list[str] | None,
-        typer.Option(
-            "--option", "-o", help="Inverter setting FIELD=VALUE, over a preset's values (repeatable)"
-        ),
+        typer.Option("--option", "-o", hidden=True, help="Deprecated: --set FIELD=VALUE"),
     ] = None,
-    target: Annotated[int | None, typer.Option(help="Known target class: skip the scan")] = None,
+    target: Annotated[
+        int | None, typer.Option(help="Known target class: skip the scan (the inverter's `target` setting)")
+    ] = None,
     class_: Annotated[
         list[int] | None, typer.Option("--class", help="Invert only this class (repeatable)")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Inverter step budget")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Anomaly index threshold (default 2)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
-    data_dir: Annotated[str | None, typer.Option(help="Root of torchvision-format datasets")] = None,
-    download: Annotated[bool, typer.Option(help="Let torchvision download missing datasets")] = False,
-    cache_dir: Annotated[str | None, typer.Option(help="Artifact cache directory")] = None,
+    steps: Annotated[int | None, typer.Option(help="Step budget (the inverter's `steps` setting)")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Anomaly index threshold (the inverter's `threshold` setting)")
+    ] = None,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    download: DownloadOption = False,
+    cache_dir: CacheDirOption = None,
     out: Annotated[
         Path, typer.Option(help="Folder for triggers.png, triggers.safetensors, inspect.json")
     ] = Path("bdtk-results/inspect"),
 ) -> None:
-    """Invert a trigger for every class, print the anomaly table, write PNG, triggers and JSON."""
+    """Invert a trigger for every class with any inverter, print its scan, write PNG, triggers and JSON.
+
+    `--set FIELD=VALUE` sets the inverter, `--set PLUGIN.FIELD=VALUE` the inverter or the attack.
+    """
+    if model_path is not None and model_file is not None:
+        raise BdtkError("Give the model file once: as MODEL_FILE or as --model-file, not both.")
+    model_file = model_path or model_file
     if (attack is None) == (model_file is None):
-        raise BdtkError("Name exactly one model to inspect: --attack NAME or --model-file PATH.")
+        raise BdtkError(
+            "Name exactly one model to inspect: MODEL_FILE (or --model-file PATH) or --attack NAME."
+        )
+    get_plugin("inverter", split_preset(inverter)[0])  # an unknown inverter says so before --set does
+    items = list(set_ or [])
+    if attack is not None:
+        items = _attack_settings_by_old_spelling(items, attack, inverter)
+    if option:  # FIELD=VALUE for the inverter, as --set FIELD=VALUE now says it
+        console.print(
+            "[yellow]-o/--option is deprecated and goes in the next release; use --set FIELD=VALUE.[/]",
+            highlight=False,
+        )
+        items = [*option, *items]
+    plugins = [inverter] if attack is None else [inverter, attack]
+    settings = split_settings(items, plugins, default=inverter)
+    # a model file needs no attack: the run config then only says which data, budget and device
     cfg = victim_config(
         "inspect",
-        attack or "badnets",
-        parse_settings(set_ or []),
+        attack,
+        settings[attack] if attack else {},
         epochs,
         dataset=dataset,
         model=model,
@@ -169,12 +292,10 @@ def inspect(
         download=download,
         cache_dir=cache_dir,
     )
-    inv_values = parse_settings(option or [])
-    extra = {"target": target, "classes": class_, "steps": steps, "threshold": threshold}
+    inv_values = settings[inverter]
+    extra = {"target": target, "steps": steps, "threshold": threshold}
     inv_values.update({k: v for k, v in extra.items() if v is not None})
-    chosen = resolve_plugin("inverter", inverter, overrides=inv_values)
-    inverter_cls, inv_cfg = chosen.info.cls, chosen.config
-    assert issubclass(inverter_cls, TriggerInverter)
+    chosen = resolve_plugin("inverter", inverter, overrides=inv_values)  # bad values fail before training
     run_device = resolve_device(cfg.device)
     if model_file is not None:
         victim_model = load_model_file(model_file, model, cfg).to(run_device)
@@ -198,12 +319,15 @@ def inspect(
         f"Inverting triggers of {model} on {dataset} with {inverter} "
         f"({len(budget.train)} clean images, {len(budget.val)} for validation)…"
     )
-    result = inverter_cls(inv_cfg, seed=seed).invert(victim_model, budget)
-    console.print(anomaly_table(result, true_target))
+    result = create_inverter(chosen, seed=seed).invert(victim_model, budget, class_ or None)
+    for table in inversion_tables(result, chosen.label, true_target, console):
+        console.print(table)
     if result.flagged:
         console.print(f"[bold red]Flagged target class(es): {', '.join(map(str, result.flagged))}[/]")
     else:
-        console.print("[green]No backdoor detected[/] (no class has an anomaly index above the threshold).")
+        console.print(f"[green]No backdoor detected[/] ({chosen.label} flagged no class).")
+    for line in diagnostics_lines(result):
+        console.print(line, highlight=False, markup=False)
     console.print(f"Inversion took {result.seconds:.1f} s.")
     _write(
         out,
@@ -215,10 +339,44 @@ def inspect(
             "seed": seed,
             "inverter": chosen.name,
             "inverter_preset": chosen.preset,
-            "inverter_config": inv_cfg.model_dump(),
+            "inverter_config": chosen.config.model_dump(),
             "true_target": true_target,
         },
     )
+
+
+def _fields(kind: Kind, choice: str) -> set[str]:
+    """The config fields of the plugin `choice` (NAME or NAME:PRESET); an unknown one fails here."""
+    return set(get_plugin(kind, split_preset(choice)[0]).cls.Config.model_fields)
+
+
+def _attack_settings_by_old_spelling(items: list[str], attack: str, inverter: str) -> list[str]:
+    """`--set FIELD=VALUE` items for the attack, prefixed with its name.
+
+    Here `--set FIELD=VALUE` used to set the attack; now FIELD alone sets the inverter, as it does
+    for each command's own plugin. For one release an item whose FIELD only the attack has still
+    sets it, with a notice; a FIELD both have (`target`) is refused rather than silently changing
+    meaning.
+    """
+    attack_fields, inverter_fields = _fields("attack", attack), _fields("inverter", inverter)
+    name = split_preset(attack)[0]
+    out = []
+    for item in items:
+        key, sep, _ = item.partition("=")
+        if sep and "." not in key and key in attack_fields:
+            if key in inverter_fields:
+                raise ConfigError(
+                    f"--set {item!r}: both attack {attack!r} and inverter {inverter!r} have {key!r}; "
+                    f"write --set {name}.{item} or --set {split_preset(inverter)[0]}.{item}."
+                )
+            console.print(
+                f"[yellow]--set {escape(item)} for the attack is deprecated (FIELD alone now sets the "
+                f"inverter); write --set {escape(name)}.{escape(item)}.[/]",
+                highlight=False,
+            )
+            item = f"{attack}.{item}"
+        out.append(item)
+    return out
 
 
 def _write(out: Path, result: InversionResult, info: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from backdoor_toolkit import (
     MaskTrigger,
     ModelRequirementError,
     PluginMeta,
+    stamp,
 )
 
 
@@ -118,7 +119,7 @@ class Trojan(Attack):
         mask = self.mask.to(device)
         optimiser = torch.optim.Adam([logits], lr=c.lr)
         for _ in range(c.steps):
-            stamped = (1 - mask) * batch + mask * torch.sigmoid(logits)
+            stamped = stamp(batch, mask, torch.sigmoid(logits))
             activation = model.features(stamped)[:, neurons]
             loss = (activation - c.target_activation).pow(2).mean()
             optimiser.zero_grad(set_to_none=True)

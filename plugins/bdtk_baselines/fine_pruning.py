@@ -20,15 +20,15 @@ from torch import Tensor, nn
 from backdoor_toolkit import (
     Capability,
     DefenseData,
+    FineTuneConfig,
     ImageClassifier,
     PluginMeta,
     PurificationResult,
     Purifier,
     accuracy,
+    fine_tune,
     iterate_batches,
 )
-
-from .finetune import FineTuningConfig, fine_tune
 
 
 class ChannelMask:
@@ -63,7 +63,7 @@ def mean_channel_activation(
     return (total / count).cpu()
 
 
-class FinePruningConfig(FineTuningConfig):
+class FinePruningConfig(FineTuneConfig):
     """Pruning settings; the fine-tuning fields are those of `finetune`."""
 
     step: float = Field(
@@ -122,7 +122,7 @@ class FinePruning(Purifier):
         mask.keep[order[:chosen]] = 0
         pruned_acc = accuracy(model, data.val, self.device)
 
-        losses = fine_tune(model, data, c, self, description="fine-prune")
+        losses = fine_tune(model, data, c, device=self.device, seed=self.seed, description="fine-prune")
         if chosen == 0:
             handle.remove()  # nothing pruned: leave no hook behind
         return PurificationResult(

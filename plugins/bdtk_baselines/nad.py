@@ -22,15 +22,15 @@ from torch.nn import functional as F
 from backdoor_toolkit import (
     Capability,
     DefenseData,
+    FineTuneConfig,
     ImageClassifier,
     ModelRequirementError,
     PluginMeta,
     PurificationResult,
     Purifier,
     accuracy,
+    fine_tune,
 )
-
-from .finetune import FineTuningConfig, fine_tune
 
 
 def attention_map(activation: Tensor, p: float) -> Tensor:
@@ -62,7 +62,7 @@ class GroupOutputs:
             h.remove()
 
 
-class NADConfig(FineTuningConfig):
+class NADConfig(FineTuneConfig):
     """Student settings are the fine-tuning fields; the teacher has its own epoch count."""
 
     epochs: int = Field(default=20, ge=1, le=500, description="Student epochs over the clean budget")
@@ -102,9 +102,9 @@ class NAD(Purifier):
         before = accuracy(model, data.val, self.device)
 
         teacher = copy.deepcopy(model)
-        shared = c.model_dump(include=set(FineTuningConfig.model_fields))
-        teacher_cfg = FineTuningConfig.model_validate({**shared, "epochs": c.teacher_epochs})
-        fine_tune(teacher, data, teacher_cfg, self, description="NAD teacher")
+        shared = c.model_dump(include=set(FineTuneConfig.model_fields))
+        teacher_cfg = FineTuneConfig.model_validate({**shared, "epochs": c.teacher_epochs})
+        fine_tune(teacher, data, teacher_cfg, device=self.device, seed=self.seed, description="NAD teacher")
         teacher.eval()
         for param in teacher.parameters():
             param.requires_grad_(False)
@@ -124,7 +124,9 @@ class NAD(Purifier):
             return loss, logits
 
         try:
-            losses = fine_tune(model, data, c, self, loss_fn=loss_fn, description="NAD student")
+            losses = fine_tune(
+                model, data, c, device=self.device, seed=self.seed, loss_fn=loss_fn, description="NAD student"
+            )
         finally:
             student_hooks.remove()
             teacher_hooks.remove()

@@ -32,20 +32,24 @@ from backdoor_toolkit import (
     DefenseData,
     ImageClassifier,
     ImageData,
+    InversionKeys,
     InversionResult,
     PluginMeta,
     Preset,
     StrictConfig,
     TriggerInverter,
+    anomaly_index,
+    flag_targets,
+    stamp_all,
     to_float,
 )
 
-from .anomaly import anomaly_index, flag_targets
 from .schedule import LambdaSchedule
 
 ADAM_BETAS = (0.5, 0.9)  # as in the Neural Cleanse paper's implementation notes
 ADAM_EPS = 1e-8
 INIT_SPREAD = 0.9  # initial mask/pattern uniform in [0.05, 0.95]: keeps tanh out of saturation
+K = InversionKeys  # the diagnostic keys every reader of an InversionResult looks up
 
 
 class NeuralCleanseConfig(StrictConfig):
@@ -182,12 +186,6 @@ def _from_unit(u: Tensor) -> Tensor:
 def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def stamp_all(images: Tensor, masks: Tensor, patterns: Tensor) -> Tensor:
-    """Every image stamped with every trigger: (B, C, H, W) × K triggers → (K·B, C, H, W)."""
-    m, p = masks.unsqueeze(1), patterns.unsqueeze(1)
-    return ((1 - m) * images.unsqueeze(0) + m * p).flatten(0, 1)
 
 
 class _Scan:
@@ -387,20 +385,20 @@ class NeuralCleanse(TriggerInverter):
         else:
             index = anomaly_index(norms, log=c.log_norms)
             flagged = flag_targets(chosen, norms, index, c.threshold)
-            if info.get("dropped"):
+            if info.get(K.DROPPED):
                 # a dropped class stopped because it cannot win, with its norm still shrinking: it is
                 # never a target, only a member of the statistics the target is an outlier from
                 info["flagged_before_drops"] = flagged
-                flagged = [k for k in flagged if k not in info["dropped"]]
+                flagged = [k for k in flagged if k not in info[K.DROPPED]]
         if c.schedule == "k-arm" and given:
-            info["schedule_used"] = "full (known target)" if known else "full (classes given)"
+            info[K.SCHEDULE_USED] = "full (known target)" if known else "full (classes given)"
         diagnostics: dict[str, Any] = {
             "mode": "known-target" if known else "scan",
             "batched": c.batched,
             "schedule": c.schedule,
             **info,
-            "lambda": opt.lam.tolist(),
-            "steps": opt.steps.tolist(),
+            K.LAMBDA: opt.lam.tolist(),
+            K.STEPS: opt.steps.tolist(),
             "converged": opt.converged.tolist(),
             "reached_threshold": opt.reached.tolist(),
             "threshold": c.threshold,
@@ -471,7 +469,7 @@ class NeuralCleanse(TriggerInverter):
         shape = tuple(data.train.images.shape[1:])
         starts = [self._init(cls, shape) for cls in classes]  # type: ignore[arg-type]
         scan = _Scan(c, self.seed, model, data.train, classes, starts)
-        info: dict[str, Any] = {"prescreen_scores": None, "prescreen_top_k": None, "candidates": None}
+        info: dict[str, Any] = {"prescreen_scores": None, "prescreen_top_k": None, K.CANDIDATES: None}
         dropped: dict[int, int] = {}  # class → its step count when stopped as unable to win
         if not scheduled or c.warmup_steps >= c.steps:
             scan.run_full(c.batched)
@@ -484,7 +482,7 @@ class NeuralCleanse(TriggerInverter):
             info = {
                 "prescreen_scores": [round(v, 4) for v in chosen.tolist()],
                 "prescreen_top_k": top_k,
-                "candidates": [cls for cls, yes in zip(classes, candidate.tolist(), strict=True) if yes],
+                K.CANDIDATES: [cls for cls, yes in zip(classes, candidate.tolist(), strict=True) if yes],
             }
             n = int(candidate.sum())
             if n == 0 or n > len(classes) / 2:
@@ -496,10 +494,10 @@ class NeuralCleanse(TriggerInverter):
         opt = scan.result()
         info.update(
             {
-                "schedule_used": used,
-                "dropped": dropped,
-                "class_steps": int(opt.steps.sum()),
-                "full_scan_class_steps_bound": len(classes) * c.steps,
+                K.SCHEDULE_USED: used,
+                K.DROPPED: dropped,
+                K.CLASS_STEPS: int(opt.steps.sum()),
+                K.FULL_SCAN_CLASS_STEPS_BOUND: len(classes) * c.steps,
             }
         )
         return opt, info

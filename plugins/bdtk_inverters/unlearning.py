@@ -16,19 +16,19 @@ from torch import Tensor
 
 from backdoor_toolkit import (
     DefenseData,
+    FineTuneConfig,
     ImageClassifier,
     PluginMeta,
     PurificationResult,
     Purifier,
-    StrictConfig,
-    TrainingSettings,
     accuracy,
     create_inverter,
-    train_classifier,
+    fine_tune,
 )
 
 
-class NCUnlearningConfig(StrictConfig):
+class NCUnlearningConfig(FineTuneConfig):
+    # the training fields come from FineTuneConfig (listed first); only `epochs` says more here
     inverter: str = Field(
         default="neural-cleanse", min_length=1, description="Registered inverter to use: NAME or NAME:PRESET"
     )
@@ -40,10 +40,6 @@ class NCUnlearningConfig(StrictConfig):
         default=0.2, gt=0, lt=1, description="Share of each batch stamped with a reversed trigger"
     )
     epochs: int = Field(default=10, ge=1, le=500, description="Fine-tuning epochs over the clean budget")
-    lr: float = Field(default=0.01, gt=0, le=1, description="Initial SGD learning rate (cosine decay)")
-    batch_size: int = Field(default=64, ge=1, le=4096, description="Batch size")
-    weight_decay: float = Field(default=5e-4, ge=0, le=0.1, description="SGD weight decay")
-    augment: bool = Field(default=True, description="Random crop (and flips where they fit)")
 
 
 class NCUnlearning(Purifier):
@@ -69,13 +65,8 @@ class NCUnlearning(Purifier):
         )
         model.to(self.device)
         result = inverter.invert(model, data)
-        diagnostics: dict[str, Any] = {
-            "flagged": result.flagged,
-            "classes": result.classes,
-            "mask_norms": result.mask_norms.tolist(),
-            "anomaly_index": result.anomaly_index.tolist(),
-            "inverted_attack_success": result.attack_success.tolist(),
-        }
+        # recorded under the same keys as every purifier that runs an inverter (InversionKeys)
+        diagnostics: dict[str, Any] = result.summary()
         stages = {"inversion": result.seconds}
         if not result.flagged:
             return PurificationResult(
@@ -99,16 +90,9 @@ class NCUnlearning(Purifier):
                     x[rows] = trigger(x[rows]).clamp(0, 1)
             return x, y
 
-        settings = TrainingSettings.from_config(c, data.spec, self.device)
         start = time.perf_counter()
-        losses = train_classifier(
-            model,
-            data.train.images,
-            data.train.labels,
-            settings,
-            seed=self.seed,
-            batch_hook=stamp,
-            description="nc-unlearning",
+        losses = fine_tune(
+            model, data, c, device=self.device, seed=self.seed, batch_hook=stamp, description="nc-unlearning"
         )
         stages["unlearning"] = time.perf_counter() - start
         diagnostics.update({"final_loss": losses[-1], "val_accuracy": accuracy(model, data.val, self.device)})

@@ -42,6 +42,7 @@ from backdoor_toolkit import (
     iterate_batches,
     predict,
     preferred_memory_format,
+    stamp,
 )
 
 from .loss import FrozenReference, model_contrastive_loss
@@ -207,7 +208,7 @@ class MCLDef(Purifier):
         start = time.perf_counter()
         inversion = self._invert(model, data)
         stage_seconds = {"inversion": time.perf_counter() - start}
-        diagnostics = _inversion_diagnostics(inversion)
+        diagnostics = inversion.summary()
 
         chosen, detected, notes = self._choose_targets(inversion)
         diagnostics["chosen_targets"] = chosen
@@ -381,7 +382,7 @@ class MCLDef(Purifier):
         if c.augment and c.stamp == "after-augment":
             x = augment_batch(x, hflip, gen)
         which = torch.randint(masks.shape[0], (x.shape[0],), generator=gen).to(x.device)
-        triggered = ((1 - masks[which]) * x + masks[which] * patterns[which]).clamp(0, 1)
+        triggered = stamp(x, masks[which], patterns[which]).clamp(0, 1)
         if c.augment and c.stamp == "before-augment":
             # channels side by side: each clean/triggered pair gets the same crop and flip
             pair = augment_batch(torch.cat([x, triggered], dim=1), hflip, gen)
@@ -472,20 +473,3 @@ class _ValWatch:
         if not stop or len(self.accuracies) <= k or self.trigger_asrs[-1] > c.early_stop_asr:
             return False
         return max(self.accuracies[-k:]) <= max(self.accuracies[:-k]) + c.early_stop_delta
-
-
-def _inversion_diagnostics(inversion: InversionResult) -> dict[str, Any]:
-    return {
-        "inversion_classes": list(inversion.classes),
-        "flagged": list(inversion.flagged),
-        "anomaly_index": [round(float(v), 4) for v in inversion.anomaly_index],
-        "mask_norms": [round(float(v), 4) for v in inversion.mask_norms],
-        "inversion_attack_success": [round(float(v), 4) for v in inversion.attack_success],
-        "inverter_seconds": inversion.seconds,
-        # how the inverter spent its work, where it says (Neural Cleanse: full or scheduled scan)
-        **{k: inversion.diagnostics[k] for k in SCAN_KEYS if k in inversion.diagnostics},
-    }
-
-
-#: The inverter's own diagnostics copied into MCLDef's, so a stored row shows what the scan cost.
-SCAN_KEYS = ("schedule_used", "class_steps", "full_scan_class_steps_bound", "candidates", "dropped")
