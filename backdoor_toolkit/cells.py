@@ -32,6 +32,7 @@ from .metrics import Scores, attack_scores, der, measure
 from .models import available_models, check_capabilities, create_model
 from .plugins import PluginInfo, ResolvedPlugin, create_attack, create_purifier, resolve_plugin
 from .results import SCHEMA_VERSION, CellResult, Provenance, jsonable
+from .retuning import retune_attack
 from .training import check_finite, resolve_device, seed_everything, torch_threads
 
 
@@ -169,11 +170,25 @@ def _defense_fields(defense: ResolvedPlugin) -> dict[str, Any]:
     return fields
 
 
+def code_version(plugin: ResolvedPlugin) -> str:
+    """`DISTRIBUTION VERSION` of the code behind a plugin: part of a cell's identity, so a new
+    release of a plugin (or of bdtk, for the built-in ones) recomputes its cells on resume instead
+    of mixing old numbers with the new code's."""
+    return f"{plugin.info.source.distribution} {plugin.info.source.version}"
+
+
 def run_setting(config: BenchmarkConfig) -> dict[str, Any]:
-    """Everything besides a cell's own fields that determines its numbers."""
-    return config.model_dump(
+    """Everything besides a cell's own fields that determines its numbers.
+
+    The re-tuning attack is there only when it is on, so that grids without it keep the hashes
+    they had before it existed and stored grids still resume.
+    """
+    setting = config.model_dump(
         include={"training", "train_size", "test_size", "clean_ratio", "val_fraction", "threads"}
     )
+    if config.retune is not None:
+        setting["retune"] = config.retune.model_dump()
+    return setting
 
 
 def plan_grid(config: BenchmarkConfig, resolved: ResolvedGrid | None = None) -> list[VictimPlan]:
@@ -186,10 +201,11 @@ def plan_grid(config: BenchmarkConfig, resolved: ResolvedGrid | None = None) -> 
             for seed in config.seeds:
                 for attack in resolved.attacks:
                     plan = VictimPlan(dataset, model, seed, attack, ())
-                    base = plan.base()
+                    base = {**plan.base(), "code": {"attack": code_version(attack)}}
                     cells = [CellPlan(None, config_hash({**base, "defense": "none", **setting}))]
                     for defense in resolved.defenses:
                         cell = {**base, **_defense_fields(defense)}
+                        cell["code"] = {**base["code"], "defense": code_version(defense)}
                         cells.append(CellPlan(defense, config_hash({**cell, **setting})))
                     plans.append(dataclasses.replace(plan, cells=tuple(cells)))
     return plans
@@ -262,15 +278,54 @@ def _cell_fields(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan) -> d
 
 def failed_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, exc: BaseException) -> CellResult:
     """The record of a cell that could not run: its error, and the tail of the traceback if unexpected."""
+    fields = {**_cell_fields(config, plan, cell), **_retune_skipped(config, "the cell failed")}
     if isinstance(exc, BdtkError):
-        return CellResult(**_cell_fields(config, plan, cell), status="failed", error=str(exc))
+        return CellResult(**fields, status="failed", error=str(exc))
     if isinstance(exc, SystemExit):
         detail = f"the plugin called sys.exit({exc.code!r}) instead of raising an error"
     else:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     console.print(f"[red]{cell.defense_label} against {plan.label} failed: {detail}[/]")
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
-    return CellResult(**_cell_fields(config, plan, cell), status="failed", error=detail, notes=tb)
+    return CellResult(**fields, status="failed", error=detail, notes=tb)
+
+
+def _retune_skipped(config: BenchmarkConfig, why: str) -> dict[str, Any]:
+    """A cell's `retune` record when the re-tuning attack is on but did not run: why not."""
+    return {} if config.retune is None else {"retune": {"skipped": why}}
+
+
+def _retuned(
+    config: BenchmarkConfig, plan: VictimPlan, state: VictimState, model: torch.nn.Module | None
+) -> dict[str, Any]:
+    """`asr_retuned` and `retune` of a cell whose model (None: the backdoored one) is ready.
+
+    The attack and the defender's data are restored afresh, so a defense that changed its own
+    copies cannot change what the model is re-tuned on. A failure here is marked in the record,
+    not raised: the defense's numbers stand without it.
+    """
+    if config.retune is None:
+        return {}
+    try:
+        dataset = grid_dataset(config, plan.dataset)
+        victim = _restore(config, plan, state)
+        data = draw_defense_data(
+            dataset, state.poisoned_index, config.clean_ratio, config.val_fraction, plan.seed
+        )
+        outcome = retune_attack(
+            victim.model if model is None else model,
+            victim.attack,
+            dataset,
+            data,
+            state.poisoned_index,
+            config.retune,
+            device=resolve_device(config.device),
+            seed=plan.seed,
+        )
+    except (Exception, SystemExit) as exc:
+        detail = str(exc) if isinstance(exc, BdtkError) else traceback.format_exception_only(type(exc), exc)[-1]
+        return _retune_skipped(config, f"re-tuning failed: {detail.strip()}")
+    return {"asr_retuned": outcome.scores.asr, "retune": outcome.record()}
 
 
 def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:
@@ -287,6 +342,7 @@ def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: 
             **state.before.model_dump(),
             seconds=state.train_seconds,
             notes="undefended" + (" (cached)" if state.from_cache else ""),
+            **_retuned(config, plan, state, None),
         )
     defense = cell.defense
     device = resolve_device(config.device)
@@ -313,4 +369,5 @@ def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: 
         notes=result.notes,
         diagnostics=jsonable(result.diagnostics),
         stage_seconds=result.stage_seconds,
+        **_retuned(config, plan, state, result.model),
     )

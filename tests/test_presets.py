@@ -312,24 +312,32 @@ def test_name_preset_in_suite_and_config_files(bdtk_register: Register, tmp_path
 # --- stored rows, resume and leaderboards ----------------------------------------------------------
 
 
-def test_hashes_without_presets_are_unchanged_and_presets_get_their_own() -> None:
+def test_a_cells_hash_covers_its_fields_code_and_setting_and_a_preset_is_its_own_cell() -> None:
     cfg = BenchmarkConfig.model_validate(
         {"model": "small-cnn", "attacks": ["badnets"], "defenses": ["mcldef", "mcldef:paper"]}
     )
     (plan,) = plan_grid(cfg)
     none, plain, paper = plan.cells
     setting = cells.run_setting(cfg)
+    attack_code = cells.code_version(resolve_plugin("attack", "badnets"))
+    assert attack_code.startswith("backdoor-toolkit ")  # the distribution and its version
     base = {
         "dataset": "fashion-mnist",
         "model": "small-cnn",
         "attack": "badnets",
         "attack_config": resolve_config("attack", "badnets").model_dump(),
         "seed": 0,
+        "code": {"attack": attack_code},
     }
-    # the formula of every row stored before presets existed: those grids still resume
     assert none.config_hash == config_hash({**base, "defense": "none", **setting})
     mcldef_config = resolve_config("purifier", "mcldef").model_dump()
-    cell_fields = {**base, "defense": "mcldef", "defense_config": mcldef_config}
+    defense_code = cells.code_version(resolve_plugin("purifier", "mcldef"))
+    cell_fields = {
+        **base,
+        "defense": "mcldef",
+        "defense_config": mcldef_config,
+        "code": {"attack": attack_code, "defense": defense_code},
+    }
     assert plain.config_hash == config_hash({**cell_fields, **setting})
     assert paper.config_hash != plain.config_hash
     assert (paper.defense_name, paper.defense_label) == ("mcldef", "mcldef:paper")
