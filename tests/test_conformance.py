@@ -264,3 +264,12 @@ def test_inverter_ignoring_classes_fails() -> None:
 
     with pytest.raises(ConformanceError, match=r"invert\(classes=\[3\]\) returned classes"):
         check_inverter(AllAlways)
+
+
+def test_check_distribution_reports_what_a_user_would_meet() -> None:
+    from backdoor_toolkit.testing import check_distribution
+
+    builtins = {info.name for info in check_distribution("backdoor-toolkit")}
+    assert {"badnets", "neural-cleanse", "mcldef", "finetune"} <= builtins
+    with pytest.raises(ConformanceError, match="registers no plugin"):
+        check_distribution("bdtk-not-installed")

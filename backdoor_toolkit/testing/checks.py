@@ -49,6 +49,8 @@ from ..plugins import (
     create_attack,
     create_inverter,
     create_purifier,
+    get_registry,
+    normalize_name,
 )
 from .inputs import TINY_SPEC, tiny_defense_data, tiny_images, tiny_model, tiny_settings
 
@@ -416,3 +418,39 @@ def check_plugin(
 ) -> Any:
     """Run the check that fits the class's kind."""
     return CHECKS[cls.kind](cls, config=config, spec=spec, device=device)
+
+
+def check_distribution(distribution: str) -> list[PluginInfo]:
+    """The plugins an installed distribution registers, loaded through its entry points exactly
+    as `bdtk` loads them; ConformanceError if it failed to load, lost a name clash, is turned off,
+    or registers nothing (e.g. a misspelt entry-point group in its pyproject.toml).
+
+    The public way for a plugin's own tests to prove that `pip install` makes it visible:
+    `check_distribution("bdtk-clp")`.
+    """
+    wanted = normalize_name(distribution)
+    registry = get_registry()
+    problems = [
+        f"{failure.plugin}: {failure.error}"
+        for failure in registry.failures
+        if normalize_name(failure.distribution) == wanted
+    ]
+    if problems:
+        raise ConformanceError(f"distribution {distribution!r} did not load cleanly: " + "; ".join(problems))
+    for skipped in registry.skipped:
+        if normalize_name(skipped.distribution) == wanted:
+            raise ConformanceError(
+                f"distribution {distribution!r} is not loaded: turned off by {skipped.env}"
+            )
+    found = [
+        info
+        for kind in registry.qualified
+        for info in registry.qualified[kind].values()
+        if normalize_name(info.source.distribution) == wanted
+    ]
+    if not found:
+        raise ConformanceError(
+            f"distribution {distribution!r} registers no plugin: is it installed, and does its "
+            "pyproject.toml declare an entry point in the `bdtk` group?"
+        )
+    return found

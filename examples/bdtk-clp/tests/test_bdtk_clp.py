@@ -13,10 +13,11 @@ from bdtk_clp.clp import conv_bn_pairs
 from torch import nn
 
 from backdoor_toolkit import DefenseData, ImageClassifier, ModelRequirementError, get_purifier
-from backdoor_toolkit.testing import check_purifier
+from backdoor_toolkit.testing import check_distribution, check_purifier
 
 
 def test_registered_through_its_entry_point() -> None:
+    assert [info.cls for info in check_distribution("bdtk-clp")] == [CLP]  # loads cleanly, alone
     assert get_purifier("clp") is CLP
 
 
