@@ -1,6 +1,8 @@
 """bdtk: attack, inspect and purify backdoored PyTorch image classifiers.
 
-This module is the public API that plugins (built-in and third-party alike) import from.
+This module is the public API that plugins (built-in and third-party alike) import from, and the
+entry points for purifying or inspecting your own model from Python: `purify`, `inspect`,
+`load_model`, `load_image_folder` (docs/purify.md).
 """
 
 from .config import StrictConfig, build_config
@@ -8,6 +10,7 @@ from .data import DataSpec, DefenseData, ImageData, to_float
 from .errors import BdtkError, ConfigError, ModelRequirementError
 from .finetuning import FineTuneConfig, fine_tune
 from .hookspecs import hookimpl
+from .image_folders import FolderImages, load_image_folder
 from .interfaces import (
     Attack,
     AttackConfig,
@@ -30,7 +33,16 @@ from .inversion import (
     stamp_all,
 )
 from .metrics import accuracy, attack_scores, predict
-from .models import Capability, ImageClassifier, create_model
+from .models import (
+    AdaptedClassifier,
+    Capability,
+    ImageClassifier,
+    LoadedModel,
+    adapt,
+    create_model,
+    load_model,
+    save_model,
+)
 from .plugins import (
     create_attack,
     create_inverter,
@@ -40,6 +52,7 @@ from .plugins import (
     get_purifier,
     resolve_config,
 )
+from .purification import InspectReport, PurifyReport, inspect, purify
 from .training import (
     BatchHook,
     LossFn,
@@ -56,6 +69,7 @@ from .triggers import MaskTrigger, Trigger
 
 __all__ = [
     "MAD_CONSISTENCY",
+    "AdaptedClassifier",
     "Attack",
     "AttackConfig",
     "AttackContext",
@@ -66,10 +80,13 @@ __all__ = [
     "DataSpec",
     "DefenseData",
     "FineTuneConfig",
+    "FolderImages",
     "ImageClassifier",
     "ImageData",
+    "InspectReport",
     "InversionKeys",
     "InversionResult",
+    "LoadedModel",
     "LossFn",
     "MaskTrigger",
     "ModelRequirementError",
@@ -78,11 +95,13 @@ __all__ = [
     "Preset",
     "PurificationResult",
     "Purifier",
+    "PurifyReport",
     "StrictConfig",
     "TrainingSettings",
     "Trigger",
     "TriggerInverter",
     "accuracy",
+    "adapt",
     "anomaly_index",
     "attack_scores",
     "augment_batch",
@@ -99,10 +118,15 @@ __all__ = [
     "get_inverter",
     "get_purifier",
     "hookimpl",
+    "inspect",
     "iterate_batches",
+    "load_image_folder",
+    "load_model",
     "predict",
     "preferred_memory_format",
+    "purify",
     "resolve_config",
+    "save_model",
     "seed_everything",
     "split_diagnostics",
     "stamp",

@@ -323,8 +323,11 @@ def _retuned(
             seed=plan.seed,
         )
     except (Exception, SystemExit) as exc:
-        detail = str(exc) if isinstance(exc, BdtkError) else traceback.format_exception_only(type(exc), exc)[-1]
-        return _retune_skipped(config, f"re-tuning failed: {detail.strip()}")
+        if isinstance(exc, BdtkError):
+            detail = str(exc)
+        else:
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return _retune_skipped(config, f"re-tuning failed: {detail}")
     return {"asr_retuned": outcome.scores.asr, "retune": outcome.record()}
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -148,6 +148,40 @@ class TrainingConfig(StrictConfig):
     augment: bool = Field(default=True, description="Random crop (and flips where they fit)")
 
 
+class RetuneConfig(StrictConfig):
+    """The re-tuning attack that measures post-purification robustness (`asr_retuned`).
+
+    Min et al. (NeurIPS 2024, "superficial safety") show that a purified model with a low ASR can
+    relearn its backdoor within a few steps of fine-tuning on a handful of poisoned samples, while
+    a model that never learnt it does not: a low ASR after purification may only hide the
+    backdoor. Every cell's model (the undefended one included, as the reference) is fine-tuned on
+    the same small set: `poisoned` samples of the attack's own poisoned training set mixed with
+    `clean` images of the defender's clean budget, for `epochs` passes. The defaults (10 + 190
+    images, 4 batches of 50 a pass, 5 passes: 20 SGD steps at lr 0.01) are small enough that a
+    clean model barely moves, and they are fixed for every defense of a grid, so the numbers
+    compare defenses rather than re-tuning budgets.
+    """
+
+    poisoned: int = Field(
+        default=10, ge=1, le=10_000, description="Poisoned training samples in the re-tuning set"
+    )
+    clean: int = Field(
+        default=190,
+        ge=0,
+        le=100_000,
+        description="Clean images from the defender's budget in the re-tuning set (at most the budget's "
+        "training part)",
+    )
+    epochs: int = Field(default=5, ge=1, le=100, description="Passes over the re-tuning set")
+    batch_size: int = Field(default=50, ge=1, le=4096, description="Batch size")
+    lr: float = Field(default=0.01, gt=0, le=1, description="Initial SGD learning rate (cosine decay)")
+    weight_decay: float = Field(default=5e-4, ge=0, le=0.1, description="SGD weight decay")
+    augment: bool = Field(
+        default=False,
+        description="Random crop and flips (off: the poisoned samples keep their exact trigger)",
+    )
+
+
 class BenchmarkConfig(StrictConfig):
     """Everything that determines a benchmark run; a config file holds exactly these fields."""
 
@@ -189,8 +223,23 @@ class BenchmarkConfig(StrictConfig):
         description="torch CPU threads per cell, wherever it runs (results depend on it, so cells "
         "and cached models record it)",
     )
+    retune: RetuneConfig | None = Field(
+        default=None,
+        description="Re-tune every cell's model on a few poisoned samples and report the ASR after it "
+        "(asr_retuned); `true` for the defaults, a table to change them, off by default",
+    )
     cache_dir: str | None = Field(default=None, description="Artifact cache (default: user cache)")
     output: str = Field(default="bdtk-results/results.json", description="Results JSON path")
+
+    @field_validator("retune", mode="before")
+    @classmethod
+    def _retune_switch(cls, value: Any) -> Any:
+        """`retune = true` turns the re-tuning attack on with its defaults, `false` leaves it off."""
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
 
     @property
     def grid_datasets(self) -> list[str]:

@@ -286,6 +286,9 @@ class PurificationResult:
     `modified` is False when the defense deliberately returned the model unchanged (e.g. no
     backdoor detected); `notes` says so in words; `diagnostics` holds what explains a leaderboard
     row (pruned channels, chosen threshold, teacher accuracy, …) and must be JSON-serialisable.
+    A defense that ran a trigger inverter returns its result as `inversion` (besides recording
+    `inversion.summary()` in `diagnostics`): the diagnostics keep numbers, not the triggers, and
+    `bdtk purify` needs the triggers to measure each one's success before and after and to draw it.
     """
 
     model: nn.Module
@@ -294,6 +297,7 @@ class PurificationResult:
     notes: str = ""
     diagnostics: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    inversion: InversionResult | None = None
 
 
 class Purifier(Plugin):

@@ -5,6 +5,8 @@
   differs from their true class (target-class images are excluded).
 - RA: the same triggered images classified as their true class.
 - DER = [max(0, ASR_before − ASR_after) − max(0, BA_before − BA_after) + 1] / 2.
+- ASR retuned: the ASR once the model has been fine-tuned briefly on a few poisoned samples (the
+  re-tuning attack, `config.RetuneConfig`): a backdoor that was hidden rather than removed comes back.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ METRICS: dict[str, MetricInfo] = {
     "asr": MetricInfo("ASR", False, "triggered non-target test images sent to the target"),
     "ra": MetricInfo("RA", True, "triggered non-target test images kept at their true class"),
     "der": MetricInfo("DER", True, "defense effectiveness rating (BackdoorBench, corrected)"),
+    "asr_retuned": MetricInfo(
+        "ASR retuned", False, "ASR after re-tuning on a few poisoned samples (post-purification robustness)"
+    ),
     "seconds": MetricInfo("time", False, "wall time of the defense"),
     "peak_mb": MetricInfo("peak MB", False, "peak extra memory of the defense"),
 }

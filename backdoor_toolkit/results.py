@@ -16,8 +16,9 @@ from pydantic import BaseModel, Field, model_validator
 from .artifacts import atomic_write_text
 from .config import BenchmarkConfig, join_preset
 
-SCHEMA_VERSION = 2
-"""The version new rows are written with. 1: rows stored before `schema_version` existed."""
+SCHEMA_VERSION = 3
+"""The version new rows are written with. 1: rows stored before `schema_version` existed; 2: rows
+stored before `asr_retuned` and `retune` existed (they read as None and {})."""
 
 
 class Provenance(BaseModel):
@@ -55,6 +56,11 @@ class CellResult(BaseModel):
     asr: float | None = None
     ra: float | None = None
     der: float | None = None
+    asr_retuned: float | None = Field(
+        default=None,
+        description="ASR after the re-tuning attack (`BenchmarkConfig.retune`); None when it was off, "
+        "skipped, or the row predates it",
+    )
     seconds: float | None = None
     peak_mb: float | None = None
     modified: bool | None = None
@@ -65,6 +71,11 @@ class CellResult(BaseModel):
     config_hash: str
     provenance: Provenance
     setting: dict[str, Any] = Field(default_factory=dict)
+    retune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What the re-tuning attack did (sizes, steps, BA/RA after it, time) or, under "
+        "`skipped`, why it did not run; empty when it was off",
+    )
 
     @property
     def attack_label(self) -> str:

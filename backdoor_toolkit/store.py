@@ -24,7 +24,9 @@ from .console import console
 from .errors import BdtkError
 from .results import CellResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first layout; 2: adds the `asr_retuned` column (a version 1 store is migrated when it is
+opened for writing; rows stored before it hold NULL there)."""
 
 _SCHEMA = """
 CREATE TABLE cells (
@@ -39,10 +41,19 @@ CREATE TABLE cells (
     error TEXT NOT NULL,
     bdtk_version TEXT NOT NULL,
     date TEXT NOT NULL,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    asr_retuned REAL
 );
 CREATE INDEX cells_scenario ON cells (dataset, model, attack, defense);
 """
+
+#: How a store of each older schema version is brought to the next one.
+_MIGRATIONS = {1: ("ALTER TABLE cells ADD COLUMN asr_retuned REAL",)}
+
+_COLUMNS = (
+    "config_hash, status, dataset, model, attack, defense, seed, ba, asr, ra, der, seconds, peak_mb, "
+    "error, bdtk_version, date, record, asr_retuned"
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -99,6 +110,7 @@ class ResultStore:
     ) -> None:
         self.path = Path(path).expanduser() if path is not None else default_db_path()
         self.retry_seconds = retry_seconds
+        self._write = write
         if write:
             self._check_writable()
         try:
@@ -144,11 +156,28 @@ class ResultStore:
                     f"The result database {self.path} has schema version {version}, newer than this "
                     f"bdtk understands ({SCHEMA_VERSION}); upgrade bdtk."
                 )
+            if version < SCHEMA_VERSION and self._write:
+                self._migrate(version)
             return
         if tables:
             raise StoreError(f"{self.path} is an SQLite database, but not a bdtk result store.")
         with self._transaction():
             self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};")
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older store up to `SCHEMA_VERSION` in one transaction; its rows stay as they are.
+
+        Only a store opened for writing is migrated: a read (`bdtk leaderboard`) never changes the
+        file, and reads only the records, which every version shares.
+        """
+        with self._transaction():
+            self._db.execute("BEGIN IMMEDIATE")
+            # another writer may have migrated it since `version` was read: read it again, locked
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            for step in range(max(version, 1), SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -186,13 +215,15 @@ class ResultStore:
             row.provenance.bdtk,
             row.provenance.date,
             row.model_dump_json(),
+            row.asr_retuned,
         )
 
         def write() -> None:
             with self._transaction():
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
-                    f"INSERT OR REPLACE INTO cells VALUES ({', '.join('?' * len(values))})", values
+                    f"INSERT OR REPLACE INTO cells ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})",
+                    values,
                 )
 
         self._retrying(write)

@@ -14,7 +14,7 @@ from backdoor_toolkit.models import (
     create_model,
 )
 
-FAST = ["wrn-16-1", "small-cnn", "vgg11-bn", "preact-resnet18", "resnet18", "wrn-16-2"]
+FAST = ["wrn-16-1", "small-cnn", "vgg11-bn", "preact-resnet18", "preact-resnet18-bb", "resnet18", "wrn-16-2"]
 
 
 @pytest.mark.parametrize("name", FAST)

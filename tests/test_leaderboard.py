@@ -6,16 +6,27 @@ import csv
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from rich.console import Console
 from test_store import cell
 from typer.testing import CliRunner
 
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.errors import BdtkError
-from backdoor_toolkit.leaderboard import build_leaderboard, export, to_csv, to_html, to_json, to_markdown
+from backdoor_toolkit.leaderboard import (
+    build_leaderboard,
+    export,
+    scatter_figure,
+    to_csv,
+    to_html,
+    to_json,
+    to_markdown,
+    to_rich,
+)
 from backdoor_toolkit.results import CellResult
 from backdoor_toolkit.store import ResultStore
 
@@ -105,10 +116,16 @@ def test_csv_json_markdown_parse() -> None:
     assert "| 1 | strong | 0.960 ± 0.007 |" in md
 
 
+def _offline(page: str) -> None:
+    """Nothing a browser would fetch: no URLs, no src, and links or url() only to ids in the page."""
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/|\bsrc=|@import", page)
+    assert not re.search(r"""href=["'](?!#)|url\((?!#)""", page)
+
+
 def test_html_is_self_contained() -> None:
     page = to_html(build_leaderboard(rows()))
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</html>" in page
-    assert not re.search(r"https?://|\bsrc=|\bhref=|@import|url\(", page)
+    _offline(page)
     assert page.count("<title>") == 1 + 3  # page title + one tooltip per (attack, defense) point
 
 
@@ -137,3 +154,111 @@ def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["leaderboard", "--db", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 2 and "No result database" in missing.output
     assert not (tmp_path / "none.sqlite").exists()
+
+
+def by_batch(batch_size: int, attack: str = "badnets") -> list[CellResult]:
+    """rows() run with another batch size: a setting that differs in that one field."""
+    return [
+        r.model_copy(
+            update={
+                "setting": {**r.setting, "training": {"epochs": 1, "batch_size": batch_size}},
+                "config_hash": f"{batch_size}-{r.config_hash}",
+            }
+        )
+        for r in rows(attack)
+    ]
+
+
+def test_settings_that_differ_in_one_field_get_distinct_titles_rows_and_entries() -> None:
+    board = build_leaderboard([*by_batch(32), *by_batch(64)])
+    titles = [b.title for b in board.boards]
+    assert len(set(titles)) == len(titles) == 4
+    assert (
+        sum("training.batch_size=32" in t for t in titles) == sum("batch_size=64" in t for t in titles) == 2
+    )
+    table = list(csv.DictReader(io.StringIO(to_csv(board))))
+    keys = [(r["setting"], r["attack"], r["defense"]) for r in table]
+    assert len(set(keys)) == len(keys) == 12
+    assert len({r["setting_hash"] for r in table}) == 2
+    payload = json.loads(to_json(board))["boards"]
+    assert len({(b["setting"], b["attack"]) for b in payload}) == 4
+    assert {b["setting_fields"]["training"]["batch_size"] for b in payload} == {32, 64}
+    alone = build_leaderboard(by_batch(32)).boards[0].title  # nothing to tell apart: the short form
+    assert "batch_size" not in alone and "train 600" in alone
+
+
+def test_scatter_has_one_panel_per_setting_with_axes_fitted_to_its_marks() -> None:
+    board = build_leaderboard([*by_batch(32), *by_batch(64)])
+    figure = scatter_figure(board)
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title(loc="left").replace("\n", " ") for ax in panels] == board.scenarios()
+    for ax in panels:
+        assert len(ax.lines) == 3  # none, strong, weak: only this setting's marks
+        low, high = ax.get_xlim()  # BA spans 86–90 %: fitted, not the whole 0–100
+        assert 80 < low < 86 and 90 < high < 95
+    page = to_html(board)
+    assert page.count("<svg") == 2  # one scatter per scenario
+
+
+def test_without_matplotlib_png_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        for r in rows():
+            store.put(r)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    result = CliRunner().invoke(app, ["leaderboard", "--db", str(db), "--png", str(tmp_path / "s.png")])
+    assert result.exit_code == 2
+    assert [line for line in result.output.splitlines() if line.strip()] == [
+        "Error: --png needs matplotlib: pip install matplotlib (or the plot extra of backdoor-toolkit)."
+    ]
+    assert not (tmp_path / "s.png").exists()
+    paths = export(build_leaderboard(rows()), tmp_path / "out")  # the tables need no matplotlib
+    assert sorted(p.suffix for p in paths) == [".csv", ".html", ".json", ".md"]
+    page = (tmp_path / "out" / "leaderboard.html").read_text()
+    assert "<svg" not in page and "pip install" in page
+
+
+def test_html_sorts_filters_and_shows_code_not_backticks() -> None:
+    board = build_leaderboard([*rows("badnets"), *rows("blended")])
+    page = to_html(board)
+    assert "`" not in page and "<code>none</code>" in page
+    headers = len(board.columns()) + 4  # rank, defense, the metrics, seeds, failed
+    assert page.count('<th aria-sort="none"><button type="button">') == headers * len(board.boards)
+    assert '<td data-value="1">1</td>' in page  # cells carry the numbers they sort by
+    assert '<td data-value="">—</td>' in page  # and missing ones sort last
+    for value in ("badnets", "blended", "strong", "weak", "none"):
+        assert f'<option value="{value}">' in page
+    assert '<table class="board" data-attack="blended">' in page and '<tr data-defense="weak">' in page
+    assert page.count("<script>") == 1 and "filter-attack" in page and "filter-defense" in page
+    _offline(page)
+
+
+def test_terminal_tables_stay_whole_at_80_columns() -> None:
+    names = {"strong": ("mcldef", "paper"), "weak": ("nc-unlearning", None), "none": ("none", None)}
+    data = [
+        r.model_copy(
+            update={
+                "defense": names[r.defense][0],
+                "defense_preset": names[r.defense][1],
+                "asr_retuned": 0.5534,
+                "seconds": 1234.5,
+            }
+        )
+        for r in [*rows("badnets"), *rows("input-aware")]
+    ]
+    board = build_leaderboard(data)
+    console = Console(width=80, record=True, file=io.StringIO())
+    tables = to_rich(board, width=console.width)
+    for table in tables:
+        console.print(table)
+        assert not any("…" in str(column.header) for column in table.columns)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for whole in ("mcldef:paper", "nc-unlearning", "0.960", "±0.007", "1234.5", "55.3", "ASR rt", "ΔBA"):
+        assert whole in text
+    wide = Console(width=200, record=True, file=io.StringIO())
+    for table in to_rich(board, width=200):
+        wide.print(table)
+    assert "0.960 ± 0.007" in wide.export_text()  # room enough: one line per row

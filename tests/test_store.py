@@ -83,7 +83,10 @@ def test_locked_database_is_a_clear_error_and_rows_survive(tmp_path: Path) -> No
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
     try:
-        with pytest.raises(StoreError, match="locked"), ResultStore(path, timeout=0.1) as store:
+        with (
+            pytest.raises(StoreError, match="locked"),
+            ResultStore(path, timeout=0.1, retry_seconds=0.5) as store,
+        ):
             store.put(cell(seed=1))
     finally:
         other.execute("ROLLBACK")
@@ -94,7 +97,7 @@ def test_locked_database_is_a_clear_error_and_rows_survive(tmp_path: Path) -> No
 
 def test_write_while_another_process_writes_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "r.sqlite"
-    with ResultStore(path, timeout=0.1) as store:
+    with ResultStore(path, timeout=0.1, retry_seconds=0.5) as store:  # a write retries, then fails
         store.put(cell(seed=0))
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # holds the write lock; readers still pass

@@ -18,6 +18,8 @@ from ..executors import EXECUTORS, get_executor
 from ..results import CellResult, write_results
 from ..store import ResultStore
 from ..suites import available_suites, load_suite
+from ..victim_benchmark import run_victim_benchmark
+from ..victims import read_victim_record
 from .common import (
     CacheDirOption,
     DataDirOption,
@@ -107,6 +109,14 @@ def benchmark(
     clean_ratio: Annotated[
         float | None, typer.Option(help="Defender's clean budget (share of train)")
     ] = None,
+    retune: Annotated[
+        bool | None,
+        typer.Option(
+            "--retune/--no-retune",
+            help="Re-tune every cell's model on a few poisoned samples and report the ASR after it "
+            "(post-purification robustness); part of each cell's identity when on",
+        ),
+    ] = None,
     device: DeviceOption = None,
     threads: Annotated[
         int | None,
@@ -130,13 +140,33 @@ def benchmark(
         str | None, typer.Option(help="Existing Ray cluster (HOST:PORT, ray://…, auto) for --executor ray")
     ] = None,
     set_: SetOption = None,
+    victim: Annotated[
+        Path | None,
+        typer.Option(help="A stored victim (`bdtk import`): run the defenses on it instead of a grid"),
+    ] = None,
 ) -> None:
     """Run a grid: train (or load) backdoored models, run each defense, store every cell.
 
     Cells already in the result database are skipped, so an interrupted grid resumes.
-    Rankings: `bdtk leaderboard`.
+    With --victim, the defenses run on that stored model instead. Rankings: `bdtk leaderboard`.
     """
     get_executor(executor, ray_address)  # a bad executor or Ray address fails before anything runs
+    if victim is not None:
+        grid_only = {
+            "--attack": attack,
+            "--dataset": dataset,
+            "--model": model,
+            "--train-size": train_size,
+            "--test-size": test_size,
+            "--epochs": epochs,
+            "--retune": retune,
+            "--data-dir": data_dir,
+            "--download": download,
+            "--suite": suite,
+            "--executor": executor != "local",
+            "--ray-address": ray_address,
+        }
+        victim_options(grid_only, config)
     if suite and config:
         raise ConfigError("Give either --suite or --config, not both.")
     values: dict[str, Any] = load_config_file(config) if config else {}
@@ -173,7 +203,12 @@ def benchmark(
         values["download"] = True
     if epochs is not None:
         values["training"] = {**values.get("training", {}), "epochs": epochs}
+    if retune is not None:  # --retune keeps the settings a file gives it; --no-retune turns it off
+        values["retune"] = (values.get("retune") or True) if retune else None
     apply_overrides(values, set_ or [])
+    if victim is not None:  # the results JSON then names the victim's data, model and label
+        record = read_victim_record(victim)
+        values.update(dataset=record["spec"]["name"], model=record["model"], attacks=[record["name"]])
     cfg = build_config(BenchmarkConfig, values, "benchmark")
     out = Path(cfg.output)
     check_writable(out, "--output (the results JSON)")
@@ -185,9 +220,12 @@ def benchmark(
 
     with ResultStore(db) as store, terminate_as_interrupt():
         try:
-            grid = run_benchmark(
-                cfg, on_result=save, store=store, force=force, executor=executor, ray_address=ray_address
-            )
+            if victim is not None:
+                grid = run_victim_benchmark(victim, cfg, on_result=save, store=store, force=force)
+            else:
+                grid = run_benchmark(
+                    cfg, on_result=save, store=store, force=force, executor=executor, ray_address=ray_address
+                )
         except KeyboardInterrupt as stop:
             why = "Terminated" if isinstance(stop, Terminated) else "Interrupted"
             console.print(
@@ -212,6 +250,25 @@ def benchmark(
         )
     if failed or unsaved:
         raise typer.Exit(1)
+
+
+#: What a --config file may set for a run on a stored victim; the rest describes a grid.
+VICTIM_FIELDS = {"defenses", "seeds", "clean_ratio", "val_fraction", "device", "threads", "output"}
+
+
+def victim_options(grid_only: dict[str, Any], config: Path | None) -> None:
+    """Refuse options that describe how to make a victim (or how a grid runs) when --victim already
+    gives one, rather than ignoring them without a word."""
+    used = [flag for flag, value in grid_only.items() if value not in (None, False, [], "")]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: not with --victim (the victim is already made).")
+    if config is not None:
+        extra = sorted(set(load_config_file(config)) - VICTIM_FIELDS)
+        if extra:
+            raise ConfigError(
+                f"{config} sets {', '.join(extra)}, which do not apply with --victim; "
+                f"it may set {', '.join(sorted(VICTIM_FIELDS))}."
+            )
 
 
 def failure_summary(failed: list[CellResult], total: int) -> str:
@@ -240,19 +297,22 @@ def results_table(rows: list[CellResult]) -> Table:
     shared = [str(getattr(rows[0], k)) for k in ("dataset", "model") if k not in varying and rows]
     title = " · ".join(["bdtk benchmark", *shared])
     table = Table(title=f"{title}\n(%; BA on all test images, ASR/RA on non-target images)")
-    columns = (*varying, "attack", "defense", "seed", "BA", "ASR", "RA", "DER", "sec", "MB")
+    retuned = any(r.retune for r in rows)  # "ASR rt": ASR after the re-tuning attack, when it was on
+    columns = (*varying, "attack", "defense", "seed", "BA", "ASR", *(["ASR rt"] if retuned else []), "RA")
+    columns = (*columns, "DER", "sec", "MB")
     for col in columns:
         right = col[0].isupper() or col in ("seed", "sec")
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     for r in rows:
         head = [str(getattr(r, k)) for k in varying] + [r.attack_label, r.defense_label, str(r.seed)]
         if r.status == "failed":
-            table.add_row(*head, "[red]failed", *[""] * 5)
+            table.add_row(*head, "[red]failed", *[""] * (len(columns) - len(head) - 1))
             continue
         table.add_row(
             *head,
             _pct(r.ba),
             _pct(r.asr),
+            *([_pct(r.asr_retuned)] if retuned else []),
             _pct(r.ra),
             "—" if r.der is None else f"{r.der:.3f}",
             "—" if r.seconds is None else f"{r.seconds:.1f}",
@@ -267,6 +327,8 @@ def results_notes(rows: list[CellResult]) -> list[str]:
     lines = []
     for r in rows:
         text = f"[red]failed: {escape(r.error or '')}[/]" if r.status == "failed" else escape(r.notes)
+        if r.status == "ok" and "skipped" in r.retune:
+            text = "; ".join(t for t in (text, f"[yellow]{escape(str(r.retune['skipped']))}[/]") if t)
         if text:
             where = " / ".join(
                 [*(str(getattr(r, k)) for k in varying), r.attack_label, r.defense_label, f"seed {r.seed}"]

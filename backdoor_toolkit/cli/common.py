@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from ..console import console
 from ..errors import BdtkError, ConfigError
@@ -37,7 +38,8 @@ SetOption = Annotated[
     typer.Option(
         "--set",
         help="Plugin setting PLUGIN.FIELD=VALUE, over any preset; PLUGIN is NAME or NAME:PRESET, and may "
-        "be left out for the command's own plugin (the attack in `attack`, the inverter in `inspect`) "
+        "be left out for the command's own plugin (the attack in `attack`, the inverter in `inspect`, the "
+        "defense in `purify`) "
         "(repeatable)",
     ),
 ]
@@ -49,6 +51,78 @@ SeedOption = Annotated[
     int, typer.Option(help="Seed of everything drawn or trained (poisoning, training, budget, inversion)")
 ]
 SeedsOption = Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable)")]
+
+# --- the model and data options of the commands that take a user's model file (inspect, purify) ----
+
+ArchitectureOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Architecture of MODEL_FILE: a zoo name (`bdtk models`), torchvision:NAME (any torchvision "
+        "classifier, never with downloaded weights) or MODULE:FACTORY (a function returning an nn.Module; "
+        "MODULE may be a .py file); default: the `architecture` in the JSON beside the file, else wrn-16-1",
+        show_default=False,
+    ),
+]
+DataOption = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        "--dataset",
+        help="Clean data: a dataset name (`bdtk datasets`; the clean budget is --clean-ratio of its training "
+        "split) or folder:PATH (class sub-folders, all of it the clean budget)",
+    ),
+]
+TestDataOption = Annotated[
+    str | None,
+    typer.Option(help="A test set, folder:PATH with the clean folder's classes; reported before and after"),
+]
+ImageSizeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Resize folder images to N or HxW pixels (default: the `image_size` in the JSON beside the "
+        "model file, else the size all the images share)",
+        show_default=False,
+    ),
+]
+FeatureLayerOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Module of a non-zoo model whose output is its penultimate representation (default: the "
+        "input of its last nn.Linear)",
+        show_default=False,
+    ),
+]
+MeanOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Per-channel mean the model normalises with, comma-separated (e.g. 0.485,0.456,0.406); "
+        "default: the JSON beside the file, a zoo model's own, else none",
+        show_default=False,
+    ),
+]
+StdOption = Annotated[
+    str | None,
+    typer.Option(help="Per-channel std, comma-separated; default as for --mean", show_default=False),
+]
+ValFractionOption = Annotated[
+    float, typer.Option(help="Share of the clean budget held out (never trained on) to measure and tune on")
+]
+
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    """`--mean 0.485,0.456,0.406` as numbers; a malformed list is one clear error."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(
+            f"{option} expects comma-separated numbers (e.g. 0.5,0.5,0.5), got {text!r}."
+        ) from None
+    if not values:
+        raise ConfigError(f"{option} expects comma-separated numbers (e.g. 0.5,0.5,0.5), got {text!r}.")
+    return values
 
 
 DEBUG_ENV = "BDTK_DEBUG"
@@ -69,12 +143,14 @@ def user_errors(fn: F) -> F:
             with terminate_as_interrupt():
                 return fn(*args, **kwargs)
         except BdtkError as exc:
-            console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             console.print(
-                f"[bold red]Error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True
+                f"[bold red]Error:[/] {escape(str(exc.strerror or exc) + where)}",
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(2) from None
         except Terminated:
@@ -90,7 +166,7 @@ def user_errors(fn: F) -> F:
                 raise
             detail = " ".join(str(exc).split())[:300] or type(exc).__name__
             console.print(
-                f"[bold red]Unexpected error:[/] {type(exc).__name__}: {detail} (a bug in bdtk or a "
+                f"[bold red]Unexpected error:[/] {type(exc).__name__}: {escape(detail)} (a bug in bdtk or a "
                 f"plugin; run with {DEBUG_ENV}=1 for the traceback)",
                 highlight=False,
                 soft_wrap=True,

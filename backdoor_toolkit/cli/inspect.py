@@ -1,11 +1,13 @@
 """`bdtk inspect`: scan a model for a backdoor with any registered trigger inverter (Neural Cleanse
 by default).
 
-The model is either a safetensors state dict with its zoo name (`bdtk inspect MODEL_FILE --model
-ARCH`) or a cached backdoored model (named by the same options as `bdtk attack`, trained on a cache
-miss). Only the defender's clean budget is used; the attack, when known, is shown for comparison
-and never informs the scan. The table is built from `InversionResult`'s fields and the shared
-`InversionKeys`, so an inverter bdtk has never seen prints as fully as Neural Cleanse does.
+The model is either a safetensors state dict with its architecture (`bdtk inspect MODEL_FILE --model
+ARCH`: a zoo name, `torchvision:NAME` or `MODULE:FACTORY`, read exactly as `bdtk purify` reads it,
+on a dataset or `folder:PATH`) or a cached backdoored model (named by the same options as `bdtk
+attack`, trained on a cache miss). Only the defender's clean budget is used; the attack, when
+known, is shown for comparison and never informs the scan. The table is built from
+`InversionResult`'s fields and the shared `InversionKeys`, so an inverter bdtk has never seen
+prints as fully as Neural Cleanse does.
 """
 
 from __future__ import annotations
@@ -14,92 +16,43 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
-from torch import Tensor
-from torch.nn import functional as F
 
-from ..cells import load_run_dataset
-from ..config import BenchmarkConfig, split_preset
+from ..config import split_preset
 from ..console import console
 from ..data import draw_defense_data
 from ..errors import BdtkError, ConfigError
 from ..interfaces import InversionResult, Kind
 from ..inversion import InversionKeys, split_diagnostics
-from ..models import ImageClassifier, create_model
-from ..plugins import create_inverter, get_plugin, resolve_plugin
-from ..training import resolve_device, seed_everything
+from ..models.loading import DEFAULT_ARCHITECTURE
+from ..plugins import get_plugin, resolve_plugin
+from ..purification import run_inspection, trigger_sheet
+from ..training import resolve_device
 from .common import (
+    ArchitectureOption,
     CacheDirOption,
     DataDirOption,
+    DataOption,
     DeviceOption,
     DownloadOption,
+    FeatureLayerOption,
+    ImageSizeOption,
+    MeanOption,
     SeedOption,
     SetOption,
+    StdOption,
+    ValFractionOption,
     app,
     split_settings,
     user_errors,
 )
+from .purify import describe_model, load_user_model
 from .victim import load_victim, victim_config
-
-
-def load_model_file(path: Path, model_name: str, cfg: BenchmarkConfig) -> ImageClassifier:
-    """A zoo model with weights from a safetensors state dict (a bdtk cache entry works too)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..data import dataset_spec
-
-    if not path.exists():
-        raise BdtkError(f"Model file {path} does not exist.")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise BdtkError(f"Cannot read {path} as safetensors: {exc}") from None
-    if any(k.startswith("model.") for k in state):  # a bdtk cache entry: weights under "model."
-        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    model = create_model(model_name, dataset_spec(cfg.dataset))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()[0]
-        raise BdtkError(
-            f"{path} does not hold {model_name!r} weights for {cfg.dataset!r}: {detail}"
-        ) from None
-    return model.eval()
-
-
-def trigger_sheet(result: InversionResult, scale: int = 4) -> Any:
-    """One tile per class: mask (top) and masked pattern m·p (bottom); flagged classes framed red."""
-    from PIL import Image, ImageDraw
-
-    def tiles(t: Tensor) -> Tensor:  # (K, C, H, W) in [0, 1] → RGB, upscaled
-        rgb = t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t[:, :3]
-        return F.interpolate(rgb.float().cpu().clamp(0, 1), scale_factor=scale, mode="nearest")
-
-    masks, stamped = tiles(result.masks), tiles(result.masks * result.patterns)
-    k, _, h, w = masks.shape
-    pad, label = 4, 14
-    sheet = Image.new("RGB", (k * (w + 2 * pad), label + 2 * h + 3 * pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, cls in enumerate(result.classes):
-        x0 = i * (w + 2 * pad) + pad
-        for row, img in enumerate((masks[i], stamped[i])):
-            arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            sheet.paste(Image.fromarray(arr), (x0, label + pad + row * (h + pad)))
-        flagged = cls in result.flagged
-        draw.text((x0, 1), f"{cls}{' !' if flagged else ''}", fill="red" if flagged else "black")
-        if flagged:
-            draw.rectangle(
-                (x0 - 3, label + pad - 3, x0 + w + 2, label + 2 * h + 2 * pad + 2), outline="red", width=2
-            )
-    return sheet
-
 
 #: Column headers of per-class diagnostics that read better as a symbol; others show their key.
 HEADERS = {InversionKeys.LAMBDA: "λ"}
@@ -207,8 +160,8 @@ def inspect(
         Path | None,
         typer.Argument(
             metavar="MODEL_FILE",
-            help="Safetensors state dict of a zoo model to inspect (name the architecture with --model); "
-            "or name a cached backdoored model with --attack",
+            help="Safetensors state dict of the model to inspect (its architecture: --model); or name a "
+            "cached backdoored model with --attack",
             show_default=False,
         ),
     ] = None,
@@ -220,13 +173,18 @@ def inspect(
     model_file: Annotated[
         Path | None, typer.Option(help="The model file as an option (same as MODEL_FILE)")
     ] = None,
-    dataset: Annotated[str, typer.Option(help="Dataset name (see `bdtk datasets`)")] = "fashion-mnist",
-    model: Annotated[str, typer.Option(help="Model name (see `bdtk models`)")] = "wrn-16-1",
+    dataset: DataOption = "fashion-mnist",
+    model: ArchitectureOption = None,
+    feature_layer: FeatureLayerOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    image_size: ImageSizeOption = None,
     seed: SeedOption = 0,
     epochs: Annotated[int | None, typer.Option(help="Training epochs of the attacked model")] = None,
     train_size: Annotated[int | None, typer.Option(help="Stratified training subset size")] = None,
     test_size: Annotated[int | None, typer.Option(help="Stratified test subset size")] = None,
     clean_ratio: Annotated[float, typer.Option(help="Defender's clean budget (share of train)")] = 0.05,
+    val_fraction: ValFractionOption = 0.2,
     inverter: Annotated[
         str, typer.Option(help="Trigger inverter plugin, NAME or NAME:PRESET (see `bdtk plugins`)")
     ] = "neural-cleanse",
@@ -276,17 +234,25 @@ def inspect(
     plugins = [inverter] if attack is None else [inverter, attack]
     settings = split_settings(items, plugins, default=inverter)
     # a model file needs no attack: the run config then only says which data, budget and device
+    if attack is not None and (
+        dataset.startswith("folder:") or any(v is not None for v in (feature_layer, mean, std, image_size))
+    ):
+        raise BdtkError(
+            "--attack inspects a cached zoo model on a named dataset; folder data, --feature-layer, "
+            "--mean, --std and --image-size apply to a MODEL_FILE."
+        )
     cfg = victim_config(
         "inspect",
         attack,
         settings[attack] if attack else {},
         epochs,
         dataset=dataset,
-        model=model,
+        model=model or DEFAULT_ARCHITECTURE,
         seeds=[seed],
         train_size=train_size,
         test_size=test_size,
         clean_ratio=clean_ratio,
+        val_fraction=val_fraction,
         device=device,
         data_dir=data_dir,
         download=download,
@@ -297,15 +263,31 @@ def inspect(
     inv_values.update({k: v for k, v in extra.items() if v is not None})
     chosen = resolve_plugin("inverter", inverter, overrides=inv_values)  # bad values fail before training
     run_device = resolve_device(cfg.device)
+    true_target: int | None = None
     if model_file is not None:
-        victim_model = load_model_file(model_file, model, cfg).to(run_device)
-        data = load_run_dataset(cfg)
-        excluded = torch.empty(0, dtype=torch.long)
-        true_target: int | None = None
-        source: dict[str, Any] = {"model_file": str(model_file)}
+        loaded, clean = load_user_model(
+            model_file,
+            model,
+            data=dataset,
+            mean=mean,
+            std=std,
+            feature_layer=feature_layer,
+            image_size=image_size,
+            clean_ratio=cfg.clean_ratio,
+            val_fraction=cfg.val_fraction,
+            seed=seed,
+            data_dir=data_dir,
+            download=download,
+            train_size=train_size,
+            test_size=test_size,
+        )
+        describe_model(loaded, clean)
+        victim_model, budget, model_label = loaded.model, clean.budget, loaded.architecture
+        source: dict[str, Any] = {"model_file": str(model_file), "model_sha256": loaded.sha256}
     else:
         data, instance, victim = load_victim(cfg)
-        victim_model, excluded = victim.model, victim.poisoned_index
+        victim_model, model_label = victim.model, cfg.model
+        budget = draw_defense_data(data, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, seed)
         true_target = instance.config.target if instance.config.mode == "all-to-one" else None
         source = {
             "attack": instance.name,
@@ -313,13 +295,14 @@ def inspect(
             "attack_config": instance.config.model_dump(),
             "cache_key": victim.cache_key,
         }
-    budget = draw_defense_data(data, excluded, cfg.clean_ratio, cfg.val_fraction, seed)
-    seed_everything(seed)
     console.print(
-        f"Inverting triggers of {model} on {dataset} with {inverter} "
-        f"({len(budget.train)} clean images, {len(budget.val)} for validation)…"
+        f"Inverting triggers of {escape(model_label)} on {escape(dataset)} with {escape(inverter)} "
+        f"({len(budget.train)} clean images, {len(budget.val)} for validation)…",
+        highlight=False,
     )
-    result = create_inverter(chosen, seed=seed).invert(victim_model, budget, class_ or None)
+    result = run_inspection(
+        victim_model, budget, chosen, classes=class_ or None, seed=seed, device=run_device
+    ).result
     for table in inversion_tables(result, chosen.label, true_target, console):
         console.print(table)
     if result.flagged:
@@ -335,7 +318,7 @@ def inspect(
         {
             **source,
             "dataset": dataset,
-            "model": model,
+            "model": model_label,
             "seed": seed,
             "inverter": chosen.name,
             "inverter_preset": chosen.preset,

@@ -6,13 +6,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..console import console
 from ..errors import BdtkError
 from ..leaderboard import (
     COLUMNS,
+    INSTALL_HINT,
     build_leaderboard,
     export,
+    matplotlib_available,
+    require_matplotlib,
     to_csv,
     to_html,
     to_json,
@@ -46,9 +50,13 @@ def leaderboard(
     csv: Annotated[Path | None, typer.Option(help="Write CSV here")] = None,
     json: Annotated[Path | None, typer.Option("--json", help="Write JSON here")] = None,
     html: Annotated[Path | None, typer.Option(help="Write the offline HTML page here")] = None,
-    png: Annotated[Path | None, typer.Option(help="Write the BA-vs-ASR scatter PNG here")] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Write the BA-vs-ASR scatter PNG here (needs matplotlib)")
+    ] = None,
 ) -> None:
     """Rank defenses per attack and overall (mean ± std over seeds) from the stored cells."""
+    if png is not None:
+        require_matplotlib("--png")  # before any work: one line that says how to install it
     path = db or default_db_path()
     if not path.exists():
         raise BdtkError(f"No result database at {path}; run `bdtk benchmark` first (or pass --db).")
@@ -58,7 +66,7 @@ def leaderboard(
     if not rows:
         raise BdtkError(f"No stored results in {where} match these filters; run `bdtk benchmark` first.")
     board = build_leaderboard(rows, rank_by)
-    for table in to_rich(board):
+    for table in to_rich(board, width=console.width):
         console.print(table)
     written: list[Path] = []
     for target, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
@@ -71,5 +79,9 @@ def leaderboard(
         written.append(png)
     if out is not None:
         written += export(board, out)
+        if not matplotlib_available():
+            console.print(
+                f"[yellow]No scatter PNG in {out}: it needs matplotlib ({escape(INSTALL_HINT)}).[/]"
+            )
     for path in written:
         console.print(f"Wrote {path}")

@@ -7,6 +7,8 @@ defense (a `NAME:PRESET` apart from `NAME`); each metric is a mean ± sample std
 Defenses are ranked per attack and overall (every attack and seed pooled) by one metric, in the
 direction that metric declares (`METRICS[...].higher_is_better`), so no ranking rule is hard-coded
 here. BA drop is derived per seed against the undefended model of the same attack and seed.
+Each setting is described by the fields in which the settings present differ (`describe_settings`),
+so two scenarios never share a title, a CSV row or a JSON entry.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from ..results import CellResult
 DERIVED = {
     "ba_drop": MetricInfo("BA drop", False, "clean accuracy lost against the undefended model, same seed"),
 }
-COLUMNS = ("der", "ba_drop", "asr", "ra", "ba", "seconds")
-PERCENT = {"ba_drop", "asr", "ra", "ba"}
+COLUMNS = ("der", "ba_drop", "asr", "asr_retuned", "ra", "ba", "seconds")
+PERCENT = {"ba_drop", "asr", "asr_retuned", "ra", "ba"}
+#: Columns that only some grids fill (the re-tuning attack is opt-in): views may leave them out
+#: when no row has a value.
+OPTIONAL = {"asr_retuned"}
 UNDEFENDED = "none"
 
 
@@ -71,18 +76,42 @@ class Entry:
 
 @dataclass
 class Board:
-    """One ranking: a scenario and an attack, or the scenario overall (attack None)."""
+    """One ranking: a scenario and an attack, or the scenario overall (attack None).
+
+    `setting` is the setting's description (distinct for distinct settings), `setting_hash` its
+    identity and `setting_fields` the stored setting itself, for exports that need every field.
+    """
 
     dataset: str
     model: str
     setting: str
     attack: str | None
     entries: list[Entry]
+    setting_hash: str = ""
+    setting_fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scenario(self) -> str:
+        """Dataset, model and setting: what the boards of one scenario share."""
+        return f"{self.dataset} · {self.model} · {self.setting}"
 
     @property
     def title(self) -> str:
         scope = f"attack {self.attack}" if self.attack else "overall (all attacks)"
-        return f"{self.dataset} · {self.model} · {self.setting} — {scope}"
+        return f"{self.scenario} — {scope}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One mark of the BA-versus-ASR scatter: a defense against an attack in one scenario."""
+
+    scenario: str
+    attack: str
+    defense: str
+    ba: float
+    asr: float
+    ba_std: float | None
+    asr_std: float | None
 
 
 @dataclass
@@ -90,17 +119,29 @@ class Leaderboard:
     rank_by: str
     boards: list[Board]
 
-    def points(self) -> list[tuple[str, str, float, float]]:
-        """(attack, defense, BA, ASR) for each per-attack entry with numbers, for the scatter plot."""
+    def points(self) -> list[Point]:
+        """A point for each per-attack entry with a BA and an ASR, in board order."""
         out = []
         for board in self.boards:
             if board.attack is None:
                 continue
             for e in board.entries:
-                ba, asr = e.stats["ba"].mean, e.stats["asr"].mean
-                if ba is not None and asr is not None:
-                    out.append((board.attack, e.defense, ba, asr))
+                ba, asr = e.stats["ba"], e.stats["asr"]
+                if ba.mean is not None and asr.mean is not None:
+                    out.append(
+                        Point(board.scenario, board.attack, e.defense, ba.mean, asr.mean, ba.std, asr.std)
+                    )
         return out
+
+    def scenarios(self) -> list[str]:
+        """The scenarios in board order, each once."""
+        return list(dict.fromkeys(b.scenario for b in self.boards))
+
+    def columns(self) -> tuple[str, ...]:
+        """COLUMNS less the optional ones no entry has a value for (e.g. grids run without
+        re-tuning), so tables are not padded with empty columns."""
+        filled = {m for b in self.boards for e in b.entries for m in OPTIONAL if e.stats[m].mean is not None}
+        return tuple(m for m in COLUMNS if m not in OPTIONAL or m in filled)
 
 
 def describe_setting(setting: dict[str, Any]) -> str:
@@ -109,6 +150,62 @@ def describe_setting(setting: dict[str, Any]) -> str:
     training = setting.get("training", {})
     sizes = f"train {setting.get('train_size') or 'all'}/test {setting.get('test_size') or 'all'}"
     return f"{sizes}, {training.get('epochs', '?')} epochs, clean {setting.get('clean_ratio', '?')}"
+
+
+_ABSENT = object()
+
+
+def _differences(settings: list[dict[str, Any]], prefix: str = "") -> list[list[str]]:
+    """For each setting, phrases naming its values of the fields in which `settings` differ.
+
+    Nested tables are followed (`training.batch_size=32`); a table some settings lack is named by
+    its presence (`retune` / `no retune`) plus whatever differs inside it among the others.
+    """
+    out: list[list[str]] = [[] for _ in settings]
+    for key in sorted({k for s in settings for k in s}):
+        values = [s.get(key, _ABSENT) for s in settings]
+        if all(v is not _ABSENT for v in values) and all(v == values[0] for v in values):
+            continue
+        name = f"{prefix}{key}"
+        present = [i for i, v in enumerate(values) if v is not _ABSENT]
+        if len({repr(values[i]) for i in present}) <= 1 and len(present) < len(values):
+            for i, v in enumerate(values):  # one value where present: name it, or its presence
+                if v is _ABSENT:
+                    out[i].append(f"no {name}")
+                else:
+                    out[i].append(name if isinstance(v, dict) else f"{name}={v}")
+            continue
+        if present and all(isinstance(values[i], dict) for i in present):
+            inner = _differences([values[i] for i in present], f"{name}.")
+            for i, phrases in zip(present, inner, strict=True):
+                out[i].extend(phrases or [name])
+        else:
+            for i in present:
+                out[i].append(f"{name}={values[i]}")
+        for i, v in enumerate(values):
+            if v is _ABSENT:
+                out[i].append(f"no {name}")
+    return out
+
+
+def describe_settings(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """A description per setting (by key), distinct for settings that differ in any field.
+
+    Each is `describe_setting`'s summary (sizes, epochs, clean budget) followed by the fields in
+    which the settings present differ and the summary does not show (`training.batch_size=32`,
+    `retune`). Should two still read alike (a field the summary rounds away), the setting's hash
+    tells them apart.
+    """
+    keys = list(settings)
+    summary = {k: describe_setting(settings[k]) for k in keys}
+    shown = {"train_size", "test_size", "clean_ratio", "training.epochs"}
+    extra = _differences([settings[k] for k in keys])
+    described = {}
+    for k, phrases in zip(keys, extra, strict=True):
+        rest = [p for p in phrases if p.split("=")[0].removeprefix("no ") not in shown]
+        described[k] = ", ".join([summary[k], *rest])
+    texts = list(described.values())
+    return {k: t if texts.count(t) == 1 else f"{t} [{k[:6]}]" for k, t in described.items()}
 
 
 def _labels(names: list[str], configs: list[dict[str, Any]]) -> list[str]:
@@ -138,7 +235,7 @@ def _entries(
         ok = [c for c in group if c.row.status == "ok"]
         values: dict[str, list[float]] = {m: [] for m in COLUMNS}
         for c in ok:
-            for m in ("der", "asr", "ra", "ba"):
+            for m in ("der", "asr", "asr_retuned", "ra", "ba"):
                 v = getattr(c.row, m)
                 if v is not None and v == v:  # NaN (no non-target test image) is left out
                     values[m].append(v)
@@ -181,11 +278,12 @@ def build_leaderboard(rows: list[CellResult], rank_by: str = "der") -> Leaderboa
         )
     ]
     scenarios: dict[tuple[str, str, str], list[_Cell]] = defaultdict(list)
-    described: dict[str, str] = {}
+    settings: dict[str, dict[str, Any]] = {}
     for c in cells:
         key = config_hash(c.row.setting)
-        described[key] = describe_setting(c.row.setting)
+        settings[key] = c.row.setting
         scenarios[(c.row.dataset, c.row.model, key)].append(c)
+    described = describe_settings(settings)
     boards: list[Board] = []
     for (dataset, model, key), group in sorted(scenarios.items()):
         base_ba = {
@@ -198,9 +296,8 @@ def build_leaderboard(rows: list[CellResult], rank_by: str = "der") -> Leaderboa
         for c in group:
             by_attack[c.attack][c.defense].append(c)
             overall[c.defense].append(c)
-        for attack in sorted(by_attack):
-            boards.append(
-                Board(dataset, model, described[key], attack, _entries(by_attack[attack], base_ba, rank_by))
-            )
-        boards.append(Board(dataset, model, described[key], None, _entries(overall, base_ba, rank_by)))
+        scopes = [(attack, by_attack[attack]) for attack in sorted(by_attack)] + [(None, overall)]
+        for attack, scope in scopes:
+            entries = _entries(scope, base_ba, rank_by)
+            boards.append(Board(dataset, model, described[key], attack, entries, key, settings[key]))
     return Leaderboard(rank_by, boards)

@@ -1,171 +1,188 @@
-"""Plot: the BA-versus-ASR scatter, drawn as inline SVG and as a PNG from one layout.
+"""Plot: the BA-versus-ASR scatter, one panel per scenario, drawn with matplotlib.
 
 The scatter shows the trade-off a ranked table hides (clean accuracy kept against attack success
-left), one mark per defense and attack. Both drawings come from one computed layout so the HTML
-page's SVG and the exported PNG never disagree, and the PNG is drawn with Pillow so that no
-plotting library is needed.
+left), one mark per defense and attack, with error bars of one std over seeds. Each scenario
+(dataset, model, setting) gets its own panel with axes fitted to its marks, because numbers from
+different settings are not comparable and a fixed 0–100 frame squeezes close results into one
+blob. A defense keeps its colour and an attack its marker across panels.
+
+matplotlib is an optional extra (`pip install 'backdoor-toolkit[plot]'`): the tables and exports
+need none of it, so it is imported only when a scatter is drawn, and its absence is one line that
+says how to install it (`require_matplotlib`).
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+import importlib.util
+import io
+import math
+import re
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .aggregation import UNDEFENDED, Leaderboard
+from ..errors import BdtkError
+from .aggregation import UNDEFENDED, Leaderboard, Point
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
-SHAPES = ("circle", "square", "triangle", "diamond")
-OUTLINE = "outline"  # legend markers for attacks: shape only, no defense colour
+UNDEFENDED_COLOUR = "#555555"
+SHAPES = ("o", "s", "^", "D", "v", "P", "X", "*")
+"""matplotlib markers, one per attack (in name order, cycling)."""
+INSTALL_HINT = "pip install 'backdoor-toolkit[plot]'"
 
 
-@dataclass
-class _Layout:
-    width: int
-    height: int
-    box: tuple[int, int, int, int]  # left, top, right, bottom of the plot area
-    marks: list[tuple[float, float, str, str, str]]  # x, y, colour, shape, tooltip
-    legend: list[tuple[str, str, str]]  # text, colour, shape
-    ticks: list[tuple[float, int, str]]  # x or y pixel, 0=x-axis / 1=y-axis, label
+class PlotUnavailableError(BdtkError):
+    """matplotlib, which draws the scatter, is not installed."""
 
 
-def _layout(board: Leaderboard, width: int = 720, height: int = 460) -> _Layout:
-    left, top, right, bottom = 64, 24, width - 190, height - 56
-    points = board.points()
-    defenses = sorted({d for _, d, _, _ in points}, key=lambda d: (d != UNDEFENDED, d))
-    attacks = sorted({a for a, _, _, _ in points})
-    colour = {
-        d: ("#555555" if d == UNDEFENDED else PALETTE[i % len(PALETTE)]) for i, d in enumerate(defenses)
-    }
-    shape = {a: SHAPES[i % len(SHAPES)] for i, a in enumerate(attacks)}
-
-    def px(ba: float) -> float:
-        return left + ba * (right - left)
-
-    def py(asr: float) -> float:
-        return bottom - asr * (bottom - top)
-
-    marks = [
-        (px(ba), py(asr), colour[d], shape[a], f"{d} vs {a}: BA {100 * ba:.1f}%, ASR {100 * asr:.1f}%")
-        for a, d, ba, asr in points
-    ]
-    legend = [(d, colour[d], "circle") for d in defenses] + [
-        (f"attack {a}", OUTLINE, shape[a]) for a in attacks
-    ]
-    ticks = [(px(v / 100), 0, str(v)) for v in range(0, 101, 20)] + [
-        (py(v / 100), 1, str(v)) for v in range(0, 101, 20)
-    ]
-    return _Layout(width, height, (left, top, right, bottom), marks, legend, ticks)
-
-
-def _svg_mark(x: float, y: float, fill: str, shape: str, r: float = 6) -> tuple[str, str]:
-    """The opening of a marker element (left open for children) and its tag name."""
-    if fill == OUTLINE:
-        fill = 'none" stroke="#333" stroke-width="1.5'
-    if shape == "square":
-        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{fill}"', "rect"
-    if shape in ("triangle", "diamond"):
-        pts = (
-            [(x, y - r), (x + r, y + r), (x - r, y + r)]
-            if shape == "triangle"
-            else [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]
-        )
-        return f'<polygon points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}" fill="{fill}"', "polygon"
-    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{fill}"', "circle"
-
-
-def scatter_svg(board: Leaderboard) -> str:
-    """The scatter as inline SVG (no external references): BA on x, ASR on y, both in %."""
-    lay = _layout(board)
-    left, top, right, bottom = lay.box
-    parts = [
-        f'<svg viewBox="0 0 {lay.width} {lay.height}" width="{lay.width}" height="{lay.height}" role="img" '
-        'aria-label="BA versus ASR" font-family="sans-serif" font-size="12">',
-        f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
-        'fill="none" stroke="#999"/>',
-    ]
-    for pos, axis, label in lay.ticks:
-        if axis == 0:
-            parts.append(f'<line x1="{pos:.1f}" y1="{top}" x2="{pos:.1f}" y2="{bottom}" stroke="#eee"/>')
-            parts.append(f'<text x="{pos:.1f}" y="{bottom + 16}" text-anchor="middle">{label}</text>')
-        else:
-            parts.append(f'<line x1="{left}" y1="{pos:.1f}" x2="{right}" y2="{pos:.1f}" stroke="#eee"/>')
-            parts.append(f'<text x="{left - 8}" y="{pos + 4:.1f}" text-anchor="end">{label}</text>')
-    parts.append(
-        f'<text x="{(left + right) / 2}" y="{lay.height - 14}" text-anchor="middle">'
-        "clean accuracy BA (%) →</text>"
-    )
-    parts.append(
-        f'<text transform="translate(18 {(top + bottom) / 2}) rotate(-90)" text-anchor="middle">'
-        "attack success rate ASR (%) →</text>"
-    )
-    for x, y, fill, shape, tip in lay.marks:
-        element, tag = _svg_mark(x, y, fill, shape)
-        parts.append(f'{element} fill-opacity="0.85"><title>{html.escape(tip)}</title></{tag}>')
-    for i, (text, fill, shape) in enumerate(lay.legend):
-        y = top + 10 + 20 * i
-        parts.append(_svg_mark(right + 24, y, fill, shape, r=5)[0] + "/>")
-        parts.append(f'<text x="{right + 36}" y="{y + 4}">{html.escape(text)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def write_png(board: Leaderboard, path: Path) -> None:
-    """The same scatter as a PNG, drawn with Pillow (no plotting library needed)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    scale = 2  # draw at twice the size for a crisp image
-    lay = _layout(board)
-    image = Image.new("RGB", (lay.width * scale, lay.height * scale), "white")
-    draw = ImageDraw.Draw(image)
+def matplotlib_available() -> bool:
+    """Whether the scatter can be drawn here (matplotlib importable), without importing it."""
     try:
-        font: Any = ImageFont.load_default(size=12 * scale)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        font = ImageFont.load_default()
-    left, top, right, bottom = (v * scale for v in lay.box)
-    for pos, axis, label in lay.ticks:
-        p = pos * scale
-        if axis == 0:
-            draw.line([(p, top), (p, bottom)], fill="#eeeeee", width=scale)
-            draw.text((p, bottom + 4 * scale), label, fill="black", font=font, anchor="mt")
-        else:
-            draw.line([(left, p), (right, p)], fill="#eeeeee", width=scale)
-            draw.text((left - 8 * scale, p), label, fill="black", font=font, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline="#999999", width=scale)
-    draw.text(
-        ((left + right) / 2, (lay.height - 14) * scale),
-        "clean accuracy BA (%)",
-        fill="black",
-        font=font,
-        anchor="mb",
-    )
-    caption = Image.new("RGB", (int(bottom - top), 16 * scale), "white")
-    ImageDraw.Draw(caption).text(
-        (caption.width / 2, 0), "attack success rate ASR (%)", fill="black", font=font, anchor="mt"
-    )
-    image.paste(caption.rotate(90, expand=True), (4 * scale, int(top)))
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules reads as absent
+        return False
 
-    def mark(x: float, y: float, colour: str, shape: str, r: float) -> None:
-        fill, outline = (None, "#333333") if colour == OUTLINE else (colour, None)
-        if shape == "square":
-            draw.rectangle([x - r, y - r, x + r, y + r], fill=fill, outline=outline, width=scale)
-        elif shape == "triangle":
-            draw.polygon(
-                [(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill, outline=outline, width=scale
-            )
-        elif shape == "diamond":
-            draw.polygon(
-                [(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill, outline=outline, width=scale
-            )
-        else:
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=outline, width=scale)
 
-    for x, y, fill, shape, _ in lay.marks:
-        mark(x * scale, y * scale, fill, shape, 6 * scale)
-    for i, (text, fill, shape) in enumerate(lay.legend):
-        y = (lay.box[1] + 10 + 20 * i) * scale
-        mark(right + 24 * scale, y, fill, shape, 5 * scale)
-        draw.text((right + 36 * scale, y), text, fill="black", font=font, anchor="lm")
+def require_matplotlib(what: str = "The BA-versus-ASR scatter") -> None:
+    """Fail in one line that says how to install matplotlib, before any work, when it is missing."""
+    if not matplotlib_available():
+        # no brackets ("[plot]"): terminals render errors as rich markup, which would eat them
+        raise PlotUnavailableError(
+            f"{what} needs matplotlib: pip install matplotlib (or the plot extra of backdoor-toolkit)."
+        )
+
+
+def _styles(points: list[Point]) -> tuple[dict[str, str], dict[str, str]]:
+    """Colour per defense (grey: undefended) and marker per attack, the same in every panel."""
+    defenses = sorted({p.defense for p in points}, key=lambda d: (d != UNDEFENDED, d))
+    attacks = sorted({p.attack for p in points})
+    colour = {
+        d: UNDEFENDED_COLOUR if d == UNDEFENDED else PALETTE[i % len(PALETTE)] for i, d in enumerate(defenses)
+    }
+    return colour, {a: SHAPES[i % len(SHAPES)] for i, a in enumerate(attacks)}
+
+
+def _limits(values: list[float], errors: list[float]) -> tuple[float, float]:
+    """An axis range (in %) fitted to the marks and their error bars, padded, within [0, 100]."""
+    low = min(v - e for v, e in zip(values, errors, strict=True))
+    high = max(v + e for v, e in zip(values, errors, strict=True))
+    pad = max(2.0, 0.08 * (high - low))
+    return max(low - pad, -1.0), min(high + pad, 101.0)
+
+
+@contextmanager
+def _style(salt: str = "bdtk") -> Iterator[None]:
+    """Deterministic, self-contained output: text stays text in SVG, and its ids do not change per
+    run (`salt`: one per SVG of a page, so two SVGs never define the same id)."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt, "font.size": 9}):
+        yield
+
+
+def scatter_figure(board: Leaderboard, scenarios: list[str] | None = None) -> Figure:
+    """The scatter as a matplotlib Figure: one panel per scenario (all, or those named).
+
+    Each mark gets the gid `point-N` (N: its index in `board.points()`), so that an SVG rendering
+    can carry a tooltip per mark. Draw it inside `_style()` (as `scatter_svg` and `write_png` do)
+    for their fonts and ids.
+    """
+    require_matplotlib()
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    points = board.points()
+    colour, marker = _styles(points)
+    wanted = scenarios if scenarios is not None else board.scenarios()
+    panels = [(s, [(i, p) for i, p in enumerate(points) if p.scenario == s]) for s in wanted]
+    panels = [(s, marks) for s, marks in panels if marks] or [("no scores to plot", [])]
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5.2 * cols + 2.2, 4.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (scenario, marks) in zip(axes.flat, panels, strict=False):
+        ax.set_title("\n".join(textwrap.wrap(scenario, 60)), loc="left", fontsize=9)
+        ax.set_xlabel("clean accuracy BA (%) →")
+        ax.set_ylabel("attack success rate ASR (%)")
+        ax.grid(True, color="#e5e5e5", linewidth=0.8)
+        ax.set_axisbelow(True)
+        if not marks:
+            continue
+        for index, p in marks:
+            handle = ax.errorbar(
+                100 * p.ba,
+                100 * p.asr,
+                xerr=None if p.ba_std is None else 100 * p.ba_std,
+                yerr=None if p.asr_std is None else 100 * p.asr_std,
+                fmt=marker[p.attack],
+                color=colour[p.defense],
+                markersize=7,
+                markeredgecolor="white",
+                markeredgewidth=0.6,
+                elinewidth=0.8,
+                alpha=0.9,
+            )
+            handle.lines[0].set_gid(f"point-{index}")  # the marker, not its bars
+        ba = [100 * p.ba for _, p in marks]
+        asr = [100 * p.asr for _, p in marks]
+        ax.set_xlim(*_limits(ba, [100 * (p.ba_std or 0.0) for _, p in marks]))
+        ax.set_ylim(*_limits(asr, [100 * (p.asr_std or 0.0) for _, p in marks]))
+    legend = [
+        Line2D([], [], linestyle="", marker="o", color=c, markersize=7, label=d) for d, c in colour.items()
+    ] + [
+        Line2D([], [], linestyle="", marker=m, color="#333333", fillstyle="none", label=f"attack {a}")
+        for a, m in marker.items()
+    ]
+    if legend:
+        fig.legend(
+            handles=legend,
+            loc="outside right upper",
+            frameon=False,
+            title="best: bottom right\nbars: ±1 std over seeds",
+            title_fontsize=8,
+            alignment="left",
+        )
+    return fig
+
+
+def _tooltip(p: Point) -> str:
+    return f"{p.defense} vs {p.attack}: BA {100 * p.ba:.1f}%, ASR {100 * p.asr:.1f}%"
+
+
+def scatter_svg(board: Leaderboard, scenario: str | None = None) -> str:
+    """The scatter (of one scenario, or all) as an `<svg>` element to inline in an HTML page.
+
+    Self-contained: text stays text, markers are defined inside it, each mark has a tooltip, and
+    the XML prologue, namespace declarations and metadata (which name external URLs) are dropped,
+    as an inline SVG in HTML needs none of them.
+    """
+    buffer = io.StringIO()
+    with _style(f"bdtk {scenario or ''}"):
+        fig = scatter_figure(board, None if scenario is None else [scenario])
+        fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg") :]
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    svg = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+    svg = re.sub(r"<!--.*?-->\s*", "", svg, flags=re.S)
+    for index, p in enumerate(board.points()):
+        svg = svg.replace(
+            f'<g id="point-{index}">', f'<g id="point-{index}"><title>{html.escape(_tooltip(p))}</title>', 1
+        )
+    return svg.strip()
+
+
+def write_png(board: Leaderboard, path: Path, dpi: int = 150) -> None:
+    """The scatter of every scenario as a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    with _style():
+        fig = scatter_figure(board)
+        fig.savefig(path, format="png", dpi=dpi)

@@ -2,8 +2,11 @@
 
 These are the text renderings of one `Leaderboard` (built in `aggregation`), kept apart from it so
 that a new format never touches how rows are grouped and ranked. All tables share one column
-layout (`column_header`, the cells of each entry); the HTML page embeds the SVG scatter from
-`plot`, and `export` writes every format plus the PNG scatter into one folder.
+layout (`column_header`, the cells of each entry; optional columns such as the re-tuned ASR only
+when some row has a value); the terminal tables use short headers and, on a narrow terminal, put
+each std under its mean, so that 80 columns show every number whole. The HTML page embeds each
+scenario's SVG scatter from `plot` and a small inline script for sorting and filtering, and
+`export` writes every format plus the PNG scatter (when matplotlib is installed) into one folder.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import csv
 import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
-from .aggregation import COLUMNS, PERCENT, UNDEFENDED, Entry, Leaderboard, metric_info
-from .plot import scatter_svg, write_png
+from .aggregation import COLUMNS, PERCENT, UNDEFENDED, Board, Entry, Leaderboard, Stat, metric_info
+from .plot import INSTALL_HINT, matplotlib_available, scatter_svg, write_png
 
 
 def column_header(metric: str) -> str:
@@ -29,25 +34,88 @@ def column_header(metric: str) -> str:
     return f"{info.label}{unit} {'↑' if info.higher_is_better else '↓'}"
 
 
-def _cells(entry: Entry) -> list[str]:
+def _cells(entry: Entry, columns: tuple[str, ...] = COLUMNS) -> list[str]:
     rank = "—" if entry.rank is None else str(entry.rank)
     failed = str(entry.failed) if entry.failed else ""
-    return [rank, entry.defense, *(entry.stats[m].text(m) for m in COLUMNS), str(entry.seeds), failed]
+    return [rank, entry.defense, *(entry.stats[m].text(m) for m in columns), str(entry.seeds), failed]
 
 
-def _headers() -> list[str]:
-    return ["rank", "defense", *(column_header(m) for m in COLUMNS), "seeds", "failed"]
+def _headers(columns: tuple[str, ...] = COLUMNS) -> list[str]:
+    return ["rank", "defense", *(column_header(m) for m in columns), "seeds", "failed"]
 
 
-def to_rich(board: Leaderboard) -> list[Table]:
+SHORT = {"der": "DER", "ba_drop": "ΔBA", "asr": "ASR", "asr_retuned": "ASR rt", "ra": "RA", "ba": "BA"}
+"""Terminal headers: the full ones ("BA drop (pp) ↓") would not fit 80 columns."""
+
+
+def short_header(metric: str) -> str:
+    info = metric_info(metric)
+    return f"{SHORT.get(metric, info.label)} {'↑' if info.higher_is_better else '↓'}"
+
+
+def _stacked(stat: Stat, metric: str) -> str:
+    """`mean ± std` as two lines, mean above `±std`: half the width for a narrow terminal."""
+    mean, _, std = stat.text(metric).partition(" ± ")
+    return f"{mean}\n±{std}" if std else mean
+
+
+def _legend(columns: tuple[str, ...]) -> str:
+    parts = ["% except DER and time (s)", "ΔBA: BA drop in pp against the undefended model"]
+    if "asr_retuned" in columns:
+        parts.append("ASR rt: ASR after the re-tuning attack")
+    return "; ".join([*parts, "n: seeds"])
+
+
+def to_rich(board: Leaderboard, width: int | None = None) -> list[Table]:
+    """One rich table per board, readable at `width` columns (default: unlimited).
+
+    Headers are short (the legend below each table says what they mean) and never cut. Where the
+    one-line `mean ± std` cells would not fit `width`, each std goes under its mean and each
+    header's arrow under its name, which halves the widest columns; defense names keep their
+    width (up to 24 characters; a longer one folds onto a second line rather than ending in "…").
+    """
+    columns = board.columns()
+    failures = any(e.failed for b in board.boards for e in b.entries)
+    entries = [e for b in board.boards for e in b.entries]
+
+    def headers(stacked: bool) -> list[str]:
+        names = [short_header(m) for m in columns]
+        if stacked:
+            names = [name.replace(" ↑", "\n↑").replace(" ↓", "\n↓") for name in names]
+        return ["#", "defense", *names, "n", *(["failed"] if failures else [])]
+
+    def row(e: Entry, stacked: bool) -> list[str]:
+        stats = [_stacked(e.stats[m], m) if stacked else e.stats[m].text(m) for m in columns]
+        rank = "—" if e.rank is None else str(e.rank)
+        return [rank, e.defense, *stats, str(e.seeds), *([str(e.failed or "")] if failures else [])]
+
+    def needed(stacked: bool) -> int:
+        texts = [headers(stacked)] + [row(e, stacked) for e in entries]
+        widest = [
+            max(len(line) for t in texts for line in t[i].splitlines() or [""]) for i in range(len(texts[0]))
+        ]
+        return sum(widest) + 2 * len(widest)  # one space of padding either side
+
+    stacked = width is not None and needed(False) > width
+    name_width = min(24, max((len(e.defense) for e in entries), default=7))
     tables = []
     for b in board.boards:
-        table = Table(title=b.title, title_justify="left")
-        for i, name in enumerate(_headers()):
-            table.add_column(name, justify="left" if i == 1 else "right")
+        table = Table(
+            title=b.title,
+            title_justify="left",
+            caption=_legend(columns),
+            caption_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for i, name in enumerate(headers(stacked)):
+            if i == 1:
+                table.add_column(name, justify="left", overflow="fold", min_width=name_width)
+            else:
+                table.add_column(name, justify="right", overflow="fold")
         for e in b.entries:
-            style = "dim" if e.defense == UNDEFENDED else None
-            table.add_row(*_cells(e), style=style)
+            table.add_row(*row(e, stacked), style="dim" if e.defense == UNDEFENDED else None)
         tables.append(table)
     return tables
 
@@ -55,18 +123,26 @@ def to_rich(board: Leaderboard) -> list[Table]:
 def _note(board: Leaderboard) -> str:
     info = metric_info(board.rank_by)
     direction = "higher" if info.higher_is_better else "lower"
-    return (
+    note = (
         f"Ranked by {info.label} ({direction} is better); mean ± std over seeds; `none` is the undefended "
         "model (not ranked). BA drop is in percentage points against the undefended model of the same seed."
     )
+    if "asr_retuned" in board.columns():
+        note += (
+            " ASR retuned: the ASR after the re-tuning attack (a brief fine-tune on a few poisoned samples "
+            "mixed with clean ones); for `none`, the backdoored model re-tuned, the reference."
+        )
+    return note
 
 
 def to_markdown(board: Leaderboard) -> str:
     out = [_note(board), ""]
+    columns = board.columns()
+    headers = _headers(columns)
     for b in board.boards:
-        out += [f"#### {b.title}", "", "| " + " | ".join(_headers()) + " |"]
-        out.append("|" + "|".join("---" if i == 1 else "---:" for i in range(len(_headers()))) + "|")
-        out += ["| " + " | ".join(_cells(e)) + " |" for e in b.entries]
+        out += [f"#### {b.title}", "", "| " + " | ".join(headers) + " |"]
+        out.append("|" + "|".join("---" if i == 1 else "---:" for i in range(len(headers))) + "|")
+        out += ["| " + " | ".join(_cells(e, columns)) + " |" for e in b.entries]
         out.append("")
     return "\n".join(out)
 
@@ -79,6 +155,7 @@ def _flat(board: Leaderboard) -> list[dict[str, Any]]:
                 "dataset": b.dataset,
                 "model": b.model,
                 "setting": b.setting,
+                "setting_hash": b.setting_hash,
                 "attack": b.attack or "all",
                 "defense": e.defense,
                 "rank": e.rank,
@@ -114,6 +191,8 @@ def to_json(board: Leaderboard) -> str:
                 "dataset": b.dataset,
                 "model": b.model,
                 "setting": b.setting,
+                "setting_hash": b.setting_hash,
+                "setting_fields": b.setting_fields,
                 "attack": b.attack,
                 "entries": [
                     {
@@ -138,29 +217,141 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; 
 table { border-collapse: collapse; margin: 0.5em 0 2em; font-size: 14px; }
 th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
 th:nth-child(2), td:nth-child(2) { text-align: left; }
+th button { font: inherit; font-weight: 600; border: 0; background: none; padding: 0; cursor: pointer; }
+th[aria-sort=ascending] button::after { content: " ▲"; }
+th[aria-sort=descending] button::after { content: " ▼"; }
 tr.undefended td { color: #777; }
 caption { text-align: left; font-weight: 600; padding-bottom: 4px; }
+code { font-family: ui-monospace, monospace; background: #f3f3f3; padding: 0 3px; border-radius: 3px; }
+.filters { display: flex; gap: 1.5em; margin: 1em 0; }
+.scatter svg { max-width: 100%; height: auto; }
+.note { color: #666; font-size: 13px; }
 """
+
+# Sorting and filtering, inline so the page still opens offline. Missing values ("—") sort last
+# either way; a click on a header sorts by it, a second click reverses the order.
+_SCRIPT = """
+(function () {
+  function key(cell) {
+    var v = cell.getAttribute('data-value');
+    if (v === null) { return cell.textContent.trim().toLowerCase(); }
+    return v === '' ? null : parseFloat(v);
+  }
+  document.querySelectorAll('table.board').forEach(function (table) {
+    table.querySelectorAll('thead th').forEach(function (th, column) {
+      th.querySelector('button').addEventListener('click', function () {
+        var down = th.getAttribute('aria-sort') === 'ascending';
+        table.querySelectorAll('thead th').forEach(function (h) { h.setAttribute('aria-sort', 'none'); });
+        th.setAttribute('aria-sort', down ? 'descending' : 'ascending');
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = key(a.cells[column]), y = key(b.cells[column]);
+          if (x === null || y === null) { return (x === null) - (y === null); }
+          var order = x < y ? -1 : x > y ? 1 : 0;
+          return down ? -order : order;
+        });
+        rows.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  });
+  function filter() {
+    var attack = document.getElementById('filter-attack').value;
+    var defense = document.getElementById('filter-defense').value;
+    document.querySelectorAll('table.board').forEach(function (table) {
+      table.hidden = attack !== '' && table.getAttribute('data-attack') !== attack;
+      Array.prototype.forEach.call(table.tBodies[0].rows, function (row) {
+        row.hidden = defense !== '' && row.getAttribute('data-defense') !== defense;
+      });
+    });
+  }
+  document.getElementById('filter-attack').addEventListener('change', filter);
+  document.getElementById('filter-defense').addEventListener('change', filter);
+})();
+"""
+
+_OVERALL = "(overall)"
+
+
+def _inline_code(text: str) -> str:
+    """Escape `text` for HTML, rendering Markdown's `code` spans as <code> (never as backticks)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def _select(name: str, label: str, values: list[str]) -> str:
+    shown = {_OVERALL: "overall (all attacks)"}
+    options = "".join(
+        f'<option value="{html.escape(v)}">{html.escape(shown.get(v, v))}</option>' for v in values
+    )
+    return (
+        f'<label>{label} <select id="filter-{name}"><option value="">all</option>{options}</select></label>'
+    )
+
+
+def _html_table(b: Board, columns: tuple[str, ...]) -> str:
+    head = "".join(
+        f'<th aria-sort="none"><button type="button">{html.escape(h)}</button></th>'
+        for h in _headers(columns)
+    )
+    rows = []
+    for e in b.entries:
+        values: list[float | int | None] = [
+            e.rank,
+            None,
+            *(e.stats[m].mean for m in columns),
+            e.seeds,
+            e.failed,
+        ]
+        cells = []
+        for i, (text, value) in enumerate(zip(_cells(e, columns), values, strict=True)):
+            sort = "" if i == 1 else f' data-value="{"" if value is None else value}"'
+            cells.append(f"<td{sort}>{html.escape(text)}</td>")
+        css = ' class="undefended"' if e.defense == UNDEFENDED else ""
+        rows.append(f'<tr{css} data-defense="{html.escape(e.defense)}">{"".join(cells)}</tr>')
+    return (
+        f'<table class="board" data-attack="{html.escape(b.attack or _OVERALL)}">'
+        f"<caption>{html.escape(b.title)}</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def to_html(board: Leaderboard, title: str = "bdtk leaderboard") -> str:
-    """A self-contained page (inline CSS and SVG, no scripts or external URLs): opens offline."""
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(_note(board))}</p>", scatter_svg(board)]
-    for b in board.boards:
-        rows = []
-        for e in b.entries:
-            css = ' class="undefended"' if e.defense == UNDEFENDED else ""
-            rows.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(e)) + "</tr>")
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in _headers())
-        body.append(
-            f"<table><caption>{html.escape(b.title)}</caption><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>"
-        )
+    """A self-contained page: inline CSS, SVG and script, no external URLs, so it opens offline.
+
+    One section per scenario (its scatter, then its tables); every column sorts on a click, and
+    two menus filter the tables by attack and the rows by defense. Without matplotlib the page
+    says how to get the scatter instead of drawing it.
+    """
+    columns = board.columns()
+    attacks = sorted({b.attack for b in board.boards if b.attack is not None})
+    defenses = sorted(
+        {e.defense for b in board.boards for e in b.entries}, key=lambda d: (d != UNDEFENDED, d)
+    )
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{_inline_code(_note(board))}</p>",
+        '<form class="filters" onsubmit="return false">'
+        + _select("attack", "Attack", [*attacks, _OVERALL])
+        + _select("defense", "Defense", defenses)
+        + "</form>",
+    ]
+    plots = matplotlib_available()
+    for scenario in board.scenarios():
+        body.append(f"<section><h2>{html.escape(scenario)}</h2>")
+        if plots:
+            body.append(f'<div class="scatter">{scatter_svg(board, scenario)}</div>')
+        else:
+            body.append(
+                '<p class="note">The BA-versus-ASR scatter needs matplotlib: '
+                f"<code>{html.escape(INSTALL_HINT)}</code>.</p>"
+            )
+        body += [_html_table(b, columns) for b in board.boards if b.scenario == scenario]
+        body.append("</section>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
         + "\n".join(body)
-        + "\n</body></html>\n"
+        + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
     )
 
 
@@ -168,13 +359,19 @@ EXPORTS = {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}
 
 
 def export(board: Leaderboard, out_dir: Path, stem: str = "leaderboard") -> list[Path]:
-    """Write Markdown, CSV, JSON, HTML and the PNG scatter into `out_dir`; return the paths."""
+    """Write Markdown, CSV, JSON, HTML and the PNG scatter into `out_dir`; return the paths.
+
+    The PNG is left out when matplotlib is not installed (`plot.matplotlib_available`): the tables
+    do not need it, and the caller can say so.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, render in EXPORTS.items():
         path = out_dir / f"{stem}.{suffix}"
         path.write_text(render(board))
         written.append(path)
-    png = out_dir / f"{stem}.png"
-    write_png(board, png)
-    return [*written, png]
+    if matplotlib_available():
+        png = out_dir / f"{stem}.png"
+        write_png(board, png)
+        written.append(png)
+    return written

@@ -86,6 +86,14 @@ class ImageClassifier(nn.Module):
             caps.add(Capability.BATCHNORM)
         return caps
 
+    def capability_notes(self) -> dict[Capability, str]:
+        """Why each missing capability is missing, in words; `check_capabilities` appends it.
+
+        Empty for zoo models, whose missing capabilities need no explanation. A model bdtk did not
+        build (the adapter) says what it could not derive, so the refusal tells the user what to do.
+        """
+        return {}
+
 
 def check_capabilities(model: nn.Module, required: Sequence[Capability], who: str) -> None:
     """Fail with a clear message when `model` lacks what plugin `who` needs."""
@@ -96,8 +104,11 @@ def check_capabilities(model: nn.Module, required: Sequence[Capability], who: st
             f"{who} needs a bdtk ImageClassifier (it uses {', '.join(c.value for c in required)}); "
             f"got {type(model).__name__}. Wrap your model in ImageClassifier."
         )
-    missing = [c.value for c in required if c not in model.capabilities()]
+    missing = [c for c in required if c not in model.capabilities()]
     if missing:
+        notes = model.capability_notes()
+        why = "".join(f" {c.value}: {notes[c]}" for c in missing if c in notes)
         raise ModelRequirementError(
-            f"{who} needs a model with {', '.join(missing)}, which {type(model).__name__} lacks."
+            f"{who} needs a model with {', '.join(c.value for c in missing)}, which "
+            f"{type(model).__name__} lacks.{why}"
         )

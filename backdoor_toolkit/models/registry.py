@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..data import DataSpec
 from ..errors import UnknownNameError
 from .base import ImageClassifier
+from .preact_resnet import BackdoorBenchPreActResNet18
 from .resnet import ResNet18
 from .small_cnn import SmallCNN
 from .vgg import VGG11BN
@@ -57,9 +58,14 @@ def _wrn_16_2(s: DataSpec) -> ImageClassifier:
     return WideResNet(16, 2, s.channels, s.num_classes, s.mean, s.std)
 
 
-@register_model("preact-resnet18", "Pre-activation ResNet-18, CIFAR stem; BackdoorBench's model")
+@register_model("preact-resnet18", "PreAct-ResNet-18 (He et al. 2016), CIFAR stem, BN-ReLU before pooling")
 def _preact18(s: DataSpec) -> ImageClassifier:
     return ResNet18(s.channels, s.num_classes, s.mean, s.std, preact=True)
+
+
+@register_model("preact-resnet18-bb", "BackdoorBench's PreAct-ResNet-18: no BN-ReLU before pooling")
+def _preact18_bb(s: DataSpec) -> ImageClassifier:
+    return BackdoorBenchPreActResNet18(s.channels, s.num_classes, s.mean, s.std)
 
 
 @register_model("resnet18", "ResNet-18, CIFAR stem (3×3 conv, no max-pool)")

@@ -399,6 +399,8 @@ def check_purifier(
     _check_json(cls, "PurificationResult.diagnostics", result.diagnostics)
     if not all(isinstance(k, str) and isinstance(v, float | int) for k, v in result.stage_seconds.items()):
         raise _fail(cls, "stage_seconds must map stage names to seconds.")
+    if result.inversion is not None and not isinstance(result.inversion, InversionResult):
+        raise _fail(cls, f"inversion must be an InversionResult or None: {type(result.inversion).__name__}.")
     return result
 
 

@@ -1,7 +1,8 @@
-"""Trigger inverters (Neural Cleanse) and the NC-unlearning purifier."""
+"""Trigger inverters (Neural Cleanse, blend inversion) and the NC-unlearning purifier."""
 
 from backdoor_toolkit import hookimpl
 
+from .blend import BlendInversion
 from .neural_cleanse import NeuralCleanse
 from .unlearning import NCUnlearning
 
@@ -9,6 +10,7 @@ from .unlearning import NCUnlearning
 @hookimpl
 def register_inverters(register):  # type: ignore[no-untyped-def]
     register(NeuralCleanse)
+    register(BlendInversion)
 
 
 @hookimpl

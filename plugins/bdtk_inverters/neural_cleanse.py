@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from backdoor_toolkit import (
-    BdtkError,
     DefenseData,
     ImageClassifier,
     ImageData,
@@ -44,6 +43,7 @@ from backdoor_toolkit import (
     to_float,
 )
 
+from .common import attack_success, check_inputs, model_device
 from .schedule import LambdaSchedule
 
 ADAM_BETAS = (0.5, 0.9)  # as in the Neural Cleanse paper's implementation notes
@@ -181,11 +181,6 @@ def _to_unit(raw: Tensor) -> Tensor:
 
 def _from_unit(u: Tensor) -> Tensor:
     return torch.atanh((2 * u - 1) * INIT_SPREAD)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 class _Scan:
@@ -420,38 +415,7 @@ class NeuralCleanse(TriggerInverter):
 
     def _check(self, model: nn.Module, data: DefenseData, classes: list[int]) -> None:
         """Fail with one clear message before any optimisation starts."""
-        spec = data.spec
-        if len(data.train) == 0:
-            raise BdtkError("Neural Cleanse needs clean images, but the defender's training part is empty.")
-        spec.check_images(data.train.images)
-        if len(data.val):
-            spec.check_images(data.val.images)
-        bad = [k for k in classes if not 0 <= k < spec.num_classes]
-        if bad:
-            raise BdtkError(
-                f"Class index {bad[0]} is out of range for {spec.name!r}, which has classes "
-                f"0–{spec.num_classes - 1}."
-            )
-        if len(set(classes)) != len(classes):
-            raise BdtkError(f"Classes to invert contain duplicates: {classes}.")
-        device = model_device(model)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                logits = model(to_float(data.train.images[:2]).to(device))
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise BdtkError(
-                f"The model fails on images of shape {tuple(data.train.images.shape[1:])}: {first}"
-            ) from None
-        finally:
-            model.train(was_training)
-        if logits.dim() != 2 or logits.shape[1] != spec.num_classes:
-            raise BdtkError(
-                f"The model returns logits of shape {tuple(logits.shape)}, but {spec.name!r} has "
-                f"{spec.num_classes} classes: expected (N, {spec.num_classes})."
-            )
+        check_inputs(model, data, classes, "Neural Cleanse")
 
     # --- optimisation ------------------------------------------------------------------------
 
@@ -583,23 +547,8 @@ class NeuralCleanse(TriggerInverter):
 
     # --- evaluation --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _attack_success(
         self, model: nn.Module, data: DefenseData, classes: list[int], masks: Tensor, patterns: Tensor
     ) -> Tensor:
         """Share of clean images of other classes (val part, else train) each trigger sends to its class."""
-        pool = data.val if len(data.val) else data.train
-        images, labels = pool.images[: self.config.eval_images], pool.labels[: self.config.eval_images]
-        device = model_device(model)
-        targets = torch.tensor(classes)
-        hits = torch.zeros(len(classes))
-        counts = torch.zeros(len(classes))
-        chunk = max(1, 4096 // len(classes))
-        for s in range(0, len(labels), chunk):
-            x = to_float(images[s : s + chunk]).to(device)
-            y = labels[s : s + chunk]
-            pred = model(stamp_all(x, masks, patterns)).argmax(1).view(len(classes), -1).cpu()
-            victim = y.unsqueeze(0) != targets.unsqueeze(1)
-            hits += ((pred == targets.unsqueeze(1)) & victim).sum(1)
-            counts += victim.sum(1)
-        return hits / counts.clamp_min(1)
+        return attack_success(model, data, classes, masks, patterns, self.config.eval_images)

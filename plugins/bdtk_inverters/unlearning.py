@@ -76,6 +76,7 @@ class NCUnlearning(Purifier):
                 notes="no backdoor detected",
                 diagnostics=diagnostics,
                 stage_seconds=stages,
+                inversion=result,
             )
         triggers = [result.trigger(k) for k in result.flagged]
         gen = torch.Generator().manual_seed(self.seed)
@@ -102,4 +103,5 @@ class NCUnlearning(Purifier):
             notes=f"unlearned reversed trigger(s) of class(es) {', '.join(map(str, result.flagged))}",
             diagnostics=diagnostics,
             stage_seconds=stages,
+            inversion=result,
         )

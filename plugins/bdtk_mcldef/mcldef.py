@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -45,6 +45,7 @@ from backdoor_toolkit import (
     stamp,
 )
 
+from .inverters import FLAGGED_BY, MERGE_KEYS, TRIGGER_FROM, combine
 from .loss import FrozenReference, model_contrastive_loss
 
 
@@ -52,15 +53,20 @@ class DegenerateTriggerWarning(UserWarning):
     """A recovered trigger is empty or does not fire; MCLDef refuses to purify with it."""
 
 
+#: One inverter of a list: NAME or NAME:PRESET.
+Choice = Annotated[str, Field(min_length=1)]
+
+
 class MCLDefConfig(StrictConfig):
-    inverter: str = Field(
+    inverter: Choice | Annotated[list[Choice], Field(min_length=1)] = Field(
         default="neural-cleanse:k-arm",
-        min_length=1,
         description="Registered trigger inverter, NAME or NAME:PRESET (default: Neural Cleanse's "
-        "scheduled scan)",
+        "scheduled scan), or a list of them: each scans, their flagged classes are united",
     )
     inverter_config: dict[str, Any] = Field(
-        default_factory=dict, description="Config values passed to the inverter's own Config"
+        default_factory=dict,
+        description="Config values passed to the inverter's own Config; with a list of inverters, a "
+        "mapping from each listed inverter (as written there) to its values",
     )
     target: int | None = Field(
         default=None,
@@ -132,6 +138,20 @@ class MCLDefConfig(StrictConfig):
     early_stop_delta: float = Field(
         default=0.005, ge=0, le=1, description="Val accuracy gain (absolute) that still counts as moving"
     )
+
+    @model_validator(mode="after")
+    def _inverter_config_fits(self) -> MCLDefConfig:
+        """With several inverters, settings are addressed per inverter; a flat dict would be ambiguous."""
+        if isinstance(self.inverter, list):
+            if len(set(self.inverter)) != len(self.inverter):
+                raise ValueError(f"inverter lists {self.inverter} with a repeat; name each inverter once")
+            for key, values in self.inverter_config.items():
+                if key not in self.inverter or not isinstance(values, dict):
+                    raise ValueError(
+                        f"with several inverters, inverter_config maps each of {self.inverter} to its "
+                        f"settings (e.g. {{{self.inverter[-1]!r}: {{'steps': 200}}}}); got key {key!r}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _ce_on_needs_a_weight(self) -> MCLDefConfig:
@@ -209,13 +229,14 @@ class MCLDef(Purifier):
         inversion = self._invert(model, data)
         stage_seconds = {"inversion": time.perf_counter() - start}
         diagnostics = inversion.summary()
+        diagnostics.update({k: inversion.diagnostics[k] for k in MERGE_KEYS if k in inversion.diagnostics})
 
         chosen, detected, notes = self._choose_targets(inversion)
         diagnostics["chosen_targets"] = chosen
         if not chosen:
             return PurificationResult(
                 model, modified=False, detected=detected, notes=notes, diagnostics=diagnostics,
-                stage_seconds=stage_seconds,
+                stage_seconds=stage_seconds, inversion=inversion,
             )  # fmt: skip
         usable, degenerate = self._usable(inversion, chosen)
         diagnostics["degenerate"] = degenerate
@@ -229,7 +250,7 @@ class MCLDef(Purifier):
             notes += " No usable trigger: model returned unchanged."
             return PurificationResult(
                 model, modified=False, detected=detected, notes=notes, diagnostics=diagnostics,
-                stage_seconds=stage_seconds,
+                stage_seconds=stage_seconds, inversion=inversion,
             )  # fmt: skip
 
         if c.early_stop and len(data.val) == 0:
@@ -262,18 +283,32 @@ class MCLDef(Purifier):
         )
         return PurificationResult(
             model, modified=True, detected=detected, notes=notes.strip(), diagnostics=diagnostics,
-            stage_seconds=stage_seconds,
+            stage_seconds=stage_seconds, inversion=inversion,
         )  # fmt: skip
 
     # --- stage 1 ---------------------------------------------------------------------------
 
     def _invert(self, model: ImageClassifier, data: DefenseData) -> InversionResult:
+        """The inversion of the configured inverter, or of several combined (`inverters.combine`)."""
         c = self.config
-        inverter = create_inverter(
-            c.inverter, c.inverter_config, seed=self.seed, where=f"mcldef inverter {c.inverter!r}"
-        )
         classes = None if c.target is None else [c.target]
-        return inverter.invert(model, data, classes)
+        if isinstance(c.inverter, str):
+            inverter = create_inverter(
+                c.inverter, c.inverter_config, seed=self.seed, where=f"mcldef inverter {c.inverter!r}"
+            )
+            return inverter.invert(model, data, classes)
+        results = []
+        for choice in c.inverter:
+            inverter = create_inverter(
+                choice, c.inverter_config.get(choice, {}), seed=self.seed, where=f"mcldef inverter {choice!r}"
+            )
+            results.append((choice, inverter.invert(model, data, classes)))
+        return combine(results, known=c.target)
+
+    def _inverter_label(self) -> str:
+        """The configured inverter(s) as notes name them."""
+        inverter = self.config.inverter
+        return repr(inverter) if isinstance(inverter, str) else " + ".join(map(repr, inverter))
 
     def _choose_targets(self, inversion: InversionResult) -> tuple[list[int], bool | None, str]:
         """The classes to purify against, whether a backdoor was detected, and notes saying why."""
@@ -281,11 +316,17 @@ class MCLDef(Purifier):
         if c.target is not None:
             return [c.target], None, f"Known target {c.target} given; no detection run."
         if inversion.flagged:
-            return list(inversion.flagged), True, f"Inverter {c.inverter!r} flagged {inversion.flagged}."
+            notes = f"Inverter {self._inverter_label()} flagged {inversion.flagged}."
+            if FLAGGED_BY in inversion.diagnostics:
+                who = inversion.diagnostics[FLAGGED_BY].items()
+                source = inversion.diagnostics[TRIGGER_FROM]
+                detail = "; ".join(f"{cls} by {', '.join(by)} (trigger of {source[cls]})" for cls, by in who)
+                notes += f" Flagged: {detail}."
+            return list(inversion.flagged), True, notes
         top = inversion.ranked()[0]
         i = inversion.classes.index(top)
         summary = (
-            f"No class flagged by {c.inverter!r} (top-ranked class {top}, anomaly index "
+            f"No class flagged by {self._inverter_label()} (top-ranked class {top}, anomaly index "
             f"{float(inversion.anomaly_index[i]):.2f})."
         )
         if c.on_no_detection == "top-ranked":

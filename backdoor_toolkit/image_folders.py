@@ -1,0 +1,177 @@
+"""Image folders as bdtk data: `--data folder:PATH`, a defender's own clean images.
+
+The layout is torchvision's `ImageFolder`: one sub-folder per class, class names sorted to give the
+labels 0, 1, …, image files found recursively inside each (the same extensions). A model trained
+with `ImageFolder` on the same class folders therefore gets the labels it was trained with.
+
+Images are decoded with PIL, converted to the model's channel count (L, RGB or RGBA), resized to
+one size and stored as uint8 (N, C, H, W) like every bdtk dataset. Which size: the caller's
+(`--image-size`), else the one every image already has; images of several sizes with no size given
+are an error, since guessing the model's input size wrong would quietly ruin every number.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DataSpec, ImageData
+from .errors import BdtkError
+
+#: Written before a path: `--data folder:clean/`.
+FOLDER_PREFIX = "folder:"
+#: torchvision's `IMG_EXTENSIONS`, compared case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+@dataclass
+class FolderImages:
+    """The readable images of a class-folder tree, their labels and class names."""
+
+    root: Path
+    classes: list[str]
+    data: ImageData
+    #: Files with an image extension that PIL could not read, skipped.
+    skipped: list[Path] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (int(self.data.images.shape[2]), int(self.data.images.shape[3]))
+
+    def spec(self, mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False) -> DataSpec:
+        """A DataSpec for these images: horizontal flips stay off unless the caller knows they keep
+        labels (digits and text do not survive a mirror)."""
+        c, h, w = (int(s) for s in self.data.images.shape[1:])
+        return DataSpec(f"{FOLDER_PREFIX}{self.root}", len(self.classes), c, h, w, mean, std, hflip)
+
+
+def folder_path(source: str) -> Path | None:
+    """The path of `folder:PATH`, None for anything else (a dataset name)."""
+    if not source.startswith(FOLDER_PREFIX):
+        return None
+    text = source.removeprefix(FOLDER_PREFIX)
+    if not text:
+        raise BdtkError("folder: needs a path, e.g. --data folder:clean_images/.")
+    return Path(text).expanduser()
+
+
+def parse_image_size(text: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """`32`, `"32"` or `"32x48"` (height × width) as (height, width)."""
+    if text is None:
+        return None
+    if isinstance(text, tuple):
+        size = text
+    elif isinstance(text, int):
+        size = (text, text)
+    else:
+        parts = text.lower().replace("×", "x").split("x")
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            raise BdtkError(f"--image-size expects N or HxW (e.g. 32 or 64x48), got {text!r}.") from None
+        if len(numbers) not in (1, 2):
+            raise BdtkError(f"--image-size expects N or HxW (e.g. 32 or 64x48), got {text!r}.")
+        size = (numbers[0], numbers[-1])
+    if not all(1 <= s <= 4096 for s in size):
+        raise BdtkError(f"--image-size {size[0]}x{size[1]} is out of range (1 to 4096 pixels a side).")
+    return size
+
+
+def find_classes(root: Path) -> list[str]:
+    """Sorted names of `root`'s sub-folders, as `ImageFolder` labels them."""
+    if not root.exists():
+        raise BdtkError(f"Image folder {root} does not exist.")
+    if not root.is_dir():
+        raise BdtkError(f"Image folder {root} is not a folder.")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise BdtkError(
+            f"Image folder {root} has no class sub-folders; put each class's images in a folder "
+            "named after it (root/CLASS/IMAGE.png)."
+        )
+    return classes
+
+
+def image_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """Every image file under each class folder (recursively, sorted) with its label."""
+    found: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append((Path(folder) / file, label))
+    return found
+
+
+def load_image_folder(
+    root: str | Path,
+    *,
+    channels: int,
+    image_size: tuple[int, int] | None = None,
+    classes: list[str] | None = None,
+) -> FolderImages:
+    """Read an `ImageFolder` tree as uint8 images of `channels` channels and one size.
+
+    `image_size` (height, width): None keeps the size the images share (an error when they do
+    not). `classes`: the class names another folder had (a test folder must match the clean
+    one's, or its labels would mean other classes). No images, or none readable, is an error;
+    unreadable files are skipped and listed in `skipped`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root).expanduser()
+    if channels not in _MODES:
+        raise BdtkError(f"Images with {channels} channels are not supported (1, 3 or 4).")
+    names = find_classes(root)
+    if classes is not None and names != classes:
+        raise BdtkError(
+            f"Image folder {root} has classes {names}, but the clean data has {classes}; the two must "
+            "name the same classes."
+        )
+    files = image_files(root, names)
+    if not files:
+        raise BdtkError(
+            f"Image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)} files in "
+            f"{len(names)} class folders)."
+        )
+    empty = sorted(set(names) - {names[label] for _, label in files})
+    if empty:
+        raise BdtkError(
+            f"Image folder {root}: class folder {empty[0]!r} has no images; every class folder needs "
+            "some, or the labels would shift."
+        )
+    resample = getattr(Image, "Resampling", Image).BILINEAR
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: list[Path] = []
+    sizes: dict[tuple[int, int], Path] = {}
+    for path, label in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                picture = img.convert(_MODES[channels])
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            skipped.append(path)
+            continue
+        size = (picture.height, picture.width)
+        sizes.setdefault(size, path)
+        if image_size is not None and size != image_size:
+            picture = picture.resize((image_size[1], image_size[0]), resample)
+        array = np.asarray(picture, dtype=np.uint8)
+        images.append(array[:, :, None] if array.ndim == 2 else array)
+        labels.append(label)
+    if not images:
+        raise BdtkError(f"Image folder {root}: none of its {len(files)} image files could be read.")
+    if image_size is None and len(sizes) > 1:
+        (a, first), (b, second) = list(sizes.items())[:2]
+        raise BdtkError(
+            f"Images in {root} have different sizes ({a[0]}x{a[1]} in {first.name}, {b[0]}x{b[1]} in "
+            f"{second.name}); give the model's input size with --image-size (e.g. 32 or 224)."
+        )
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return FolderImages(root, names, ImageData(tensor, torch.tensor(labels, dtype=torch.long)), skipped)
