@@ -15,14 +15,13 @@ import datetime as dt
 import platform
 import traceback
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from .artifacts import ArtifactCache
-from .backdoor import BackdooredModel, backdoored_model
+from .backdoor import BackdooredModel, backdoored_model, bdtk_version
 from .config import BenchmarkConfig, PluginChoice, config_hash
 from .console import console
 from .data import Dataset, DefenseData, dataset_spec, draw_defense_data, load_dataset, stratified_subset
@@ -88,7 +87,7 @@ def grid_dataset(config: BenchmarkConfig, name: str) -> Dataset:
 
 def _provenance(device: torch.device, attack: PluginInfo, defense: PluginInfo | None) -> Provenance:
     return Provenance(
-        bdtk=version("backdoor-toolkit"),
+        bdtk=bdtk_version(),
         torch=torch.__version__,
         python=platform.python_version(),
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -279,13 +278,20 @@ def _cell_fields(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan) -> d
 def failed_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, exc: BaseException) -> CellResult:
     """The record of a cell that could not run: its error, and the tail of the traceback if unexpected."""
     fields = {**_cell_fields(config, plan, cell), **_retune_skipped(config, "the cell failed")}
+    return failed_record(fields, f"{cell.defense_label} against {plan.label}", exc)
+
+
+def failed_record(fields: dict[str, Any], what: str, exc: BaseException) -> CellResult:
+    """A failed CellResult from a cell's `fields`: bdtk's own errors as they stand; anything else
+    (a plugin's bug, or its sys.exit) in one line, reported as `what … failed`, with the traceback's
+    tail kept in the notes."""
     if isinstance(exc, BdtkError):
         return CellResult(**fields, status="failed", error=str(exc))
     if isinstance(exc, SystemExit):
         detail = f"the plugin called sys.exit({exc.code!r}) instead of raising an error"
     else:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    console.print(f"[red]{cell.defense_label} against {plan.label} failed: {detail}[/]")
+    console.print(f"[red]{what} failed: {detail}[/]")
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
     return CellResult(**fields, status="failed", error=detail, notes=tb)
 

@@ -27,7 +27,6 @@ import copy
 import datetime as dt
 import math
 import platform
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,9 @@ from typing import Any
 import torch
 
 from .backdoor import bdtk_version
+from .cells import failed_record
 from .config import BenchmarkConfig, config_hash
 from .console import console, progress
-from .errors import BdtkError
 from .metrics import Scores, der, measure
 from .models import check_capabilities
 from .plugins import ResolvedPlugin, create_purifier, resolve_plugin
@@ -168,15 +167,7 @@ class _Runner:
 
 
 def _failed(fields: dict[str, Any], defense: ResolvedPlugin, exc: BaseException) -> CellResult:
-    if isinstance(exc, BdtkError):
-        return CellResult(**fields, status="failed", error=str(exc))
-    if isinstance(exc, SystemExit):
-        detail = f"the plugin called sys.exit({exc.code!r}) instead of raising an error"
-    else:
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    console.print(f"[red]{defense.label} on the stored victim failed: {detail}[/]")
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
-    return CellResult(**fields, status="failed", error=detail, notes=tb)
+    return failed_record(fields, f"{defense.label} on the stored victim", exc)
 
 
 def run_victim_benchmark(
