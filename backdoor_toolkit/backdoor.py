@@ -28,7 +28,8 @@ from .plugins import get_plugin, get_registry
 from .training import seed_everything, train_classifier
 
 #: Bump when the key payload or the meaning of a cache entry changes: old entries are then unused.
-CACHE_FORMAT = 2
+#: 3: training runs in the device's preferred memory layout (weights differ in the last bits).
+CACHE_FORMAT = 3
 #: Why a cache hit can be unusable although its checksum holds (e.g. a plugin changed its trigger
 #: shapes without a new version): load_state_dict and load_trigger_state raise these.
 _UNFIT = (RuntimeError, KeyError, ValueError, TypeError, IndexError)

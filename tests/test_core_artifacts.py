@@ -412,8 +412,10 @@ def test_cache_key_covers_code_and_threads(tiny_data: Dataset, monkeypatch: pyte
     assert one == key(threads=1) and two == key(threads=2) and one != two
     builtin = key(threads=1)
     monkeypatch.setattr(backdoor, "bdtk_version", lambda: "99.0")
-    assert key(threads=1) != builtin
-    assert backdoor.CACHE_FORMAT == 2
+    versioned = key(threads=1)
+    assert versioned != builtin
+    monkeypatch.setattr(backdoor, "CACHE_FORMAT", backdoor.CACHE_FORMAT + 1)
+    assert key(threads=1) != versioned  # a new cache format retires every old entry
 
 
 def test_attack_provenance_as_the_registry_records_it(bdtk_register: Any) -> None:

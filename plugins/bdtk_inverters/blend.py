@@ -40,6 +40,7 @@ from backdoor_toolkit import (
     TriggerInverter,
     anomaly_index,
     flag_targets,
+    preferred_layout,
     stamp_all,
     to_float,
 )
@@ -166,10 +167,11 @@ class BlendInversion(TriggerInverter):
         model.eval()
         start = time.perf_counter()
         try:
-            opt = self._optimise(model, data, chosen)
-            h, w = data.spec.height, data.spec.width
-            masks = opt.alpha.to(opt.patterns.device).view(-1, 1, 1, 1).expand(-1, 1, h, w).contiguous()
-            success = attack_success(model, data, chosen, masks, opt.patterns, c.eval_images)
+            with preferred_layout(model, model_device(model)):
+                opt = self._optimise(model, data, chosen)
+                h, w = data.spec.height, data.spec.width
+                masks = opt.alpha.to(opt.patterns.device).view(-1, 1, 1, 1).expand(-1, 1, h, w).contiguous()
+                success = attack_success(model, data, chosen, masks, opt.patterns, c.eval_images)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start

@@ -39,6 +39,7 @@ from backdoor_toolkit import (
     TriggerInverter,
     anomaly_index,
     flag_targets,
+    preferred_layout,
     stamp_all,
     to_float,
 )
@@ -368,8 +369,9 @@ class NeuralCleanse(TriggerInverter):
         # the schedule searches for the target among all classes; given classes are inverted in full
         given = classes is not None or c.target is not None or c.classes is not None
         try:
-            opt, info = self._optimise(model, data, chosen, c.schedule == "k-arm" and not given)
-            success = self._attack_success(model, data, chosen, opt.masks, opt.patterns)
+            with preferred_layout(model, model_device(model)):
+                opt, info = self._optimise(model, data, chosen, c.schedule == "k-arm" and not given)
+                success = self._attack_success(model, data, chosen, opt.masks, opt.patterns)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
