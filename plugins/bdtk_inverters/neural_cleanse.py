@@ -144,6 +144,13 @@ class NeuralCleanseConfig(StrictConfig):
     epsilon: float = Field(
         default=0.3, ge=0, le=1, description="k-arm: share of bandit rounds given to a random alive class"
     )
+    drop_after: float = Field(
+        default=1.5,
+        ge=1,
+        le=100,
+        description="k-arm: a class may be stopped once it has taken this many times warmup_steps "
+        "(by then its norm ranks as in the full scan)",
+    )
 
     @model_validator(mode="after")
     def _schedule_can_act(self) -> NeuralCleanseConfig:
@@ -531,7 +538,7 @@ class NeuralCleanse(TriggerInverter):
             smallest = float(scan.best_norm.min())
             if math.isfinite(smallest):
                 works = torch.isfinite(scan.best_norm)
-                young = scan.steps < 2 * c.warmup_steps
+                young = scan.steps < c.drop_after * c.warmup_steps
                 far = works & (scan.best_norm > c.drop_ratio * smallest) & scan.schedule.explored
                 lose = alive & ~young & (far | ~works)
                 for i in torch.nonzero(lose).squeeze(1).tolist():
