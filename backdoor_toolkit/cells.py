@@ -57,6 +57,9 @@ def validate(config: BenchmarkConfig) -> ResolvedGrid:
         for attack in resolved.attacks:
             # instantiating checks trigger parameters against the dataset
             create_attack(attack, spec=spec, seed=config.seeds[0])
+    for defense in resolved.defenses:
+        # instantiating resolves what a defense's config names (MCLDef's inverters) before any training
+        create_purifier(defense, seed=config.seeds[0])
     resolve_device(config.device)
     return resolved
 
@@ -282,11 +285,16 @@ def failed_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, exc: 
 
 
 def failed_record(fields: dict[str, Any], what: str, exc: BaseException) -> CellResult:
-    """A failed CellResult from a cell's `fields`: bdtk's own errors as they stand; anything else
-    (a plugin's bug, or its sys.exit) in one line, reported as `what … failed`, with the traceback's
-    tail kept in the notes."""
+    """A failed CellResult from a cell's `fields`: bdtk's own errors as they stand (with the tail of
+    the traceback of a non-bdtk error they were raised from); anything else (a plugin's bug, or its
+    sys.exit) in one line, reported as `what … failed`, with the traceback's tail kept in the notes."""
     if isinstance(exc, BdtkError):
-        return CellResult(**fields, status="failed", error=str(exc))
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, BdtkError):
+            return CellResult(**fields, status="failed", error=str(exc))
+        # bdtk's message naming where a plugin's own error came from: the cause's traceback is kept
+        tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__, limit=-3))
+        return CellResult(**fields, status="failed", error=str(exc), notes=tb)
     if isinstance(exc, SystemExit):
         detail = f"the plugin called sys.exit({exc.code!r}) instead of raising an error"
     else:

@@ -6,7 +6,9 @@ nothing here measures ASR against a real trigger. What can be measured honestly 
 defender's own held-out clean split (the val part of the clean budget, never trained on), and on a
 test set when one is given: clean accuracy before and after, and, when the defense recovered a
 trigger (its `PurificationResult.inversion`), how often that trigger sends images of the other
-classes to its class, before and after.
+classes to its class, before and after. A stored victim (`bdtk import backdoorbench`) is the
+exception: it comes with the attacker's own backdoored test images, so its ASR and RA are measured
+on them before and after (`BackdoorScores`), and its clean data gives the budget and the test set.
 
 This module sits below the runner and the store (layer 7) and uses only the registry, the models
 and the data: the facade may export it without bringing the benchmark machinery within plugins'
@@ -49,8 +51,10 @@ from .models.loading import normalization_values
 from .plugins import ResolvedPlugin, create_inverter, create_purifier, resolve_plugin
 from .training import check_finite, resolve_device, seed_everything
 from .triggers import MaskTrigger
+from .victims import BackdoorTestSet, Victim
 
 __all__ = [
+    "BackdoorScores",
     "Change",
     "CleanData",
     "InspectReport",
@@ -64,6 +68,7 @@ __all__ = [
     "run_inspection",
     "run_purification",
     "trigger_sheet",
+    "victim_clean_data",
 ]
 
 DataSource = str | Path | ImageData | DefenseData
@@ -220,6 +225,31 @@ def _test_data(
     return folder.data, f"folder:{path}", len(folder.skipped)
 
 
+def victim_clean_data(
+    victim: Victim,
+    *,
+    clean_ratio: float = 0.05,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    test_data: str | Path | ImageData | None = None,
+) -> CleanData:
+    """A stored victim's own clean data, drawn as `bdtk benchmark --victim` draws it: the budget
+    is `clean_ratio` of its clean training images (stratified, never one the attacker poisoned)
+    with `val_fraction` held out; the test set is its clean test set, or `test_data` when given."""
+    budget = victim.defense_data(clean_ratio, val_fraction, seed)
+    if test_data is None:
+        test, test_source = victim.clean_test, f"victim {victim.name}'s clean test set"
+    else:
+        test, test_source, _ = _test_data(test_data, victim.spec, None)
+    return CleanData(
+        victim.spec,
+        budget,
+        test,
+        f"victim {victim.name}'s clean training images",
+        test_source,
+    )
+
+
 @torch.no_grad()
 def fit_model(model: ImageClassifier, clean: CleanData) -> None:
     """Run the model once on a few clean images: it must take them and output the data's classes.
@@ -288,6 +318,27 @@ class SplitScores:
 
 
 @dataclass
+class BackdoorScores:
+    """The attacker's own backdoored test images (a stored victim's), before and after: ASR, the
+    share classified as their backdoor target, and RA, the share kept at their true class (NaN
+    when the source did not record true classes). Only images whose target differs from their
+    class count."""
+
+    images: int
+    asr: Change
+    ra: Change
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "asr_before": _num(self.asr.before),
+            "asr_after": _num(self.asr.after),
+            "ra_before": _num(self.ra.before),
+            "ra_after": _num(self.ra.after),
+        }
+
+
+@dataclass
 class PurifyReport:
     """What `purify` did: the purifier's own result and the numbers measured around it."""
 
@@ -307,6 +358,8 @@ class PurifyReport:
     source: dict[str, Any] = field(default_factory=dict)
     #: Classes whose recovered trigger is measured (`recovered_targets`).
     targets: list[int] = field(default_factory=list)
+    #: ASR and RA on a stored victim's backdoored test images, when the model is a victim's.
+    backdoor: BackdoorScores | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -330,6 +383,7 @@ class PurifyReport:
                 "defense_config": self.defense.config.model_dump(),
                 "val": self.val.to_dict(),
                 "test": None if self.test is None else self.test.to_dict(),
+                "backdoor": None if self.backdoor is None else self.backdoor.to_dict(),
                 "modified": r.modified,
                 "detected": r.detected,
                 "notes": r.notes,
@@ -382,6 +436,7 @@ class PurifyReport:
                 "classes": self.clean.classes,
                 "source_file": self.source.get("file"),
                 "source_sha256": self.source.get("sha256"),
+                **{k: self.source[k] for k in ("victim", "victim_content_hash") if k in self.source},
                 "defense": self.defense.name,
                 "defense_preset": self.defense.preset,
                 "defense_config": self.defense.config.model_dump(),
@@ -552,9 +607,11 @@ def run_purification(
     seed: int = 0,
     device: torch.device | None = None,
     source: dict[str, Any] | None = None,
+    backdoor: BackdoorTestSet | None = None,
 ) -> PurifyReport:
     """Purify a copy of `model` (it stays as it was) with `defense` on the clean budget and
-    measure accuracy and recovered-trigger success before and after on the val split (and test)."""
+    measure accuracy and recovered-trigger success before and after on the val split (and test),
+    and, given a stored victim's backdoored test images (`backdoor`), ASR and RA on them."""
     device = device or torch.device("cpu")
     purifier = create_purifier(defense, seed=seed, device=device)
     check_capabilities(model, purifier.meta.requires, f"Defense {defense.label!r}")
@@ -570,10 +627,26 @@ def run_purification(
     test = None
     if clean.test is not None:
         test = _scores("test", original, purified, clean.test, result.inversion, targets, device)
+    attacked = None
+    if backdoor is not None:
+        asr_before, ra_before = backdoor.success(original, device)
+        asr_after, ra_after = backdoor.success(purified, device)
+        count = int(backdoor.non_target().sum())
+        attacked = BackdoorScores(count, Change(asr_before, asr_after), Change(ra_before, ra_after))
     probe = clean.budget.val if len(clean.budget.val) else clean.budget.train
     holds = _weights_hold(original, purified, probe.images, device)
     return PurifyReport(
-        defense, result, clean, val, test, usage.seconds, usage.peak_mb, holds, dict(source or {}), targets
+        defense,
+        result,
+        clean,
+        val,
+        test,
+        usage.seconds,
+        usage.peak_mb,
+        holds,
+        dict(source or {}),
+        targets,
+        attacked,
     )
 
 
@@ -733,8 +806,10 @@ def inspect(
 # --- pictures -------------------------------------------------------------------------------------
 
 
-def trigger_sheet(result: InversionResult, scale: int = 4) -> Any:
-    """One tile per class: mask (top) and masked pattern m·p (bottom); flagged classes framed red.
+def trigger_sheet(result: InversionResult, scale: int = 4, pattern: bool = False) -> Any:
+    """One tile per class: mask (top) and masked pattern m·p (below it), with `pattern` also the
+    pattern p itself (bottom); flagged classes framed red. A whole-image blend's m·p is α·p with a
+    small α, nearly black: the pattern row shows what it draws.
 
     A PIL image; `bdtk inspect` and `bdtk purify` both draw recovered triggers with it.
     """
@@ -744,20 +819,22 @@ def trigger_sheet(result: InversionResult, scale: int = 4) -> Any:
         rgb = t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t[:, :3]
         return F.interpolate(rgb.float().cpu().clamp(0, 1), scale_factor=scale, mode="nearest")
 
-    masks, stamped = tiles(result.masks), tiles(result.masks * result.patterns)
-    k, _, h, w = masks.shape
-    pad, label = 4, 14
-    sheet = Image.new("RGB", (k * (w + 2 * pad), label + 2 * h + 3 * pad), "white")
+    rows = [tiles(result.masks), tiles(result.masks * result.patterns)]
+    if pattern:
+        rows.append(tiles(result.patterns))
+    k, _, h, w = rows[0].shape
+    n, pad, label = len(rows), 4, 14
+    sheet = Image.new("RGB", (k * (w + 2 * pad), label + n * h + (n + 1) * pad), "white")
     draw = ImageDraw.Draw(sheet)
     for i, cls in enumerate(result.classes):
         x0 = i * (w + 2 * pad) + pad
-        for row, img in enumerate((masks[i], stamped[i])):
+        for row, img in enumerate(r[i] for r in rows):
             arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             sheet.paste(Image.fromarray(arr), (x0, label + pad + row * (h + pad)))
         flagged = cls in result.flagged
         draw.text((x0, 1), f"{cls}{' !' if flagged else ''}", fill="red" if flagged else "black")
         if flagged:
             draw.rectangle(
-                (x0 - 3, label + pad - 3, x0 + w + 2, label + 2 * h + 2 * pad + 2), outline="red", width=2
+                (x0 - 3, label + pad - 3, x0 + w + 2, label + n * h + n * pad + 2), outline="red", width=2
             )
     return sheet

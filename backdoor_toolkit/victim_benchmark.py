@@ -37,6 +37,7 @@ from .backdoor import bdtk_version
 from .cells import failed_record
 from .config import BenchmarkConfig, config_hash
 from .console import console, progress
+from .errors import ConfigError
 from .metrics import Scores, der, measure
 from .models import check_capabilities
 from .plugins import ResolvedPlugin, create_purifier, resolve_plugin
@@ -46,6 +47,14 @@ from .training import check_finite, resolve_device, seed_everything, torch_threa
 from .victims import Victim, load_victim, read_victim_record
 
 OnResult = Callable[[CellResult], None]
+
+#: Why the re-tuning attack (`retune`) cannot run on a stored victim, as one line.
+RETUNE_NEEDS_POISONED_TRAINING = (
+    "--retune: not with --victim. The re-tuning attack fine-tunes on the attack's poisoned training "
+    "samples, and a stored victim has none: it keeps only their indices, and no trigger to make them "
+    "again (BackdoorBench does not store it in the result); its backdoored test images are its ASR set, "
+    "so re-tuning on them would measure ASR on the images the model was tuned on."
+)
 
 
 def victim_setting(config: BenchmarkConfig, source: str) -> dict[str, Any]:
@@ -180,12 +189,17 @@ def run_victim_benchmark(
 ) -> list[CellResult]:
     """Run `config.defenses` (and the undefended cell) on the victim at `path` for each seed.
 
-    Only the defenses, seeds, clean budget, val split, device and threads of `config` apply. With
+    Only the defenses, seeds, clean budget, val split, device and threads of `config` apply;
+    `config.retune` is refused (`RETUNE_NEEDS_POISONED_TRAINING` says why). With
     a `store`, each finished cell is written at once and stored cells are skipped unless `force`;
     `on_result` sees each freshly computed row. Returns every cell's row in order.
     """
+    if config.retune is not None:
+        raise ConfigError(RETUNE_NEEDS_POISONED_TRAINING)
     record = read_victim_record(path)
     defenses = [resolve_plugin("purifier", c.name, c.preset, c.config) for c in config.defenses]
+    for resolved in defenses:  # resolves what a defense's config names (MCLDef's inverters)
+        create_purifier(resolved, seed=config.seeds[0])
     resolve_device(config.device)  # a bad device fails before the victim is read
     cells = plan_victim_cells(record, config, defenses)
     rows: dict[str, CellResult] = {}

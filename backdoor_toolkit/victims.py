@@ -77,6 +77,15 @@ class BackdoorTestSet:
             return torch.ones(len(self), dtype=torch.bool)
         return self.targets != self.labels
 
+    def success(self, model: nn.Module, device: torch.device) -> tuple[float, float]:
+        """ASR and RA of `model` on the non-target images: the share classified as their target,
+        and the share kept at their true class (NaN when the source did not record true classes)."""
+        keep = self.non_target()
+        triggered = predict(model, self.images[keep], device)
+        asr = float((triggered == self.targets[keep]).float().mean())
+        ra = float("nan") if self.labels is None else float((triggered == self.labels[keep]).float().mean())
+        return asr, ra
+
 
 @dataclass
 class Victim:
@@ -109,11 +118,7 @@ class Victim:
         """
         clean = predict(model, self.clean_test.images, device)
         ba = float((clean == self.clean_test.labels).float().mean())
-        keep = self.bd_test.non_target()
-        triggered = predict(model, self.bd_test.images[keep], device)
-        asr = float((triggered == self.bd_test.targets[keep]).float().mean())
-        labels = self.bd_test.labels
-        ra = float("nan") if labels is None else float((triggered == labels[keep]).float().mean())
+        asr, ra = self.bd_test.success(model, device)
         return Scores(ba=ba, asr=asr, ra=ra)
 
 
@@ -209,6 +214,18 @@ def save_victim(
 
 
 # --- reading ------------------------------------------------------------------------------------
+
+
+def victim_dir(path: Path | str) -> Path | None:
+    """The victim folder that `path` names, for commands that take a model file or a victim: a
+    folder (whether it holds a victim is checked when it is read), or a victim's model.safetensors
+    with its victim.json beside it. None for anything else, e.g. a plain model file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path
+    if path.name == MODEL_FILE and (path.parent / META_FILE).is_file():
+        return path.parent
+    return None
 
 
 def read_victim_record(path: Path) -> dict[str, Any]:

@@ -26,7 +26,11 @@ from typer.testing import CliRunner
 
 from backdoor_toolkit.backdoorbench import safe_globals_names, safe_load
 from backdoor_toolkit.cli import app
+from backdoor_toolkit.config import BenchmarkConfig
+from backdoor_toolkit.errors import ConfigError
+from backdoor_toolkit.models import load_model
 from backdoor_toolkit.store import ResultStore
+from backdoor_toolkit.victim_benchmark import run_victim_benchmark
 from backdoor_toolkit.victims import VictimError, load_victim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -366,6 +370,70 @@ def test_other_bad_input(tmp_path: Path, reference: nn.Module, mnist_dir: Path) 
     assert result.exit_code == 2 and "outside the run folder" in message(result)
 
 
+# --- purifying and inspecting the imported victim ----------------------------------------------
+
+
+def test_purify_and_inspect_read_model_data_and_asr_set_from_a_victim(
+    tmp_path: Path, reference: nn.Module, mnist_dir: Path
+) -> None:
+    assert import_(make_run(tmp_path, reference), tmp_path / "victim", mnist_dir).exit_code == 0
+    victim = load_victim(tmp_path / "victim")
+    out = tmp_path / "p" / "purified.safetensors"
+    settings = ["epochs=1", "batch_size=8", "max_val_drop=1", "max_prune_ratio=0.25"]
+    args = ["purify", str(tmp_path / "victim"), "--out", str(out), "-d", "fine-pruning"]
+    args += [*[x for s in settings for x in ("--set", s)], "--clean-ratio", "0.5", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = message(result)
+    assert "normalisation the victim's" in text and "victim bb-badnet (backdoorbench)" in text
+    assert "victim's backdoored test images: ASR (18 images)" in text
+    report = json.loads((out.parent / "purified.report.json").read_text())
+    before = victim.scores(victim.model, torch.device("cpu"))
+    assert report["backdoor"]["images"] == 18
+    assert report["backdoor"]["asr_before"] == pytest.approx(before.asr)
+    assert report["backdoor"]["ra_before"] == pytest.approx(before.ra)
+    assert report["test"]["images"] == N_TEST  # the victim's clean test set
+    data = report["data"]
+    assert data["train_images"] + data["val_images"] == N_TRAIN // 2 and "bb-badnet" in data["source"]
+    assert report["model"]["victim_content_hash"] == victim.content_hash
+    # BackdoorBench's PreAct-ResNet: the pruning is held by the head's columns, and the file reloads
+    assert report["diagnostics"]["pruning_in_weights"] == "fc" and report["weights_hold_model"]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["architecture"] == "preact-resnet18-bb" and meta["victim"] == "bb-badnet"
+    assert meta["mean"] == [0.5] and meta["image_size"] == [28, 28]
+    assert load_model(out).architecture == "preact-resnet18-bb"
+
+    # the victim's weights file names it too; its recorded target is shown, never used by the scan
+    scan = tmp_path / "scan"
+    args = ["inspect", str(tmp_path / "victim" / "model.safetensors"), "--out", str(scan)]
+    args += ["--steps", "2", "--set", "batch_size=4", "--class", "0", "--class", "3"]
+    result = runner.invoke(app, [*args, "--clean-ratio", "0.5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "0 (attack target)" in message(result)
+    record = json.loads((scan / "inspect.json").read_text())
+    assert record["victim"] == "bb-badnet" and record["true_target"] == TARGET
+    assert record["model"] == "preact-resnet18-bb" and record["classes"] == [0, 3]
+
+    # --data replaces only the clean data: own images, resized to the victim's 28×28
+    folder = tmp_path / "own"
+    rng = np.random.default_rng(2)
+    for k in range(10):
+        (folder / f"c{k}").mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"c{k}" / f"{i}.png")
+    result = runner.invoke(app, [*args, "--data", f"folder:{folder}", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((scan / "inspect.json").read_text())
+    assert record["dataset"] == f"folder:{folder}" and record["victim"] == "bb-badnet"
+
+    # what the victim already says is not given again
+    for extra in (["--model", "small-cnn"], ["--mean", "0.1"], ["--train-size", "200"]):
+        result = runner.invoke(app, ["inspect", str(tmp_path / "victim"), *extra, "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert f"{extra[0]}: not with victim" in message(result)
+
+
 # --- defending the imported victim --------------------------------------------------------------
 
 
@@ -402,6 +470,17 @@ def test_benchmark_runs_defenses_on_an_imported_victim(
 def test_benchmark_victim_refuses_grid_options(tmp_path: Path) -> None:
     result = runner.invoke(app, ["benchmark", "--victim", str(tmp_path), "--attack", "badnets"])
     assert result.exit_code == 2 and "--attack: not with --victim" in message(result)
+    # re-tuning needs poisoned training samples, which a stored victim does not have: said, not ignored
+    result = runner.invoke(app, ["benchmark", "--victim", str(tmp_path), "-d", "finetune", "--retune"])
+    assert result.exit_code == 2 and "--retune: not with --victim" in message(result)
+    assert "poisoned training samples" in message(result) and len(result.output.strip().splitlines()) <= 4
+    toml = tmp_path.parent / f"{tmp_path.name}-retune.toml"
+    toml.write_text("retune = true\n")
+    result = runner.invoke(app, ["benchmark", "--victim", str(tmp_path), "--config", str(toml)])
+    assert result.exit_code == 2 and "--retune: not with --victim" in message(result)
+    config = BenchmarkConfig.model_validate({"retune": True})
+    with pytest.raises(ConfigError, match="poisoned training samples"):  # the Python entry point too
+        run_victim_benchmark(tmp_path, config)
     result = runner.invoke(app, ["benchmark", "--victim", str(tmp_path)])
     assert result.exit_code == 2 and "is not a bdtk victim" in message(result)
     assert not os.listdir(tmp_path)

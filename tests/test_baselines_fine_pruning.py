@@ -1,14 +1,23 @@
-"""Fine-pruning: dormant channels go first, the val budget stops pruning, pruned stays pruned."""
+"""Fine-pruning: dormant channels go first, the val budget stops pruning, pruned stays pruned, and
+the pruning is part of the weights without changing any output."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
-from bdtk_baselines.fine_pruning import ChannelMask, FinePruning, FinePruningConfig, mean_channel_activation
+from bdtk_baselines.fine_pruning import (
+    ChannelMask,
+    FinePruning,
+    FinePruningConfig,
+    fold_mask,
+    mean_channel_activation,
+)
+from torch import nn
 
-from backdoor_toolkit import DefenseData, ImageClassifier
-from backdoor_toolkit.data import dataset_spec
+from backdoor_toolkit import DefenseData, ImageClassifier, create_model
+from backdoor_toolkit.data import DataSpec, dataset_spec
 
 SPEC = dataset_spec("fashion-mnist")
 CPU = torch.device("cpu")
@@ -69,3 +78,78 @@ def test_channel_mask_zeroes_only_masked_channels() -> None:
     out = ChannelMask(keep)(torch.nn.Identity(), (), torch.ones(2, 3, 4, 4))
     assert out[:, 1].abs().sum() == 0 and torch.equal(out[:, [0, 2]], torch.ones(2, 2, 4, 4))
     assert ChannelMask(keep).pruned == [1]
+
+
+# --- the pruning becomes part of the weights ------------------------------------------------------
+
+
+def _with_moved_batchnorms(model: ImageClassifier) -> ImageClassifier:
+    """BatchNorm statistics and affine values far from their init, so that a folding into the
+    wrong layer or channel would change the outputs."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "folded_into"),
+    [
+        ("small-cnn", "groups.2.1"),  # conv-BN-ReLU: the last stage's BatchNorm
+        ("vgg11-bn", "groups.4.4"),  # conv-BN-ReLU-max-pool
+        ("wrn-16-1", "final.0"),  # final = BN-ReLU
+        ("preact-resnet18", "final.0"),
+        ("resnet18", "fc"),  # the maps are ReLU(residual sum): no single layer makes them
+        ("preact-resnet18-bb", "fc"),  # the maps are an unrectified residual sum
+    ],
+)
+def test_folding_the_mask_keeps_every_output_and_the_weights_alone_reproduce_them(
+    name: str, folded_into: str
+) -> None:
+    torch.manual_seed(0)
+    spec = DataSpec("x", 5, 3, 16, 16, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), False)
+    model = _with_moved_batchnorms(create_model(name, spec))
+    x = torch.rand(6, 3, 16, 16)
+    channels = int(model.final_maps(x).shape[1])
+    keep = torch.ones(channels)
+    keep[::3] = 0
+    mask = ChannelMask(keep)
+    handle = model.final.register_forward_hook(mask)
+    with torch.no_grad():
+        masked, masked_maps = model(x), model.final_maps(x)
+    assert fold_mask(model, mask, handle) == folded_into
+    fresh = create_model(name, spec).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        # folding changes no output of the pruned model, and its state dict alone reproduces them
+        assert torch.equal(model(x), masked)
+        assert torch.equal(fresh(x), masked)
+        if folded_into == "fc":  # the head ignores the channels; the mask keeps the maps as they were
+            assert model.final._forward_hooks and torch.equal(model.final_maps(x), masked_maps)
+        else:  # the weights are the whole pruning: the channels are zero, and no hook is left
+            assert not model.final._forward_hooks
+            assert torch.count_nonzero(fresh.final_maps(x)[:, mask.pruned]) == 0
+            assert torch.equal(fresh.final_maps(x), masked_maps)
+
+
+def test_channels_zeroed_in_the_weights_stay_zero_under_further_fine_tuning(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = separable_model
+    purified, diag = _purify(model, data, max_val_drop=1.0, max_prune_ratio=0.5)
+    assert diag["pruning_in_weights"] == "groups.2.1" and not purified.final._forward_hooks
+    pruned = diag["pruned_channels"]
+    # someone fine-tunes the released weights: a ReLU at zero passes no gradient to the zeroed channels
+    optimizer = torch.optim.SGD(purified.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+    purified.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(purified(data.train.float_images()), data.train.labels).backward()
+        optimizer.step()
+    maps = purified.eval().final_maps(data.val.float_images())
+    assert torch.count_nonzero(maps[:, pruned]) == 0

@@ -6,6 +6,7 @@ import torch
 from backdoor_toolkit import ConfigError, get_attack
 from backdoor_toolkit.config import build_config
 from backdoor_toolkit.data import DataSpec, ImageData, dataset_spec
+from backdoor_toolkit.metrics import attack_scores
 
 SPEC = dataset_spec("fashion-mnist")
 
@@ -48,6 +49,43 @@ def test_all_to_all_targets_next_class() -> None:
     y = torch.tensor([0, 4, 9])
     assert attack.target_labels(y).tolist() == [1, 5, 0]
     assert attack.non_target_mask(y).all() and attack.victim_mask(y).all()
+
+
+def test_all_to_all_poisons_every_class_each_towards_its_next() -> None:
+    labels = torch.arange(1000) % 10
+    train = ImageData(torch.zeros(1000, 1, 28, 28, dtype=torch.uint8), labels)
+    poisoned = _badnets(mode="all-to-all", poison_rate=0.1).poison_training_set(train)
+    idx = poisoned.poisoned_index
+    assert idx.numel() == 100 and set(labels[idx].tolist()) == set(range(10))  # every class is a source
+    assert torch.equal(poisoned.labels[idx], (labels[idx] + 1) % 10)
+    assert (poisoned.images[idx][:, 0, 25:, 25:].sum((1, 2)) == 5).all()
+    rest = torch.ones(1000, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(poisoned.labels[rest], labels[rest])
+
+
+class _NextClassBackdoor(torch.nn.Module):
+    """Predicts the class written in the first pixel; with the patch's corner lit, the next class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (x[:, 0, 0, 0] * 255).round().long()
+        cls = torch.where(x[:, 0, 27, 27] > 0.5, (cls + 1) % 10, cls)
+        return torch.nn.functional.one_hot(cls, 10).float()
+
+
+def test_all_to_all_asr_counts_each_image_against_its_own_target() -> None:
+    labels = torch.arange(20) % 10
+    images = torch.zeros(20, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0, 0] = labels.to(torch.uint8)
+    test = ImageData(images, labels)
+    cpu = torch.device("cpu")
+    attack = _badnets(mode="all-to-all")
+    scores = attack_scores(_NextClassBackdoor(), test, attack.apply_trigger, attack.target_labels, cpu)
+    assert (scores.ba, scores.asr, scores.ra) == (1.0, 1.0, 0.0)
+    # against one fixed target, the same model would score only the images of the class before it
+    one = _badnets(target=1)
+    fixed = attack_scores(_NextClassBackdoor(), test, one.apply_trigger, one.target_labels, cpu)
+    assert fixed.asr == pytest.approx(2 / 18)
 
 
 @pytest.mark.parametrize(

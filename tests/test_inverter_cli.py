@@ -92,6 +92,30 @@ def test_known_target_and_class_subset(model_file: Path, tmp_path: Path) -> None
         ),
         (["{model}", "--model", "small-cnn", "--set", "steps"], "--set expects PLUGIN.FIELD=VALUE"),
         (["{model}", "--model", "small-cnn", "--inverter", "nural-cleanse"], "Did you mean"),
+        (
+            [
+                "{model}",
+                "--model",
+                "small-cnn",
+                "--inverter",
+                "neural-cleanse",
+                "--inverter",
+                "blnd-inversion",
+            ],
+            "Unknown inverter 'blnd-inversion'. Did you mean 'blend-inversion'?",
+        ),
+        (
+            [
+                "{model}",
+                "--model",
+                "small-cnn",
+                "--inverter",
+                "blend-inversion",
+                "--inverter",
+                "blend-inversion",
+            ],
+            "give each one once",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_message(model_file: Path, extra: list[str], message: str) -> None:
@@ -204,3 +228,95 @@ def test_attack_settings_in_the_old_spelling_still_reach_the_attack(capsys: Any)
     assert _attack_settings_by_old_spelling(["badnets.target=3"], "badnets", "neural-cleanse") == [
         "badnets.target=3"
     ]
+
+
+# --- several inverters, and what is said when nothing is flagged ------------------------------------
+
+#: Height of a trigger sheet of 28×28 images at scale 4: label, three rows of tiles, four gaps.
+THREE_ROWS = 14 + 3 * 28 * 4 + 4 * 4
+
+
+def test_several_inverters_each_get_their_table_and_png(model_file: Path, tmp_path: Path) -> None:
+    args = ["inspect", str(model_file), "--model", "small-cnn", *TINY, "--device", "cpu"]
+    args += ["--inverter", "neural-cleanse", "--inverter", "blend-inversion", "--steps", "2"]
+    result = runner.invoke(
+        app, [*args, "--set", "batch_size=4", "--set", "eval_images=8", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    text = one_line(result.output)
+    assert "Trigger inversion by neural-cleanse" in text and "Trigger inversion by blend-inversion" in text
+    assert text.count("Inversion took") == 2
+    from PIL import Image
+
+    for name in ("neural-cleanse", "blend-inversion"):
+        sheet = Image.open(tmp_path / f"triggers-{name}.png")  # mask, mask·pattern, pattern
+        assert sheet.size[0] > 10 * 28 and sheet.size[1] == THREE_ROWS
+        assert (tmp_path / f"triggers-{name}.safetensors").stat().st_size > 0
+    assert not (tmp_path / "triggers.png").exists()
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    entries = report["inverters"]
+    assert [e["inverter"] for e in entries] == ["neural-cleanse", "blend-inversion"]
+    assert [e["png"] for e in entries] == ["triggers-neural-cleanse.png", "triggers-blend-inversion.png"]
+    for entry in entries:  # FIELD=VALUE and the shorthands set every inverter
+        assert entry["inverter_config"]["steps"] == 2 and entry["inverter_config"]["batch_size"] == 4
+        assert entry["classes"] == list(range(10)) and len(entry["mask_norms"]) == 10
+    union = sorted({c for e in entries for c in e["flagged"]})
+    assert report["flagged"] == union and report["detected"] == bool(union)
+    assert ("all-to-all backdoor" in text) == (not union)
+
+
+class QuietInverter(EchoInverter):
+    """Flags nothing."""
+
+    name = "quiet-inverter"
+
+    def invert(
+        self, model: ImageClassifier, data: DefenseData, classes: list[int] | None = None
+    ) -> InversionResult:
+        result = super().invert(model, data, classes)
+        result.flagged = []
+        return result
+
+
+def test_flags_of_several_inverters_are_summed_up_and_no_flag_names_the_all_to_all_limit(
+    bdtk_register: Register, model_file: Path, tmp_path: Path
+) -> None:
+    bdtk_register(EchoInverter, QuietInverter)
+    args = [
+        "inspect",
+        str(model_file),
+        "--model",
+        "small-cnn",
+        *TINY,
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    both = runner.invoke(
+        app,
+        [
+            *args,
+            "--inverter",
+            "quiet-inverter",
+            "--inverter",
+            "echo-inverter",
+            "--set",
+            "echo-inverter.scale=2",
+        ],
+    )
+    assert both.exit_code == 0, both.output
+    text = one_line(both.output)
+    assert "Flagged by any inverter: 9 by echo-inverter" in text and "all-to-all" not in text
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    assert report["flagged_by"] == {"9": ["echo-inverter"]}
+    assert [e["inverter_config"]["scale"] for e in report["inverters"]] == [1.0, 2.0]
+    quiet = runner.invoke(app, [*args, "--inverter", "quiet-inverter"])
+    assert quiet.exit_code == 0, quiet.output
+    text = one_line(quiet.output)
+    assert "No backdoor detected (quiet-inverter flagged no class)" in text
+    assert (
+        "Note: an all-to-all backdoor (every class a target, e.g. badnets.mode=all-to-all) is not "
+        "detectable by an outlier test: when every class is a target, no class stands out." in text
+    )
+    assert json.loads((tmp_path / "inspect.json").read_text())["inverter"] == "quiet-inverter"

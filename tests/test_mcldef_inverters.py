@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import ClassVar, cast
 
 import pytest
 import torch
 from bdtk_mcldef.inverters import BY_INVERTER, FLAGGED_BY, INVERTERS, TRIGGER_FROM, combine, pick
-from bdtk_mcldef.mcldef import MCLDef, MCLDefConfig
+from bdtk_mcldef.mcldef import InverterFailedError, MCLDef, MCLDefConfig
 from pydantic import Field
+from typer.testing import CliRunner
 
 from backdoor_toolkit import (
     ConfigError,
@@ -27,9 +29,15 @@ from backdoor_toolkit import (
     StrictConfig,
     TriggerInverter,
     build_config,
+    create_purifier,
     resolve_config,
 )
+from backdoor_toolkit.benchmark import run_benchmark
+from backdoor_toolkit.cli import app
 from backdoor_toolkit.cli.common import parse_value
+from backdoor_toolkit.config import BenchmarkConfig
+from backdoor_toolkit.errors import UnknownNameError
+from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.testing import tiny_defense_data, tiny_model
 
 K = InversionKeys
@@ -136,7 +144,7 @@ def test_a_list_of_inverters_with_settings_per_inverter() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"inverter": []}, "at least 1"),
+        ({"inverter": []}, r"inverter: .*the list of inverters is empty; name at least one"),
         ({"inverter": ["blend-inversion", "blend-inversion"]}, "repeat"),
         ({"inverter": ["neural-cleanse", "blend-inversion"], "inverter_config": {"steps": 5}}, "maps each"),
         ({"inverter": ["neural-cleanse", "blend-inversion"], "inverter_config": {"nc": {}}}, "maps each"),
@@ -197,3 +205,113 @@ def test_mcldef_purifies_every_class_any_inverter_flags(bdtk_register: Callable[
     assert "2 by test-second-inv" in result.notes
     assert result.inversion is not None and result.inversion.flagged == [1, 2]
     assert first.calls == [None] and second.calls == [None]  # type: ignore[attr-defined]
+
+
+# --- bad input: an unknown name, an inverter that fails mid-scan -----------------------------------
+
+
+class _Failing(TriggerInverter):
+    """Raises inside `invert`, as a broken or crashing inverter would."""
+
+    name = "test-failing-inv"
+    Config = _FixedConfig
+    config: _FixedConfig
+    meta = PluginMeta(summary="test-only inverter that raises")
+
+    def invert(
+        self, model: ImageClassifier, data: DefenseData, classes: list[int] | None = None
+    ) -> InversionResult:
+        raise RuntimeError("scan crashed at step 7")
+
+
+def test_an_unknown_inverter_in_the_list_fails_before_any_inverter_runs(
+    bdtk_register: Callable[..., str],
+) -> None:
+    first = _fixed("test-first-inv", 0.05, 0.6)
+    bdtk_register(first)
+    values = {"inverter": ["test-first-inv", "nural-cleanse"]}
+    with pytest.raises(
+        UnknownNameError, match=r"Unknown inverter 'nural-cleanse'\. Did you mean 'neural-cleanse'"
+    ):
+        create_purifier("mcldef", values)  # the runner instantiates every defense before training
+    assert first.calls == []  # type: ignore[attr-defined]
+    bad_setting = {
+        "inverter": ["test-first-inv", "blend-inversion"],
+        "inverter_config": {"blend-inversion": {"stepz": 3}},
+    }
+    with pytest.raises(ConfigError, match="stepz"):  # a bad setting of any listed inverter, too
+        create_purifier("mcldef", bad_setting)
+
+
+def test_an_unknown_inverter_via_benchmark_set_is_one_line_before_training(tmp_path: Path) -> None:
+    args = ["benchmark", "-a", "badnets", "-d", "mcldef", "--model", "small-cnn", "--train-size", "600"]
+    args += [
+        "--set",
+        'mcldef.inverter=["neural-cleanse:k-arm","blend-inversoin"]',
+        "--db",
+        str(tmp_path / "r.db"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "Unknown inverter 'blend-inversoin'. Did you mean 'blend-inversion'?" in text
+    assert "Available: blend-inversion, neural-cleanse" in text and "Traceback" not in text
+    assert "Training" not in text
+    with ResultStore(tmp_path / "r.db") as store:
+        assert len(store) == 0  # refused while checking the grid: nothing ran, nothing was stored
+    empty = CliRunner().invoke(
+        app, [*args[:-4], "--set", "mcldef.inverter=[]", "--db", str(tmp_path / "r.db")]
+    )
+    assert empty.exit_code == 2 and "the list of inverters is empty" in " ".join(empty.output.split())
+
+
+def _mcldef_with_a_failing_second_inverter() -> dict[str, object]:
+    return {
+        "inverter": ["test-first-inv", "test-failing-inv"],
+        "inverter_config": {"test-first-inv": {"flag": 1}},
+        "epochs": 1,
+        "early_stop": False,
+        "batch_size": 16,
+    }
+
+
+def test_an_inverter_failing_mid_scan_fails_the_purification_naming_it(
+    bdtk_register: Callable[..., str],
+) -> None:
+    first = _fixed("test-first-inv", 0.05, 0.6)
+    bdtk_register(first, _Failing)
+    purifier = create_purifier("mcldef", _mcldef_with_a_failing_second_inverter())
+    model = copy.deepcopy(tiny_model())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InverterFailedError) as caught:
+        purifier.purify(model, tiny_defense_data())
+    message = str(caught.value)
+    assert "inverter 'test-failing-inv' (2 of 2) failed: RuntimeError: scan crashed at step 7" in message
+    assert "the other inverters' results are not used on their own" in message and "\n" not in message
+    assert first.calls == [None]  # type: ignore[attr-defined]  # the first one ran, its flag was not used
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing purified
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_a_benchmark_cell_whose_inverter_fails_is_failed_with_its_message(
+    bdtk_register: Callable[..., str], tmp_path: Path
+) -> None:
+    bdtk_register(_fixed("test-first-inv", 0.05, 0.6), _Failing)
+    cfg = BenchmarkConfig.model_validate(
+        {
+            "model": "small-cnn",
+            "train_size": 600,
+            "test_size": 200,
+            "training": {"epochs": 1},
+            "device": "cpu",
+            "defenses": [{"name": "mcldef", "config": _mcldef_with_a_failing_second_inverter()}],
+        }
+    )
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        rows = run_benchmark(cfg, store=store)
+        assert [(r.defense, r.status) for r in rows] == [("none", "ok"), ("mcldef", "failed")]
+        failed = store.get(rows[1].config_hash)
+    assert failed is not None and failed.asr is None and failed.diagnostics in (None, {})
+    assert failed.error is not None
+    assert "inverter 'test-failing-inv' (2 of 2) failed: RuntimeError: scan crashed at step 7" in failed.error
+    assert "scan crashed at step 7" in (failed.notes or "")  # the inverter's traceback is kept

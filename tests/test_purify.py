@@ -323,6 +323,33 @@ def test_a_model_its_weights_do_not_hold_is_never_written(
     assert not list(tmp_path.iterdir())
 
 
+def test_fine_pruning_writes_weights_that_reproduce_the_pruned_model(
+    zoo_file: Path, gray_folder: Path, tmp_path: Path
+) -> None:
+    """The channel mask is folded into the weights, so the file alone is the purified model."""
+    settings = ["epochs=1", "max_val_drop=1", "max_prune_ratio=0.5"]  # prune, whatever the val accuracy
+    out = tmp_path / "fp.safetensors"
+    args = purify_args(zoo_file, out, "--model", "small-cnn", "--data", f"folder:{gray_folder}")
+    result = runner.invoke(app, [*args, "-d", "fine-pruning", *[x for s in settings for x in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "fp.report.json").read_text())
+    assert report["weights_hold_model"] and report["diagnostics"]["pruned_count"] == 64
+    assert report["diagnostics"]["pruning_in_weights"] == "groups.2.1"
+    # the same purification in Python: the saved file, loaded into a plain small-cnn, gives its outputs
+    net = load_model(zoo_file, "small-cnn").model
+    purified = bdtk.purify(
+        net, f"folder:{gray_folder}", "fine-pruning", epochs=1, max_val_drop=1, max_prune_ratio=0.5,
+        batch_size=8, device="cpu", architecture="small-cnn",
+    )  # fmt: skip
+    paths = purified.save(tmp_path / "api.safetensors")
+    again = load_model(paths.weights).model
+    x = torch.rand(8, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), purified.model.eval()(x))
+    pruned = purified.result.diagnostics["pruned_channels"]
+    assert torch.count_nonzero(again.final_maps(x)[:, pruned]) == 0
+
+
 # --- image folders ---------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from ..executors import EXECUTORS, get_executor
 from ..results import CellResult, write_results
 from ..store import ResultStore
 from ..suites import available_suites, load_suite
-from ..victim_benchmark import run_victim_benchmark
+from ..victim_benchmark import RETUNE_NEEDS_POISONED_TRAINING, run_victim_benchmark
 from ..victims import read_victim_record
 from .common import (
     CacheDirOption,
@@ -152,6 +152,8 @@ def benchmark(
     """
     get_executor(executor, ray_address)  # a bad executor or Ray address fails before anything runs
     if victim is not None:
+        if retune or (config is not None and load_config_file(config).get("retune")):
+            raise ConfigError(RETUNE_NEEDS_POISONED_TRAINING)
         grid_only = {
             "--attack": attack,
             "--dataset": dataset,
@@ -159,7 +161,6 @@ def benchmark(
             "--train-size": train_size,
             "--test-size": test_size,
             "--epochs": epochs,
-            "--retune": retune,
             "--data-dir": data_dir,
             "--download": download,
             "--suite": suite,

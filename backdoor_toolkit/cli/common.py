@@ -65,14 +65,18 @@ ArchitectureOption = Annotated[
     ),
 ]
 DataOption = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--data",
         "--dataset",
         help="Clean data: a dataset name (`bdtk datasets`; the clean budget is --clean-ratio of its training "
-        "split) or folder:PATH (class sub-folders, all of it the clean budget)",
+        "split) or folder:PATH (class sub-folders, all of it the clean budget); default: a victim's own "
+        "clean images, else fashion-mnist",
+        show_default=False,
     ),
 ]
+#: The clean data of a model file when `--data` is left out (a victim brings its own).
+DEFAULT_DATA = "fashion-mnist"
 TestDataOption = Annotated[
     str | None,
     typer.Option(help="A test set, folder:PATH with the clean folder's classes; reported before and after"),

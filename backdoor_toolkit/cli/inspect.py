@@ -1,11 +1,12 @@
 """`bdtk inspect`: scan a model for a backdoor with any registered trigger inverter (Neural Cleanse
-by default).
+by default), or with several, each shown and drawn on its own.
 
 The model is either a safetensors state dict with its architecture (`bdtk inspect MODEL_FILE --model
 ARCH`: a zoo name, `torchvision:NAME` or `MODULE:FACTORY`, read exactly as `bdtk purify` reads it,
-on a dataset or `folder:PATH`) or a cached backdoored model (named by the same options as `bdtk
-attack`, trained on a cache miss). Only the defender's clean budget is used; the attack, when
-known, is shown for comparison and never informs the scan. The table is built from
+on a dataset or `folder:PATH`), a stored victim (its folder: model, normalisation and clean data
+read from it, its recorded target shown for comparison) or a cached backdoored model (named by the
+same options as `bdtk attack`, trained on a cache miss). Only the defender's clean budget is used;
+the attack, when known, is shown for comparison and never informs the scan. The table is built from
 `InversionResult`'s fields and the shared `InversionKeys`, so an inverter bdtk has never seen
 prints as fully as Neural Cleanse does.
 """
@@ -13,6 +14,7 @@ prints as fully as Neural Cleanse does.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,10 +32,11 @@ from ..errors import BdtkError, ConfigError
 from ..interfaces import InversionResult, Kind
 from ..inversion import InversionKeys, split_diagnostics
 from ..models.loading import DEFAULT_ARCHITECTURE
-from ..plugins import get_plugin, resolve_plugin
+from ..plugins import ResolvedPlugin, get_plugin, resolve_plugin
 from ..purification import run_inspection, trigger_sheet
 from ..training import resolve_device
 from .common import (
+    DEFAULT_DATA,
     ArchitectureOption,
     CacheDirOption,
     DataDirOption,
@@ -56,6 +59,12 @@ from .victim import load_victim, victim_config
 
 #: Column headers of per-class diagnostics that read better as a symbol; others show their key.
 HEADERS = {InversionKeys.LAMBDA: "λ"}
+
+#: Said whenever no class is flagged: the one backdoor an outlier test cannot see by construction.
+ALL_TO_ALL_NOTE = (
+    "Note: an all-to-all backdoor (every class a target, e.g. badnets.mode=all-to-all) is not detectable "
+    "by an outlier test: when every class is a target, no class stands out."
+)
 
 
 def _cell(value: Any) -> str:
@@ -160,8 +169,8 @@ def inspect(
         Path | None,
         typer.Argument(
             metavar="MODEL_FILE",
-            help="Safetensors state dict of the model to inspect (its architecture: --model); or name a "
-            "cached backdoored model with --attack",
+            help="Safetensors state dict of the model to inspect (its architecture: --model), or a victim "
+            "folder (`bdtk import`); or name a cached backdoored model with --attack",
             show_default=False,
         ),
     ] = None,
@@ -173,7 +182,7 @@ def inspect(
     model_file: Annotated[
         Path | None, typer.Option(help="The model file as an option (same as MODEL_FILE)")
     ] = None,
-    dataset: DataOption = "fashion-mnist",
+    dataset: DataOption = None,
     model: ArchitectureOption = None,
     feature_layer: FeatureLayerOption = None,
     mean: MeanOption = None,
@@ -186,8 +195,12 @@ def inspect(
     clean_ratio: Annotated[float, typer.Option(help="Defender's clean budget (share of train)")] = 0.05,
     val_fraction: ValFractionOption = 0.2,
     inverter: Annotated[
-        str, typer.Option(help="Trigger inverter plugin, NAME or NAME:PRESET (see `bdtk plugins`)")
-    ] = "neural-cleanse",
+        list[str] | None,
+        typer.Option(
+            help="Trigger inverter plugin, NAME or NAME:PRESET (see `bdtk plugins`); repeat it to run "
+            "several, each with its own table and PNG  [default: neural-cleanse]"
+        ),
+    ] = None,
     option: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", hidden=True, help="Deprecated: --set FIELD=VALUE"),
@@ -207,12 +220,17 @@ def inspect(
     download: DownloadOption = False,
     cache_dir: CacheDirOption = None,
     out: Annotated[
-        Path, typer.Option(help="Folder for triggers.png, triggers.safetensors, inspect.json")
+        Path,
+        typer.Option(
+            help="Folder for triggers.png, triggers.safetensors, inspect.json (with several inverters "
+            "triggers-INVERTER.png and .safetensors for each)"
+        ),
     ] = Path("bdtk-results/inspect"),
 ) -> None:
     """Invert a trigger for every class with any inverter, print its scan, write PNG, triggers and JSON.
 
-    `--set FIELD=VALUE` sets the inverter, `--set PLUGIN.FIELD=VALUE` the inverter or the attack.
+    `--set FIELD=VALUE` sets the inverter (each of them when several are given), `--set
+    PLUGIN.FIELD=VALUE` one inverter or the attack.
     """
     if model_path is not None and model_file is not None:
         raise BdtkError("Give the model file once: as MODEL_FILE or as --model-file, not both.")
@@ -221,21 +239,27 @@ def inspect(
         raise BdtkError(
             "Name exactly one model to inspect: MODEL_FILE (or --model-file PATH) or --attack NAME."
         )
-    get_plugin("inverter", split_preset(inverter)[0])  # an unknown inverter says so before --set does
+    inverters = inverter or ["neural-cleanse"]
+    if len(set(inverters)) != len(inverters):
+        raise BdtkError(f"--inverter repeats an inverter ({', '.join(inverters)}); give each one once.")
+    for choice in inverters:  # an unknown inverter says so before --set does
+        get_plugin("inverter", split_preset(choice)[0])
     items = list(set_ or [])
     if attack is not None:
-        items = _attack_settings_by_old_spelling(items, attack, inverter)
+        items = _attack_settings_by_old_spelling(items, attack, inverters)
     if option:  # FIELD=VALUE for the inverter, as --set FIELD=VALUE now says it
         console.print(
             "[yellow]-o/--option is deprecated and goes in the next release; use --set FIELD=VALUE.[/]",
             highlight=False,
         )
         items = [*option, *items]
-    plugins = [inverter] if attack is None else [inverter, attack]
-    settings = split_settings(items, plugins, default=inverter)
+    items = _for_each_inverter(items, inverters)
+    plugins = inverters if attack is None else [*inverters, attack]
+    settings = split_settings(items, plugins, default=inverters[0])
     # a model file needs no attack: the run config then only says which data, budget and device
     if attack is not None and (
-        dataset.startswith("folder:") or any(v is not None for v in (feature_layer, mean, std, image_size))
+        (dataset or "").startswith("folder:")
+        or any(v is not None for v in (feature_layer, mean, std, image_size))
     ):
         raise BdtkError(
             "--attack inspects a cached zoo model on a named dataset; folder data, --feature-layer, "
@@ -246,7 +270,7 @@ def inspect(
         attack,
         settings[attack] if attack else {},
         epochs,
-        dataset=dataset,
+        dataset=dataset or DEFAULT_DATA,
         model=model or DEFAULT_ARCHITECTURE,
         seeds=[seed],
         train_size=train_size,
@@ -258,14 +282,16 @@ def inspect(
         download=download,
         cache_dir=cache_dir,
     )
-    inv_values = settings[inverter]
     extra = {"target": target, "steps": steps, "threshold": threshold}
-    inv_values.update({k: v for k, v in extra.items() if v is not None})
-    chosen = resolve_plugin("inverter", inverter, overrides=inv_values)  # bad values fail before training
+    chosen = []
+    for choice in inverters:  # bad values fail before training
+        inv_values = settings[choice]
+        inv_values.update({k: v for k, v in extra.items() if v is not None})
+        chosen.append(resolve_plugin("inverter", choice, overrides=inv_values))
     run_device = resolve_device(cfg.device)
     true_target: int | None = None
     if model_file is not None:
-        loaded, clean = load_user_model(
+        loaded, clean, stored = load_user_model(
             model_file,
             model,
             data=dataset,
@@ -281,12 +307,17 @@ def inspect(
             train_size=train_size,
             test_size=test_size,
         )
-        describe_model(loaded, clean)
+        describe_model(loaded, clean, stored)
         victim_model, budget, model_label = loaded.model, clean.budget, loaded.architecture
-        source: dict[str, Any] = {"model_file": str(model_file), "model_sha256": loaded.sha256}
+        data_label = clean.source
+        source: dict[str, Any] = {"model_file": str(loaded.path), "model_sha256": loaded.sha256}
+        if stored is not None:  # a stored victim: its recorded target is shown for comparison only
+            source.update(victim=stored.name, victim_content_hash=stored.content_hash)
+            targets = stored.source.get("targets") or []
+            true_target = int(targets[0]) if len(targets) == 1 else None
     else:
         data, instance, victim = load_victim(cfg)
-        victim_model, model_label = victim.model, cfg.model
+        victim_model, model_label, data_label = victim.model, cfg.model, cfg.dataset
         budget = draw_defense_data(data, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, seed)
         true_target = instance.config.target if instance.config.mode == "all-to-one" else None
         source = {
@@ -295,37 +326,66 @@ def inspect(
             "attack_config": instance.config.model_dump(),
             "cache_key": victim.cache_key,
         }
-    console.print(
-        f"Inverting triggers of {escape(model_label)} on {escape(dataset)} with {escape(inverter)} "
-        f"({len(budget.train)} clean images, {len(budget.val)} for validation)…",
-        highlight=False,
-    )
-    result = run_inspection(
-        victim_model, budget, chosen, classes=class_ or None, seed=seed, device=run_device
-    ).result
-    for table in inversion_tables(result, chosen.label, true_target, console):
+    results = []
+    for inv in chosen:
+        console.print(
+            f"Inverting triggers of {escape(model_label)} on {escape(data_label)} with {escape(inv.label)} "
+            f"({len(budget.train)} clean images, {len(budget.val)} for validation)…",
+            highlight=False,
+        )
+        result = run_inspection(
+            victim_model, budget, inv, classes=class_ or None, seed=seed, device=run_device
+        ).result
+        _show(result, inv.label, true_target)
+        results.append((inv, result))
+    flagged = _flagged_by(results)
+    if len(results) > 1:
+        if flagged:
+            detail = "; ".join(f"{cls} by {', '.join(by)}" for cls, by in flagged.items())
+            console.print(f"[bold red]Flagged by any inverter: {escape(detail)}[/]")
+        else:
+            console.print("[green]No backdoor detected[/] (no inverter flagged a class).")
+    if not flagged:
+        console.print(ALL_TO_ALL_NOTE, highlight=False, markup=False)
+    info = {**source, "dataset": data_label, "model": model_label, "seed": seed, "true_target": true_target}
+    if len(results) == 1:
+        _write(out, *results[0], info)
+    else:
+        _write_several(out, results, info)
+
+
+def _show(result: InversionResult, label: str, true_target: int | None) -> None:
+    """One inverter's scan: its table(s), what it flagged, its other diagnostics and its time."""
+    for table in inversion_tables(result, label, true_target, console):
         console.print(table)
     if result.flagged:
         console.print(f"[bold red]Flagged target class(es): {', '.join(map(str, result.flagged))}[/]")
     else:
-        console.print(f"[green]No backdoor detected[/] ({chosen.label} flagged no class).")
+        console.print(f"[green]No backdoor detected[/] ({escape(label)} flagged no class).")
     for line in diagnostics_lines(result):
         console.print(line, highlight=False, markup=False)
     console.print(f"Inversion took {result.seconds:.1f} s.")
-    _write(
-        out,
-        result,
-        {
-            **source,
-            "dataset": dataset,
-            "model": model_label,
-            "seed": seed,
-            "inverter": chosen.name,
-            "inverter_preset": chosen.preset,
-            "inverter_config": chosen.config.model_dump(),
-            "true_target": true_target,
-        },
-    )
+
+
+def _flagged_by(results: list[tuple[ResolvedPlugin, InversionResult]]) -> dict[int, list[str]]:
+    """Class → the inverters (NAME or NAME:PRESET) that flagged it, in ascending class order."""
+    by: dict[int, list[str]] = {}
+    for inv, result in results:
+        for cls in result.flagged:
+            by.setdefault(cls, []).append(inv.label)
+    return dict(sorted(by.items()))
+
+
+def _for_each_inverter(items: list[str], inverters: list[str]) -> list[str]:
+    """`--set FIELD=VALUE` items with several inverters: each becomes `INVERTER.FIELD=VALUE` for every
+    one of them (as `--steps` sets each), since no single inverter is the command's own."""
+    if len(inverters) == 1:
+        return items
+    out = []
+    for item in items:
+        key, sep, _ = item.partition("=")
+        out += [f"{inv}.{item}" for inv in inverters] if sep and "." not in key else [item]
+    return out
 
 
 def _fields(kind: Kind, choice: str) -> set[str]:
@@ -333,24 +393,27 @@ def _fields(kind: Kind, choice: str) -> set[str]:
     return set(get_plugin(kind, split_preset(choice)[0]).cls.Config.model_fields)
 
 
-def _attack_settings_by_old_spelling(items: list[str], attack: str, inverter: str) -> list[str]:
+def _attack_settings_by_old_spelling(items: list[str], attack: str, inverter: str | list[str]) -> list[str]:
     """`--set FIELD=VALUE` items for the attack, prefixed with its name.
 
-    Here `--set FIELD=VALUE` used to set the attack; now FIELD alone sets the inverter, as it does
+    Here `--set FIELD=VALUE` used to set the attack; now FIELD alone sets the inverter(s), as it does
     for each command's own plugin. For one release an item whose FIELD only the attack has still
     sets it, with a notice; a FIELD both have (`target`) is refused rather than silently changing
     meaning.
     """
-    attack_fields, inverter_fields = _fields("attack", attack), _fields("inverter", inverter)
+    inverters = [inverter] if isinstance(inverter, str) else inverter
+    attack_fields = _fields("attack", attack)
+    inverter_fields = set().union(*(_fields("inverter", inv) for inv in inverters))
     name = split_preset(attack)[0]
     out = []
     for item in items:
         key, sep, _ = item.partition("=")
         if sep and "." not in key and key in attack_fields:
             if key in inverter_fields:
+                owner = next(inv for inv in inverters if key in _fields("inverter", inv))
                 raise ConfigError(
-                    f"--set {item!r}: both attack {attack!r} and inverter {inverter!r} have {key!r}; "
-                    f"write --set {name}.{item} or --set {split_preset(inverter)[0]}.{item}."
+                    f"--set {item!r}: both attack {attack!r} and inverter {owner!r} have {key!r}; "
+                    f"write --set {name}.{item} or --set {split_preset(owner)[0]}.{item}."
                 )
             console.print(
                 f"[yellow]--set {escape(item)} for the attack is deprecated (FIELD alone now sets the "
@@ -362,17 +425,67 @@ def _attack_settings_by_old_spelling(items: list[str], attack: str, inverter: st
     return out
 
 
-def _write(out: Path, result: InversionResult, info: dict[str, Any]) -> None:
+#: What each row of a trigger sheet shows, as the command says it.
+SHEET_ROWS = "top: mask, middle: mask·pattern, bottom: pattern; flagged framed red"
+
+
+def _save_triggers(out: Path, stem: str, result: InversionResult) -> tuple[Path, Path]:
+    """`STEM.png` (mask, masked pattern and pattern per class) and `STEM.safetensors` in `out`."""
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    trigger_sheet(result).save(out / "triggers.png")
+    png, tensors = out / f"{stem}.png", out / f"{stem}.safetensors"
+    trigger_sheet(result, pattern=True).save(png)
     save_file(
         {"masks": result.masks.contiguous().cpu(), "patterns": result.patterns.contiguous().cpu()},
-        str(out / "triggers.safetensors"),
+        str(tensors),
     )
+    return png, tensors
+
+
+def _inverter_info(inv: ResolvedPlugin) -> dict[str, Any]:
+    return {"inverter": inv.name, "inverter_preset": inv.preset, "inverter_config": inv.config.model_dump()}
+
+
+def _write(out: Path, inv: ResolvedPlugin, result: InversionResult, info: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    png, tensors = _save_triggers(out, "triggers", result)
+    payload = {**info, **_inverter_info(inv), **_result_fields(result)}
+    (out / "inspect.json").write_text(json.dumps(payload, indent=2, default=str))
+    console.print(f"Wrote {png} ({SHEET_ROWS}), {tensors} and {out / 'inspect.json'}.")
+
+
+def _write_several(
+    out: Path, results: list[tuple[ResolvedPlugin, InversionResult]], info: dict[str, Any]
+) -> None:
+    """Per inverter `triggers-INVERTER.png` and `.safetensors` (`:` of a preset written `-`); one
+    `inspect.json` with every inverter's scan and the classes any of them flagged."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries, stems = [], set()
+    for inv, result in results:
+        stem = "triggers-" + re.sub(r"[^A-Za-z0-9._-]", "-", inv.label)
+        while stem in stems:  # two labels that differ only in characters written `-`
+            stem += "-"
+        stems.add(stem)
+        png, tensors = _save_triggers(out, stem, result)
+        entries.append(
+            {**_inverter_info(inv), "png": png.name, "triggers": tensors.name, **_result_fields(result)}
+        )
+        console.print(f"Wrote {png} ({SHEET_ROWS}) and {tensors} for {escape(inv.label)}.")
+    flagged = _flagged_by(results)
     payload = {
         **info,
+        "inverters": entries,
+        "flagged": list(flagged),
+        "flagged_by": {str(cls): by for cls, by in flagged.items()},
+        "detected": bool(flagged),
+    }
+    (out / "inspect.json").write_text(json.dumps(payload, indent=2, default=str))
+    console.print(f"Wrote {out / 'inspect.json'}.")
+
+
+def _result_fields(result: InversionResult) -> dict[str, Any]:
+    """An `InversionResult` as inspect.json records it."""
+    return {
         "classes": result.classes,
         "mask_norms": result.mask_norms.tolist(),
         "anomaly_index": [None if v != v else v for v in result.anomaly_index.tolist()],
@@ -382,8 +495,3 @@ def _write(out: Path, result: InversionResult, info: dict[str, Any]) -> None:
         "seconds": result.seconds,
         "diagnostics": result.diagnostics,
     }
-    (out / "inspect.json").write_text(json.dumps(payload, indent=2, default=str))
-    console.print(
-        f"Wrote {out / 'triggers.png'} (top: mask, bottom: mask·pattern; flagged framed red), "
-        f"{out / 'triggers.safetensors'} and {out / 'inspect.json'}."
-    )

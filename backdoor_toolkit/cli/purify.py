@@ -6,10 +6,15 @@ is known, so the numbers are those a defender can measure honestly: on the held-
 clean budget (and a test set, when given), clean accuracy before and after, and the success of the
 trigger the defense recovered, if it recovered one. Everything is checked before any work and
 nothing is written until the purified model is known to be whole, so bad input leaves no files.
+
+The model may also be a stored victim (`bdtk import backdoorbench`'s folder, or its
+model.safetensors): its model, normalisation and clean data are read from it, and its backdoored
+test images give the attack's ASR and RA before and after.
 """
 
 from __future__ import annotations
 
+from math import isnan
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +25,7 @@ from rich.table import Table
 
 from ..config import split_preset
 from ..console import console
-from ..errors import ConfigError
+from ..errors import BdtkError, ConfigError
 from ..inversion import InversionKeys
 from ..models import AdaptedClassifier, LoadedModel, check_capabilities, load_model
 from ..models.loading import normalization_values
@@ -33,9 +38,12 @@ from ..purification import (
     fit_model,
     load_clean_data,
     run_purification,
+    victim_clean_data,
 )
 from ..training import resolve_device
+from ..victims import META_FILE, MODEL_FILE, Victim, load_victim, read_victim_record, victim_dir
 from .common import (
+    DEFAULT_DATA,
     ArchitectureOption,
     DataDirOption,
     DataOption,
@@ -61,7 +69,7 @@ def load_user_model(
     path: Path,
     architecture: str | None,
     *,
-    data: str,
+    data: str | None,
     mean: str | None,
     std: str | None,
     feature_layer: str | None,
@@ -74,12 +82,34 @@ def load_user_model(
     train_size: int | None,
     test_size: int | None,
     test_data: str | None = None,
-) -> tuple[LoadedModel, CleanData]:
-    """A model file and the clean data it is purified or inspected on, checked against each other.
+) -> tuple[LoadedModel, CleanData, Victim | None]:
+    """A model file (or a stored victim) and the clean data it is purified or inspected on, checked
+    against each other; the victim, when `path` names one.
 
     `bdtk inspect MODEL_FILE` and `bdtk purify` share it, so they take the same model and data
-    options and refuse the same bad input with the same message.
+    options and refuse the same bad input with the same message. `data` None: a victim's own clean
+    images, else `DEFAULT_DATA`.
     """
+    directory = victim_dir(path)
+    if directory is not None:
+        return _victim_and_data(
+            directory,
+            architecture,
+            data=data,
+            mean=mean,
+            std=std,
+            feature_layer=feature_layer,
+            image_size=image_size,
+            clean_ratio=clean_ratio,
+            val_fraction=val_fraction,
+            seed=seed,
+            data_dir=data_dir,
+            download=download,
+            train_size=train_size,
+            test_size=test_size,
+            test_data=test_data,
+        )
+    data = data or DEFAULT_DATA
     loaded = load_model(
         path,
         architecture,
@@ -107,17 +137,99 @@ def load_user_model(
         test_size=test_size,
     )
     fit_model(loaded.model, clean)
-    return loaded, clean
+    return loaded, clean, None
 
 
-def describe_model(loaded: LoadedModel, clean: CleanData) -> None:
-    """What was loaded: architecture, normalisation, and for an adapted model its capabilities."""
+def _victim_and_data(
+    directory: Path,
+    architecture: str | None,
+    *,
+    data: str | None,
+    mean: str | None,
+    std: str | None,
+    feature_layer: str | None,
+    image_size: str | None,
+    clean_ratio: float,
+    val_fraction: float,
+    seed: int,
+    data_dir: str | None,
+    download: bool,
+    train_size: int | None,
+    test_size: int | None,
+    test_data: str | None,
+) -> tuple[LoadedModel, CleanData, Victim]:
+    """A stored victim's model and clean data (`load_user_model` for a victim folder): what the
+    victim stores is not given again, and the data options apply only when `data` replaces its
+    clean images."""
+    if not (directory / META_FILE).is_file():
+        raise BdtkError(
+            f"{directory} is a folder without {META_FILE}: give a safetensors model file, or a victim "
+            "folder written by `bdtk import backdoorbench`."
+        )
+    data_options: dict[str, Any] = {
+        "--image-size": image_size,
+        "--train-size": train_size,
+        "--test-size": test_size,
+        "--data-dir": data_dir,
+        "--download": download,
+    }
+    given = {"--model": architecture, "--mean": mean, "--std": std, "--feature-layer": feature_layer}
+    if data is None:  # the victim's own data: options that choose or shape other data do not apply
+        given.update(data_options)
+    used = [flag for flag, value in given.items() if value not in (None, False)]
+    if used:
+        raise ConfigError(
+            f"{', '.join(used)}: not with victim {directory}, which stores its model, normalisation "
+            "and clean data (--data PATH_OR_NAME replaces only the clean data)."
+        )
+    victim = load_victim(directory)
+    loaded = LoadedModel(
+        model=victim.model,
+        architecture=victim.model_name,
+        path=directory / MODEL_FILE,
+        sha256=read_victim_record(directory)["files"][MODEL_FILE],
+        channels=victim.spec.channels,
+        normalization="victim",
+    )
+    if data is None:
+        clean = victim_clean_data(
+            victim, clean_ratio=clean_ratio, val_fraction=val_fraction, seed=seed, test_data=test_data
+        )
+    else:
+        spec = victim.spec
+        default_size = (spec.height, spec.width) if data.startswith("folder:") else None
+        clean = load_clean_data(
+            data,
+            channels=spec.channels,
+            num_classes=spec.num_classes,
+            mean=spec.mean,
+            std=spec.std,
+            image_size=image_size or default_size,
+            test_data=test_data if test_data is not None else victim.clean_test,
+            val_fraction=val_fraction,
+            clean_ratio=clean_ratio,
+            seed=seed,
+            data_dir=data_dir,
+            download=download,
+            train_size=train_size,
+            test_size=test_size,
+        )
+        if test_data is None:
+            clean.test_source = f"victim {victim.name}'s clean test set"
+    fit_model(loaded.model, clean)
+    return loaded, clean, victim
+
+
+def describe_model(loaded: LoadedModel, clean: CleanData, victim: Victim | None = None) -> None:
+    """What was loaded: architecture, normalisation, for an adapted model its capabilities, and for
+    a victim what it brings (its backdoored test images, its targets)."""
     model = loaded.model
     params = sum(p.numel() for p in model.parameters())
     where = {
         "given": "given",
         "file": "the file's",
         "metadata": "from the JSON beside the file",
+        "victim": "the victim's",
         "none": "none: the network sees pixels in [0, 1]; pass --mean/--std if it was trained normalised",
     }[loaded.normalization]
     console.print(
@@ -128,6 +240,15 @@ def describe_model(loaded: LoadedModel, clean: CleanData) -> None:
     if isinstance(model, AdaptedClassifier):
         for line in model.describe():
             console.print(f"  {escape(line)}", highlight=False)
+    if victim is not None:
+        targets = ", ".join(map(str, victim.source.get("targets", []))) or "not recorded"
+        console.print(
+            f"  victim {escape(victim.name)} ({escape(str(victim.source.get('tool', 'stored')))}): "
+            f"{int(victim.bd_test.non_target().sum())} backdoored test images (the ASR set), target "
+            f"class(es) {escape(targets)}; {victim.excluded.numel()} poisoned training images never "
+            "enter the clean budget",
+            highlight=False,
+        )
     skipped = [(clean.source, clean.skipped), (clean.test_source, clean.test_skipped)]
     for source, count in skipped:
         if count:
@@ -157,10 +278,26 @@ def numbers_table(report: PurifyReport) -> Table:
             table.add_row(
                 f"{name}: recovered trigger → class {cls}", _percent(change.before), _percent(change.after)
             )
+    if report.backdoor is not None:
+        b = report.backdoor
+        table.add_row(
+            f"victim's backdoored test images: ASR ({b.images} images)",
+            _percent(b.asr.before),
+            _percent(b.asr.after),
+        )
+        if not (isnan(b.ra.before) and isnan(b.ra.after)):
+            table.add_row("victim's backdoored test images: RA", _percent(b.ra.before), _percent(b.ra.after))
+    captions = []
     if report.val.trigger_success:
-        table.caption = (
+        captions.append(
             "trigger success: share of images of other classes the recovered trigger sends to its class"
         )
+    if report.backdoor is not None:
+        captions.append(
+            "ASR: share of the attacker's backdoored images classified as its target; RA: kept at their class"
+        )
+    if captions:
+        table.caption = "\n".join(captions)
     return table
 
 
@@ -170,7 +307,9 @@ def purify(
     model_path: Annotated[
         Path,
         typer.Argument(
-            metavar="MODEL_FILE", help="Safetensors state dict of the model to purify", show_default=False
+            metavar="MODEL_FILE",
+            help="Safetensors state dict of the model to purify, or a victim folder (`bdtk import`)",
+            show_default=False,
         ),
     ],
     out: Annotated[
@@ -186,14 +325,15 @@ def purify(
     ] = "mcldef",
     set_: SetOption = None,
     model: ArchitectureOption = None,
-    data: DataOption = "fashion-mnist",
+    data: DataOption = None,
     test_data: TestDataOption = None,
     image_size: ImageSizeOption = None,
     feature_layer: FeatureLayerOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
     clean_ratio: Annotated[
-        float, typer.Option(help="Clean budget of a named dataset (share of its training split)")
+        float,
+        typer.Option(help="Clean budget of a named dataset or a victim (share of its clean training images)"),
     ] = 0.05,
     val_fraction: ValFractionOption = 0.2,
     train_size: Annotated[int | None, typer.Option(help="Stratified training subset size")] = None,
@@ -207,8 +347,8 @@ def purify(
     """Purify a model file with any defense on your clean images; write the weights and a report.
 
     Prints, on the held-out val part of the clean budget (and --test-data), clean accuracy before
-    and after, and the success of the trigger the defense recovered, before and after.
-    `--set FIELD=VALUE` sets the defense.
+    and after, and the success of the trigger the defense recovered, before and after; for a victim
+    also the attack's ASR and RA on its backdoored test images. `--set FIELD=VALUE` sets the defense.
     """
     outputs = PurifyOutputs.beside(out.expanduser())
     outputs.check(force)
@@ -218,7 +358,7 @@ def purify(
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}.")
     run_device = resolve_device(device or "auto")
-    loaded, clean = load_user_model(
+    loaded, clean, victim = load_user_model(
         model_path,
         model,
         data=data,
@@ -239,14 +379,24 @@ def purify(
     check_capabilities(loaded.model, chosen.info.cls.meta.requires, f"Defense {chosen.label!r}")
     for path in outputs.all():
         check_writable(path, "output file")
-    describe_model(loaded, clean)
+    describe_model(loaded, clean, victim)
     console.print(
         f"Purifying with {escape(chosen.label)} on {escape(clean.source)} ({clean.spec.num_classes} classes; "
         f"{len(clean.budget.train)} clean images to purify on, {len(clean.budget.val)} held out)…",
         highlight=False,
     )
     source = {"architecture": loaded.architecture, "file": str(loaded.path), "sha256": loaded.sha256}
-    report = run_purification(loaded.model, clean, chosen, seed=seed, device=run_device, source=source)
+    if victim is not None:
+        source.update(victim=victim.name, victim_content_hash=victim.content_hash)
+    report = run_purification(
+        loaded.model,
+        clean,
+        chosen,
+        seed=seed,
+        device=run_device,
+        source=source,
+        backdoor=None if victim is None else victim.bd_test,
+    )
     console.print(numbers_table(report))
     _print_outcome(report)
     paths = report.save(out.expanduser(), force=force)

@@ -6,9 +6,20 @@ train part and masked out, least active first, step by step, until clean *valida
 falls by more than `max_val_drop`; the largest pruning within that budget is kept and the network
 is fine-tuned with those channels held at zero.
 
-The mask is a forward hook on `model.final` that stays on the returned model (a `ChannelMask`,
-which survives `copy.deepcopy` and pickling). Zeroing weights instead would not work for every
-model: `final` may hold no parameters at all (e.g. an identity after the last ReLU).
+During pruning and fine-tuning the mask is a forward hook on `model.final` (a `ChannelMask`, which
+survives `copy.deepcopy` and pickling). When fine-tuning ends it becomes part of the weights
+(`fold_mask`), so that a state dict of the purified model, loaded into the plain architecture,
+computes the same outputs (`bdtk purify` writes such a file):
+
+- where the pruned maps come out of a BatchNorm followed by a ReLU (possibly with pooling after it),
+  that BatchNorm's scale and shift are zeroed for the pruned channels. They then output exactly
+  zero, and stay zero under any later fine-tuning: a ReLU at zero passes no gradient back. The
+  hook is removed; the weights are the whole pruning.
+- where the maps are a residual sum that no single layer produces (the post-activation ResNet,
+  BackdoorBench's PreAct-ResNet), the columns of `fc` that read the pruned channels are zeroed:
+  the logits are exactly the masked model's. The hook stays on, so that `final_maps`, `features`
+  and any later fine-tuning of this model object (the benchmark's re-tuning attack) still see
+  the channels removed, as the pruning means them to be.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from backdoor_toolkit import (
     Capability,
@@ -43,6 +55,81 @@ class ChannelMask:
     @property
     def pruned(self) -> list[int]:
         return torch.nonzero(self.keep == 0).flatten().tolist()
+
+
+#: Modules that map an all-zero channel to an all-zero channel of the same index, at any mode.
+_ZERO_KEEPING = (
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+)
+
+
+def _steps(module: nn.Module) -> list[nn.Module]:
+    """The modules a Sequential tree applies, in order; any other module is one opaque step."""
+    if isinstance(module, nn.Sequential):
+        return [step for child in module for step in _steps(child)]
+    return [module]
+
+
+def channel_batchnorm(model: ImageClassifier, channels: int) -> nn.BatchNorm2d | None:
+    """The BatchNorm whose channels become `model.final_maps`' channels through a ReLU and only
+    zero-keeping, per-channel modules after it; None when the maps are made otherwise (a residual
+    sum, a block of its own kind) or the model computes its final maps its own way."""
+    if type(model).final_maps is not ImageClassifier.final_maps:
+        return None
+    chain = [step for part in (model.stem, *model.groups, model.final) for step in _steps(part)]
+    rectified = False
+    for step in reversed(chain):
+        if isinstance(step, nn.ReLU):
+            rectified = True
+        elif isinstance(step, nn.BatchNorm2d):
+            usable = rectified and step.affine and step.num_features == channels
+            return step if usable else None
+        elif not isinstance(step, _ZERO_KEEPING):
+            return None
+    return None
+
+
+def _head_reads_pooled_maps(model: ImageClassifier, channels: int) -> bool:
+    """Whether the logits are `fc(avgpool(final_maps))`, so that zeroing `fc`'s column of a channel
+    is exactly masking that channel."""
+    cls = type(model)
+    return (
+        cls.forward is ImageClassifier.forward
+        and cls.features is ImageClassifier.features
+        and isinstance(model.fc, nn.Linear)
+        and model.fc.in_features == channels
+    )
+
+
+@torch.no_grad()
+def fold_mask(model: ImageClassifier, mask: ChannelMask, handle: RemovableHandle) -> str | None:
+    """Make the mask part of `model`'s weights, leaving its outputs exactly as they are.
+
+    Returns where it went (the BatchNorm's name, or "fc"), or None when neither applies (the hook
+    then stays the only place the pruning lives). The hook is removed only when the weights hold
+    the whole pruning (the BatchNorm case); see the module docstring.
+    """
+    pruned = mask.pruned
+    channels = int(mask.keep.numel())
+    if not pruned:
+        return None
+    norm = channel_batchnorm(model, channels)
+    if norm is not None:
+        norm.weight[pruned] = 0
+        norm.bias[pruned] = 0
+        handle.remove()
+        return next(name for name, module in model.named_modules() if module is norm)
+    if _head_reads_pooled_maps(model, channels):
+        model.fc.weight[:, pruned] = 0
+        return "fc"
+    return None
 
 
 @torch.no_grad()
@@ -123,6 +210,7 @@ class FinePruning(Purifier):
         pruned_acc = accuracy(model, data.val, self.device)
 
         losses = fine_tune(model, data, c, device=self.device, seed=self.seed, description="fine-prune")
+        folded_into = fold_mask(model, mask, handle)
         if chosen == 0:
             handle.remove()  # nothing pruned: leave no hook behind
         return PurificationResult(
@@ -132,6 +220,7 @@ class FinePruning(Purifier):
                 "channels": channels,
                 "pruned_channels": mask.pruned,
                 "pruned_count": chosen,
+                "pruning_in_weights": folded_into,
                 "val_accuracy_before": base_acc,
                 "val_accuracy_pruned": pruned_acc,
                 "val_accuracy_after": accuracy(model, data.val, self.device),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 from torch.nn import functional as F
 from torch.optim import Optimizer
@@ -36,6 +36,7 @@ from backdoor_toolkit import (
     PurificationResult,
     Purifier,
     StrictConfig,
+    TriggerInverter,
     accuracy,
     augment_batch,
     create_inverter,
@@ -51,6 +52,12 @@ from .loss import FrozenReference, model_contrastive_loss
 
 class DegenerateTriggerWarning(UserWarning):
     """A recovered trigger is empty or does not fire; MCLDef refuses to purify with it."""
+
+
+class InverterFailedError(BdtkError):
+    """An inverter of stage 1 raised: the purification fails, naming it, and never goes on with the
+    other inverters' results as if the scan were complete (the failed one may have been the only one
+    to see the backdoor)."""
 
 
 #: One inverter of a list: NAME or NAME:PRESET.
@@ -139,6 +146,17 @@ class MCLDefConfig(StrictConfig):
         default=0.005, ge=0, le=1, description="Val accuracy gain (absolute) that still counts as moving"
     )
 
+    @field_validator("inverter", mode="before")
+    @classmethod
+    def _inverter_list_not_empty(cls, value: Any) -> Any:
+        """An empty list would scan nothing; one line says so instead of an error per union branch."""
+        if isinstance(value, list) and not value:
+            raise ValueError(
+                'the list of inverters is empty; name at least one, e.g. "neural-cleanse:k-arm" or '
+                '["neural-cleanse:k-arm","blend-inversion"]'
+            )
+        return value
+
     @model_validator(mode="after")
     def _inverter_config_fits(self) -> MCLDefConfig:
         """With several inverters, settings are addressed per inverter; a flat dict would be ambiguous."""
@@ -217,6 +235,26 @@ class MCLDef(Purifier):
         ),
     }
 
+    def __init__(self, config: StrictConfig, seed: int = 0, device: torch.device | None = None) -> None:
+        """Resolves every configured inverter at once: an unknown name (answered with "did you
+        mean" and the choices) or a bad setting of any of them fails here, when the runner checks the
+        grid before training anything, never after another inverter of the list has scanned."""
+        super().__init__(config, seed, device)
+        c = self.config
+        choices = [c.inverter] if isinstance(c.inverter, str) else c.inverter
+        self.inverters: list[tuple[str, TriggerInverter]] = [
+            (
+                choice,
+                create_inverter(
+                    choice,
+                    c.inverter_config if isinstance(c.inverter, str) else c.inverter_config.get(choice, {}),
+                    seed=seed,
+                    where=f"mcldef inverter {choice!r}",
+                ),
+            )
+            for choice in choices
+        ]
+
     def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
         c = self.config
         if c.target is not None and c.target >= data.spec.num_classes:
@@ -292,18 +330,28 @@ class MCLDef(Purifier):
         """The inversion of the configured inverter, or of several combined (`inverters.combine`)."""
         c = self.config
         classes = None if c.target is None else [c.target]
-        if isinstance(c.inverter, str):
-            inverter = create_inverter(
-                c.inverter, c.inverter_config, seed=self.seed, where=f"mcldef inverter {c.inverter!r}"
-            )
-            return inverter.invert(model, data, classes)
         results = []
-        for choice in c.inverter:
-            inverter = create_inverter(
-                choice, c.inverter_config.get(choice, {}), seed=self.seed, where=f"mcldef inverter {choice!r}"
-            )
-            results.append((choice, inverter.invert(model, data, classes)))
+        for i, (choice, inverter) in enumerate(self.inverters):
+            try:
+                results.append((choice, inverter.invert(model, data, classes)))
+            except Exception as exc:  # any failure: the scan is incomplete, so nothing is purified
+                raise self._failed(choice, i, exc) from exc
+        if isinstance(c.inverter, str):
+            return results[0][1]
         return combine(results, known=c.target)
+
+    def _failed(self, choice: str, i: int, exc: Exception) -> InverterFailedError:
+        """The error of inverter `choice` (the `i`-th), naming it; with a list, also that the other
+        inverters' results are not used on their own."""
+        detail = str(exc) if isinstance(exc, BdtkError) else f"{type(exc).__name__}: {exc}"
+        message = f"mcldef: inverter {choice!r} failed: {detail}"
+        if len(self.inverters) > 1:
+            message = (
+                f"mcldef: inverter {choice!r} ({i + 1} of {len(self.inverters)}) failed: {detail}. The "
+                "scan is incomplete, so the other inverters' results are not used on their own; fix "
+                "it or remove it from mcldef.inverter."
+            )
+        return InverterFailedError(message)
 
     def _inverter_label(self) -> str:
         """The configured inverter(s) as notes name them."""
