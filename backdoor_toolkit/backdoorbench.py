@@ -44,8 +44,9 @@ from torch import Tensor
 
 from .data import DataSpec, ImageData, dataset_spec, load_dataset
 from .errors import BdtkError, DatasetNotFoundError
-from .models import ImageClassifier, create_model
-from .victims import BackdoorTestSet, check_output_dir, save_victim
+from .models import ImageClassifier
+from .models.adapter import TORCHVISION_PREFIX, input_channels
+from .victims import BackdoorTestSet, check_output_dir, save_victim, victim_model
 
 #: The keys BackdoorBench's own loader requires of an attack result.
 REQUIRED_KEYS = (
@@ -189,17 +190,55 @@ def _preactresnet18_key(key: str) -> str | None:
     return None
 
 
+def _torchvision_key(key: str) -> str:
+    """bdtk's name for a key of a torchvision network: the same name inside the adapter (`net.`)."""
+    return "net." + key
+
+
 @dataclass(frozen=True)
 class _ModelMap:
-    zoo: str
+    #: What the victim records and is rebuilt from: a zoo name or `torchvision:NAME`.
+    architecture: str
     key: Callable[[str], str | None]
 
 
-#: BackdoorBench model names that have a parameter-for-parameter twin in bdtk's zoo. Not mapped:
-#: `resnet18`, `resnet34`, `resnet50` (torchvision's ImageNet stem: 7×7 conv and max-pool, while
-#: bdtk's resnet18 has the CIFAR stem), `vgg19_bn` and other VGGs (torchvision's three-layer head;
-#: bdtk has VGG-11 with one linear layer), and the rest (DenseNet, MobileNet, EfficientNet, ViT, …).
-MODELS: dict[str, _ModelMap] = {"preactresnet18": _ModelMap("preact-resnet18-bb", _preactresnet18_key)}
+#: BackdoorBench names whose network `generate_cls_model` (utils/aggregate_block/
+#: model_trainer_generate.py) builds by calling the torchvision constructor of the same name with
+#: `num_classes` alone (its attacks pass no other keyword) and returns unwrapped; `convnext_tiny`
+#: is first given ImageNet weights where the shapes fit, which changes no layer. bdtk builds the
+#: same constructor behind its adapter. Not mapped: `vit_*` (ImageNet-pretrained, head replaced,
+#: and wrapped in a Sequential behind a Resize to 224), `googlenet` and `inception_v3` (built with
+#: auxiliary classifiers, which the adapter's torchvision models leave out), `resnext29` and
+#: `senet18` (BackdoorBench's own networks, with no twin in the zoo).
+_TORCHVISION_NAMES = (
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "densenet161",
+    "efficientnet_b0",
+    "efficientnet_b3",
+    "mnasnet1_0",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnext50_32x4d",
+    "shufflenet_v2_x1_0",
+    "squeezenet1_0",
+    "vgg11",
+    "vgg16",
+    "vgg19",
+    "vgg19_bn",
+    "wide_resnet50_2",
+)
+
+#: BackdoorBench model names bdtk rebuilds parameter for parameter: `preactresnet18` (BackdoorBench's
+#: own network, whose twin is the zoo's `preact-resnet18-bb`) and the torchvision ones above.
+MODELS: dict[str, _ModelMap] = {
+    "preactresnet18": _ModelMap("preact-resnet18-bb", _preactresnet18_key),
+    **{name: _ModelMap(TORCHVISION_PREFIX + name, _torchvision_key) for name in _TORCHVISION_NAMES},
+}
 
 #: BackdoorBench dataset names bdtk loads in the same order (torchvision's), with the normalisation
 #: BackdoorBench's models were trained under (`get_dataset_normalization`; it differs from bdtk's
@@ -228,7 +267,7 @@ def _translate(
             continue
         if tuple(value.shape) != tuple(ours[name].shape):
             raise BdtkError(
-                f"The model's {key} has shape {tuple(value.shape)}; bdtk's {model_map.zoo} expects "
+                f"The model's {key} has shape {tuple(value.shape)}; bdtk's {model_map.architecture} expects "
                 f"{tuple(ours[name].shape)} for it ({name})."
             )
         translated[name] = value
@@ -236,7 +275,7 @@ def _translate(
     if unknown or missing:
         parts = []
         if unknown:
-            parts.append(f"keys bdtk's {model_map.zoo} does not have: {', '.join(unknown[:5])}")
+            parts.append(f"keys bdtk's {model_map.architecture} does not have: {', '.join(unknown[:5])}")
         if missing:
             parts.append(f"no weights for {', '.join(missing[:5])}")
         raise BdtkError(f"The model does not match BackdoorBench's architecture ({'; '.join(parts)}).")
@@ -384,6 +423,29 @@ def _excluded(bd_train: Any, n_train: int) -> tuple[Tensor, str]:
     return torch.from_numpy(index.copy()), f"{index.size} (kept out of the defender's clean budget)"
 
 
+def _check_runs(model: ImageClassifier, images: Tensor, spec: DataSpec, what: str) -> None:
+    """Run the imported model on a few backdoored test images.
+
+    Matching weights do not mean the network can take the dataset's images (torchvision's AlexNet
+    pools 32×32 images down to nothing); that is said here, in one line, rather than by a traceback
+    inside the first defense.
+    """
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(images.float() / 255)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise BdtkError(
+            f"{what} does not run on {spec.name}'s {spec.height}×{spec.width} images ({detail})."
+        ) from None
+    if tuple(logits.shape) != (images.shape[0], spec.num_classes):
+        raise BdtkError(
+            f"{what} outputs {tuple(logits.shape)} for {images.shape[0]} images, not one score per class "
+            f"of {spec.name} ({spec.num_classes})."
+        )
+
+
 def _check_keys(raw: Any, path: Path) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
         raise BdtkError(f"{path} holds a {type(raw).__name__}, not a BackdoorBench attack result (a dict).")
@@ -473,8 +535,8 @@ def import_backdoorbench(
     model_name, clean_data = raw["model_name"], raw["clean_data"]
     if not isinstance(model_name, str) or model_name not in MODELS:
         raise BdtkError(
-            f"BackdoorBench model {model_name!r} has no parameter-for-parameter match in bdtk's zoo; "
-            f"supported: {', '.join(sorted(MODELS))}."
+            f"BackdoorBench model {model_name!r} has no parameter-for-parameter match in bdtk (a zoo "
+            f"twin, or a plain torchvision constructor); supported: {', '.join(sorted(MODELS))}."
         )
     if not isinstance(clean_data, str) or clean_data not in DATASETS:
         supported = ", ".join(sorted(DATASETS))
@@ -502,7 +564,13 @@ def import_backdoorbench(
             f"The model's first convolution takes {first.shape[1]} channels, but {clean_data} images have "
             f"{spec.channels}."
         )
-    model = create_model(model_map.zoo, spec)
+    model = victim_model(model_map.architecture, spec)
+    channels = input_channels(model)
+    if channels is not None and channels != spec.channels:
+        raise BdtkError(
+            f"BackdoorBench's {model_name} ({model_map.architecture}) reads {channels}-channel images, "
+            f"but {clean_data} images have {spec.channels}."
+        )
     weights = _translate(model_map, state, model)
     weights.update({k: v for k, v in model.state_dict().items() if k.startswith("normalize.")})
     model.load_state_dict(weights)
@@ -520,6 +588,7 @@ def import_backdoorbench(
         raise BdtkError("bd_test is neither a dataset state (bd_data_container) nor inline images (x, y).")
     if not bool((bd_test.targets < spec.num_classes).all() and (bd_test.targets >= 0).all()):
         raise BdtkError(f"bd_test's backdoor labels are not classes of {clean_data}.")
+    _check_runs(model, bd_test.images[:2], spec, f"BackdoorBench's {model_name} ({model_map.architecture})")
 
     train, test, data_dir = _clean_dataset(clean_data, data_dir, raw["data_path"], file)
     if n_test is not None and n_test != len(test):
@@ -551,7 +620,7 @@ def import_backdoorbench(
     content_hash = save_victim(
         out,
         name=victim_name,
-        model_name=model_map.zoo,
+        model_name=model_map.architecture,
         model=model,
         spec=spec,
         clean_train=train,
@@ -564,7 +633,7 @@ def import_backdoorbench(
     return ImportSummary(
         out=out,
         name=victim_name,
-        model=model_map.zoo,
+        model=model_map.architecture,
         dataset=clean_data,
         content_hash=content_hash,
         bd_test=len(bd_test),

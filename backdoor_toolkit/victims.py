@@ -5,9 +5,9 @@ images whenever ASR is measured. A victim made elsewhere (imported from Backdoor
 without a trigger bdtk could re-apply: its backdoored test images are stored instead, and ASR is
 measured on exactly those. A victim directory holds
 
-    victim.json          what the victim is (name, zoo model, data spec, where it came from), the
-                         SHA-256 of each tensor file, and a content hash over all of it
-    model.safetensors    the bdtk state dict of the zoo model (normalisation buffers included)
+    victim.json          what the victim is (name, architecture, data spec, where it came from),
+                         the SHA-256 of each tensor file, and a content hash over all of it
+    model.safetensors    the bdtk state dict of the model (normalisation buffers included)
     data.safetensors     clean_train.images/labels/excluded, clean_test.images/labels,
                          bd_test.images/targets and, when the source recorded them,
                          bd_test.labels (original classes, for RA) and bd_test.index
@@ -17,6 +17,11 @@ attacker poisoned: the defender's clean budget never draws them. The content has
 identity (a benchmark cell's config hash includes it), so an edited file is caught on load rather
 than producing results that claim to be about another model. Nothing here unpickles: safetensors
 and JSON only.
+
+The architecture (`model`) is a zoo name, or `torchvision:NAME` for a torchvision network, which
+is rebuilt behind bdtk's adapter with the spec's classes and normalisation (its state dict is
+the network's under `net.`, plus `normalize.*`). Records written before torchvision networks
+were accepted name zoo models only, and read as before.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from .artifacts import atomic_write_text, non_finite
 from .data import Dataset, DataSpec, DefenseData, ImageData, draw_defense_data
 from .errors import BdtkError
 from .metrics import Scores, predict
-from .models import ImageClassifier, create_model
+from .models import AdaptedClassifier, ImageClassifier, create_model
+from .models.adapter import TORCHVISION_PREFIX, torchvision_network
 
 #: The layout of victim.json; another value is refused with a message rather than misread.
 VICTIM_FORMAT = 1
@@ -123,6 +129,19 @@ class Victim:
 
 
 # --- writing ------------------------------------------------------------------------------------
+
+
+def victim_model(architecture: str, spec: DataSpec) -> ImageClassifier:
+    """A randomly initialised model of `architecture` for `spec`'s classes and normalisation.
+
+    The importer builds the model with it before loading the translated weights, and
+    `load_victim` rebuilds it the same way, so what is stored and what is loaded are one
+    architecture: a zoo model, or a torchvision network (`torchvision:NAME`) behind the adapter.
+    """
+    if architecture.startswith(TORCHVISION_PREFIX):
+        net = torchvision_network(architecture.removeprefix(TORCHVISION_PREFIX), spec.num_classes)
+        return AdaptedClassifier(net, spec.mean, spec.std, architecture=architecture)
+    return create_model(architecture, spec)
 
 
 def check_output_dir(out: Path, force: bool) -> None:
@@ -306,7 +325,7 @@ def _check_data(data: Mapping[str, Tensor], spec: DataSpec, where: str) -> None:
 
 
 def load_victim(path: Path | str) -> Victim:
-    """The victim stored at `path`: checked against its hashes, its model built from the zoo.
+    """The victim stored at `path`: checked against its hashes, its model rebuilt (`victim_model`).
 
     Raises VictimError (one line, naming the file) when anything does not match.
     """
@@ -325,7 +344,7 @@ def load_victim(path: Path | str) -> Victim:
     except (SafetensorError, OSError, ValueError) as exc:
         raise VictimError(f"{where}: unreadable tensors ({exc}).") from None
     _check_data(data, spec, where)
-    model = create_model(record["model"], spec)
+    model = victim_model(record["model"], spec)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

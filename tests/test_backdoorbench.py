@@ -4,13 +4,16 @@
 
 The clean dataset is a tiny MNIST written as IDX files (bdtk's loader reads them from --data-dir),
 so nothing is downloaded. BackdoorBench's own models take 3 channels; the synthetic model takes 1
-to match MNIST, which changes no key name and only the first convolution's shape.
+to match MNIST, which changes no key name and only the first convolution's shape. A torchvision
+ResNet-18 (the network BackdoorBench's `resnet18` is) is imported on a tiny CIFAR-10 in
+torchvision's pickled-batch layout instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,16 +22,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from backdoor_toolkit.backdoorbench import safe_globals_names, safe_load
+from backdoor_toolkit.backdoorbench import DATASETS, safe_globals_names, safe_load
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.errors import ConfigError
-from backdoor_toolkit.models import load_model
+from backdoor_toolkit.models import AdaptedClassifier, load_model
 from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.victim_benchmark import run_victim_benchmark
 from backdoor_toolkit.victims import VictimError, load_victim
@@ -83,12 +87,9 @@ class _RefPreActResNet18(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-@pytest.fixture(scope="module")
-def reference() -> _RefPreActResNet18:
-    """A reference model whose BatchNorm statistics are far from their init, so a wrongly mapped
-    or missing layer changes the logits."""
-    torch.manual_seed(0)
-    model = _RefPreActResNet18(1, 10)
+def _away_from_init(model: nn.Module) -> None:
+    """BatchNorm statistics and affine weights far from their init, so that a wrongly mapped or
+    missing layer changes the logits."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -99,6 +100,23 @@ def reference() -> _RefPreActResNet18:
                 count.fill_(100)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
+
+
+@pytest.fixture(scope="module")
+def reference() -> _RefPreActResNet18:
+    """BackdoorBench's PreAct-ResNet-18 for MNIST's one channel, away from its init."""
+    torch.manual_seed(0)
+    model = _RefPreActResNet18(1, 10)
+    _away_from_init(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tv_reference() -> nn.Module:
+    """What BackdoorBench's `resnet18` is: torchvision's constructor with `num_classes` alone."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    _away_from_init(model)
     return model.eval()
 
 
@@ -119,6 +137,39 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
     return root
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CIFAR-10 in torchvision's layout: 5 training batches of 8 images, 20 test images."""
+    root = tmp_path_factory.mktemp("cifar10")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def batch(name: str, n: int) -> None:
+        data = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(data))
+
+    for k in range(1, 6):
+        batch(f"data_batch_{k}", N_TRAIN // 5)
+    batch("test_batch", N_TEST)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{k}" for k in range(10)]}))
+    return root
+
+
+@pytest.fixture
+def tiny_cifar(cifar_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`cifar_dir`, accepted by torchvision's loader (which otherwise checks the real files' MD5s)."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
+    return cifar_dir
+
+
+def resnet18_run(root: Path, reference: nn.Module, **changes: Any) -> Path:
+    """A BackdoorBench `resnet18` run on CIFAR-10; the PNGs stay MNIST-sized grey images, which the
+    import converts and resizes to 32×32 RGB as BackdoorBench's test transform would."""
+    cifar = {"clean_data": "cifar10", "img_size": [32, 32, 3], "data_path": "./data/cifar10"}
+    return make_run(root, reference, **{"model_name": "resnet18", **cifar, **changes})
 
 
 def _dataset_state(
@@ -330,8 +381,9 @@ def test_the_allow_list_is_numpy_only() -> None:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"model_name": "vgg19_bn", "model": {}}, "'vgg19_bn' has no parameter-for-parameter match"),
-        ({"model_name": "resnet18", "model": {}}, "in bdtk's zoo; supported: preactresnet18"),
+        ({"model_name": "vit_b_16", "model": {}}, "'vit_b_16' has no parameter-for-parameter match"),
+        ({"model_name": "resnext29", "model": {}}, "supported: alexnet, convnext_tiny, densenet121"),
+        ({"model_name": "googlenet", "model": {}}, "vgg19_bn, wide_resnet50_2."),
         ({"bd_test": None, "img_size": None, "model": {}}, "lacks the keys img_size, bd_test"),
         (
             {"clean_data": "tiny", "model": {}},
@@ -484,3 +536,88 @@ def test_benchmark_victim_refuses_grid_options(tmp_path: Path) -> None:
     result = runner.invoke(app, ["benchmark", "--victim", str(tmp_path)])
     assert result.exit_code == 2 and "is not a bdtk victim" in message(result)
     assert not os.listdir(tmp_path)
+
+
+# --- a torchvision network: BackdoorBench's resnet18 --------------------------------------------
+
+
+def test_a_torchvision_resnet18_is_imported_defended_purified_and_inspected(
+    tmp_path: Path, tv_reference: nn.Module, tiny_cifar: Path
+) -> None:
+    victim_dir = tmp_path / "victim"
+    result = import_(resnet18_run(tmp_path, tv_reference), victim_dir, tiny_cifar)
+    assert result.exit_code == 0, result.output
+    assert "Imported bb-badnet: torchvision:resnet18 on cifar10" in message(result)
+
+    # the victim records the architecture and BackdoorBench's normalisation, and rebuilds from them
+    record = json.loads((victim_dir / "victim.json").read_text())
+    mean, std = DATASETS["cifar10"]
+    assert record["model"] == "torchvision:resnet18" and record["source"]["model_name"] == "resnet18"
+    assert tuple(record["spec"]["mean"]) == mean and tuple(record["spec"]["std"]) == std
+    victim = load_victim(victim_dir)
+    assert isinstance(victim.model, AdaptedClassifier) and victim.model.architecture == "torchvision:resnet18"
+    x = torch.rand(4, 3, 32, 32)
+    normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(victim.model(x), tv_reference(normalised), atol=1e-4)
+    assert len(victim.clean_train) == N_TRAIN and victim.excluded.tolist() == POISONED_TRAIN
+    assert tuple(victim.bd_test.images.shape[1:]) == (3, 32, 32)
+
+    # bdtk benchmark --victim
+    db = tmp_path / "results.sqlite"
+    args = ["benchmark", "--victim", str(victim_dir), "-d", "finetune", "--set", "finetune.epochs=1"]
+    args += ["--set", "finetune.batch_size=8", "--clean-ratio", "0.5", "--device", "cpu", "--threads", "1"]
+    result = runner.invoke(app, [*args, "--db", str(db), "--output", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    with ResultStore(db) as store:
+        rows = store.rows()
+    assert sorted(r.defense for r in rows) == ["finetune", "none"]
+    for row in rows:
+        assert row.status == "ok" and row.model == "torchvision:resnet18" and row.dataset == "cifar10"
+        assert row.attack_config["victim"] == victim.content_hash and row.asr is not None
+
+    # bdtk purify: the purified weights are torchvision's state dict, named as such beside it
+    out = tmp_path / "p" / "purified.safetensors"
+    args = ["purify", str(victim_dir), "--out", str(out), "-d", "finetune", "--set", "epochs=1"]
+    args += ["--set", "batch_size=8", "--clean-ratio", "0.5", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = message(result)
+    assert "Model torchvision:resnet18" in text and "normalisation the victim's" in text
+    report = json.loads((out.parent / "purified.report.json").read_text())
+    assert report["backdoor"]["images"] == 18
+    assert report["model"]["victim_content_hash"] == victim.content_hash
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["architecture"] == "torchvision:resnet18" and meta["mean"] == pytest.approx(list(mean))
+    reloaded = load_model(out)
+    assert reloaded.architecture == "torchvision:resnet18"
+    assert set(reloaded.model.network_state()) == set(tv_reference.state_dict())
+
+    # bdtk inspect
+    scan = tmp_path / "scan"
+    args = ["inspect", str(victim_dir), "--out", str(scan), "--steps", "2", "--set", "batch_size=4"]
+    args += ["--class", "0", "--class", "3", "--clean-ratio", "0.5", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    scanned = json.loads((scan / "inspect.json").read_text())
+    assert scanned["model"] == "torchvision:resnet18" and scanned["victim"] == "bb-badnet"
+
+
+def test_a_torchvision_weight_that_does_not_fit_is_named(tmp_path: Path, tv_reference: nn.Module) -> None:
+    """Keys are matched by name against the constructed network; the data is never reached."""
+    state = dict(tv_reference.state_dict())
+    state["layer2.0.conv1.weight"] = torch.zeros(128, 64, 1, 1)
+    result = import_(resnet18_run(tmp_path / "a", tv_reference, model=state), tmp_path / "v1", None)
+    assert result.exit_code == 2, result.output
+    text = message(result)
+    assert "The model's layer2.0.conv1.weight has shape (128, 64, 1, 1)" in text
+    assert "torchvision:resnet18 expects (128, 64, 3, 3) for it (net.layer2.0.conv1.weight)" in text
+
+    # a key the network lacks, and one it needs, are named too (a `module.` prefix is dropped first)
+    state = {f"module.{k}": v for k, v in tv_reference.state_dict().items() if k != "fc.bias"}
+    state["module.head.weight"] = torch.zeros(10, 512)
+    result = import_(resnet18_run(tmp_path / "b", tv_reference, model=state), tmp_path / "v2", None)
+    assert result.exit_code == 2, result.output
+    text = message(result)
+    assert "keys bdtk's torchvision:resnet18 does not have: head.weight" in text
+    assert "no weights for net.fc.bias" in text
