@@ -113,8 +113,31 @@ def test_each_class_follows_its_full_scan_prefix(planted: tuple[InversionResult,
 
 def test_clean_model_flags_nothing() -> None:
     full, sched = _pair(_model(bias=0.0, backdoor=False, scales=SCALES))
-    assert sched.diagnostics["schedule_used"] == "k-arm"  # the bandit ran, no fallback
+    d = sched.diagnostics
+    # the bandit ran and dropped classes, but its top index was not decisive: the dropped classes
+    # were run to their end, so the result is the full scan's, class by class
+    assert d["schedule_used"] == "k-arm, completed (not decisive)"
+    assert d["dropped_then_completed"] and d["dropped"] == {}
+    assert d["k_arm_top_index"] < 3.0
     assert full.flagged == [] and sched.flagged == []
+    assert torch.equal(sched.masks, full.masks) and torch.equal(sched.patterns, full.patterns)
+    assert d["steps"] == full.diagnostics["steps"]
+
+
+def test_an_undecisive_bandit_ends_as_the_full_scan_and_a_decisive_one_alone() -> None:
+    """The dropped classes' norms are upper bounds, which widen the anomaly statistics and lower the
+    top index; so only an index of at least `decisive_index` is decided without them."""
+    model = _model()
+    full = _inverter(schedule="full").invert(model, _data())
+    completed = _inverter(decisive_index=100.0).invert(model, _data())
+    alone = _inverter(decisive_index=0.1).invert(model, _data())
+    assert completed.diagnostics["schedule_used"] == "k-arm, completed (not decisive)"
+    assert torch.equal(completed.masks, full.masks) and completed.flagged == full.flagged
+    assert torch.equal(completed.anomaly_index, full.anomaly_index)
+    assert completed.diagnostics["class_steps"] == full.diagnostics["class_steps"]
+    assert alone.diagnostics["schedule_used"] == "k-arm" and alone.diagnostics["dropped"]
+    assert alone.diagnostics["class_steps"] < full.diagnostics["class_steps"]
+    assert alone.flagged == full.flagged == [TARGET]
 
 
 def test_ambiguous_prescreen_falls_back_to_the_full_scan() -> None:

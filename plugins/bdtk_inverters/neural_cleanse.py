@@ -144,6 +144,13 @@ class NeuralCleanseConfig(StrictConfig):
     epsilon: float = Field(
         default=0.3, ge=0, le=1, description="k-arm: share of bandit rounds given to a random alive class"
     )
+    decisive_index: float = Field(
+        default=3.0,
+        gt=0,
+        le=100,
+        description="k-arm: anomaly index the top-ranked class must reach for the scheduled scan to "
+        "decide alone; below it the dropped classes are run to the end, which gives the full scan's result",
+    )
     drop_after: float = Field(
         default=1.5,
         ge=1,
@@ -321,6 +328,18 @@ class _Scan:
                 while bool(self.runnable()[i]):
                     self.advance([i])
 
+    def run_rest(self, batched: bool) -> None:
+        """Every class still runnable to its end, whatever step count it stopped at: the classes
+        furthest behind go first, so groups meet at one step count and advance together."""
+        while bool((run := self.runnable()).any()):
+            behind = int(self.steps[run].min())
+            group = torch.nonzero(run & (self.steps == behind)).squeeze(1).tolist()
+            if batched:
+                self.advance(group)
+            else:
+                for i in group:
+                    self.advance([i])
+
     def result(self) -> _Optimised:
         reached = torch.isfinite(self.best_norm)
         best_m, best_p = self.best_m.clone(), self.best_p.clone()
@@ -464,6 +483,15 @@ class NeuralCleanse(TriggerInverter):
             else:
                 dropped = self._bandit(scan, classes, chosen)
                 used = "k-arm"
+                provisional = self._top_index(scan)
+                info["k_arm_top_index"] = round(provisional, 4)
+                if provisional < c.decisive_index:
+                    # not decisive: the dropped classes' norms are upper bounds that widen the
+                    # statistics; running them on makes every class's result the full scan's
+                    info["dropped_then_completed"] = dropped
+                    dropped = {}
+                    scan.run_rest(c.batched)
+                    used = "k-arm, completed (not decisive)"
         opt = scan.result()
         info.update(
             {
@@ -505,6 +533,12 @@ class NeuralCleanse(TriggerInverter):
             counts += (inside & other).sum(0)
             others += other.sum(0)
         return counts / others.clamp_min(1), k
+
+    def _top_index(self, scan: _Scan) -> float:
+        """The anomaly index of the smallest mask under the scan's current (provisional) norms."""
+        norms = scan.result().masks.flatten(1).sum(1)
+        index = anomaly_index(norms, log=self.config.log_norms)
+        return float(index[int(torch.argmin(norms))])
 
     def _bandit(self, scan: _Scan, classes: list[int], scores: Tensor) -> dict[int, int]:
         """Warm up every class, then give one round at a time to one alive class, ε-greedily;
