@@ -49,7 +49,7 @@ from backdoor_toolkit import (
     augment_batch,
     check_finite,
     iterate_batches,
-    preferred_memory_format,
+    preferred_layout,
 )
 
 PgdInit = Literal["max", "min", "zero", "random"]
@@ -254,17 +254,17 @@ class SAU(Purifier):
                 "Defense 'sau' needs clean training images; the clean budget's train part is empty."
             )
         before = accuracy(model, data.val, device)
-        layout = preferred_memory_format(device)
-        model.to(device).to(memory_format=layout).eval()
-        reference = copy.deepcopy(model).eval()
-        for param in reference.parameters():
-            param.requires_grad_(False)
-        pgd = SharedPGD(model, reference, c)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimiser = torch.optim.Adam(trainable, lr=c.lr, weight_decay=c.weight_decay, amsgrad=True)
-        gen = torch.Generator().manual_seed(self.seed)
-        history: list[dict[str, float]] = []
-        try:
+        model.to(device).eval()
+        # the fastest layout while training; the caller gets the model back in the layout it handed in
+        with preferred_layout(model, device) as layout:
+            reference = copy.deepcopy(model).eval()
+            for param in reference.parameters():
+                param.requires_grad_(False)
+            pgd = SharedPGD(model, reference, c)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimiser = torch.optim.Adam(trainable, lr=c.lr, weight_decay=c.weight_decay, amsgrad=True)
+            gen = torch.Generator().manual_seed(self.seed)
+            history: list[dict[str, float]] = []
             for epoch in range(c.epochs):
                 totals: dict[str, float] = {}
                 seen = 0
@@ -284,8 +284,7 @@ class SAU(Purifier):
                     for key, value in parts.items():
                         totals[key] = totals.get(key, 0.0) + value * n
                 history.append({key: value / seen for key, value in totals.items()})
-        finally:
-            model.eval().to(memory_format=torch.contiguous_format)
+        model.eval()
         check_finite(model, "sau")
         after = accuracy(model, data.val, device)
         last = history[-1]

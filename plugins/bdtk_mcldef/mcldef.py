@@ -42,6 +42,7 @@ from backdoor_toolkit import (
     create_inverter,
     iterate_batches,
     predict,
+    preferred_layout,
     preferred_memory_format,
     stamp,
 )
@@ -414,32 +415,35 @@ class MCLDef(Purifier):
         it says the trigger is gone and clean accuracy has settled.
         """
         c = self.config
-        step = self.step_runner(model, triggers, data.spec.hflip)
         gen = torch.Generator().manual_seed(self.seed)
         epoch_losses = []
-        for epoch in range(c.epochs):
-            step.set_lr(step_lr(epoch, c.epochs, c.lr))
-            seen, total = 0, 0.0
-            for x, y in iterate_batches(data.train.images, data.train.labels, c.batch_size, gen):
-                total += step(x, y, gen) * y.numel()
-                seen += y.numel()
-            epoch_losses.append(total / max(seen, 1))
-            if not math.isfinite(epoch_losses[-1]):
-                raise BdtkError(
-                    f"mcldef: the purification loss became {epoch_losses[-1]} in epoch {epoch + 1}; "
-                    "lower mcldef.lr."
-                )
-            if watch.settled(stop=c.early_stop):
-                break
-            model.train(c.bn_mode == "train")
-        model.eval().to(memory_format=torch.contiguous_format)
+        # the caller gets the model back in the layout it handed in
+        with preferred_layout(model.to(self.device), self.device):
+            step = self.step_runner(model, triggers, data.spec.hflip)
+            for epoch in range(c.epochs):
+                step.set_lr(step_lr(epoch, c.epochs, c.lr))
+                seen, total = 0, 0.0
+                for x, y in iterate_batches(data.train.images, data.train.labels, c.batch_size, gen):
+                    total += step(x, y, gen) * y.numel()
+                    seen += y.numel()
+                epoch_losses.append(total / max(seen, 1))
+                if not math.isfinite(epoch_losses[-1]):
+                    raise BdtkError(
+                        f"mcldef: the purification loss became {epoch_losses[-1]} in epoch {epoch + 1}; "
+                        "lower mcldef.lr."
+                    )
+                if watch.settled(stop=c.early_stop):
+                    break
+                model.train(c.bn_mode == "train")
+        model.eval()
         return epoch_losses
 
     def step_runner(self, model: ImageClassifier, triggers: list[MaskTrigger], hflip: bool) -> _Step:
         """One purification step of `model` (trained in place) against `triggers`, as a callable.
 
         The trainable model and its frozen copy run in the device's fastest memory layout
-        (`preferred_memory_format`); the caller gets the model back in the default layout.
+        (`preferred_memory_format`); the model stays in it (`_contrastive_finetune` restores the
+        caller's layout around the whole run).
         """
         c, device = self.config, self.device
         layout = preferred_memory_format(device)
