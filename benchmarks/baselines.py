@@ -1,4 +1,5 @@
-"""The baseline defenses (fine-tuning, fine-pruning, NAD, ANP) against every registered attack.
+"""The baseline defenses (fine-tuning, fine-pruning, NAD, ANP, I-BAU, SAU, FST) against every
+registered attack.
 
 Runs the shared bench setting (benchmarks/setting.py) attack by attack, so backdoored models come
 from (or go to) the shared artifact cache. Each cell goes to a result store as it finishes (a rerun
@@ -32,7 +33,7 @@ from backdoor_toolkit.store import ResultStore
 from .setting import bench_config
 
 ATTACKS = ["badnets", "blended", "trojan", "sig", "wanet", "input-aware"]
-DEFENSES = ["finetune", "fine-pruning", "nad", "anp"]
+DEFENSES = ["finetune", "fine-pruning", "nad", "anp", "i-bau", "sau", "fst"]
 DEFAULT_DB = Path("bdtk-results/baselines.sqlite")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "defenses" / "baselines.md"
 START, END = "<!-- baselines-table:start -->", "<!-- baselines-table:end -->"

@@ -14,7 +14,15 @@ from typing import ClassVar, cast
 
 import pytest
 import torch
-from bdtk_mcldef.inverters import BY_INVERTER, FLAGGED_BY, INVERTERS, TRIGGER_FROM, combine, pick
+from bdtk_mcldef.inverters import (
+    BY_INVERTER,
+    FLAGGED_BY,
+    INVERTERS,
+    INVERTERS_SKIPPED,
+    TRIGGER_FROM,
+    combine,
+    pick,
+)
 from bdtk_mcldef.mcldef import InverterFailedError, MCLDef, MCLDefConfig
 from pydantic import Field
 from typer.testing import CliRunner
@@ -205,6 +213,34 @@ def test_mcldef_purifies_every_class_any_inverter_flags(bdtk_register: Callable[
     assert "2 by test-second-inv" in result.notes
     assert result.inversion is not None and result.inversion.flagged == [1, 2]
     assert first.calls == [None] and second.calls == [None]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("first_flags", "second_runs"),
+    [(1, False), (-1, True)],
+    ids=["first-flags-second-skipped", "first-flags-nothing-second-runs"],
+)
+def test_fallback_mode_runs_the_next_inverter_only_while_nothing_is_flagged(
+    bdtk_register: Callable[..., str], first_flags: int, second_runs: bool
+) -> None:
+    first, second = _fixed("test-first-inv", 0.05, 0.6), _fixed("test-second-inv", 0.08, 0.9)
+    bdtk_register(first, second)
+    cfg = {
+        "inverter": ["test-first-inv", "test-second-inv"],
+        "inverter_mode": "fallback",
+        "inverter_config": {"test-first-inv": {"flag": first_flags}, "test-second-inv": {"flag": 2}},
+        "epochs": 1,
+        "early_stop": False,
+        "batch_size": 16,
+    }
+    result = MCLDef(_config(cfg), seed=0).purify(copy.deepcopy(tiny_model()), tiny_defense_data())
+    d = result.diagnostics
+    assert first.calls == [None]  # type: ignore[attr-defined]
+    assert second.calls == ([None] if second_runs else [])  # type: ignore[attr-defined]
+    expected = [2] if second_runs else [1]
+    assert result.modified and d["purified_targets"] == expected and d[K.FLAGGED] == expected
+    assert d[INVERTERS] == (["test-first-inv", "test-second-inv"] if second_runs else ["test-first-inv"])
+    assert d[INVERTERS_SKIPPED] == ([] if second_runs else ["test-second-inv"])
 
 
 # --- bad input: an unknown name, an inverter that fails mid-scan -----------------------------------

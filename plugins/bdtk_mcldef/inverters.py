@@ -31,7 +31,9 @@ TRIGGER_FROM: Final = "trigger_from"
 """Class (as a string) → the inverter whose trigger MCLDef uses for it."""
 BY_INVERTER: Final = "inversion_by_inverter"
 """Inverter → its own inversion, as `InversionResult.summary()` records it (the shared keys)."""
-MERGE_KEYS: Final = (INVERTERS, FLAGGED_BY, TRIGGER_FROM, BY_INVERTER)
+INVERTERS_SKIPPED: Final = "inverters_skipped"
+"""With `inverter_mode="fallback"`: the inverters not run because an earlier one flagged a class."""
+MERGE_KEYS: Final = (INVERTERS, FLAGGED_BY, TRIGGER_FROM, BY_INVERTER, INVERTERS_SKIPPED)
 
 
 def pick(results: list[tuple[str, InversionResult]], cls: int, among: list[str]) -> str:

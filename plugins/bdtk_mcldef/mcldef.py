@@ -47,7 +47,7 @@ from backdoor_toolkit import (
     stamp,
 )
 
-from .inverters import FLAGGED_BY, MERGE_KEYS, TRIGGER_FROM, combine
+from .inverters import FLAGGED_BY, INVERTERS_SKIPPED, MERGE_KEYS, TRIGGER_FROM, combine
 from .loss import FrozenReference, model_contrastive_loss
 
 
@@ -75,6 +75,12 @@ class MCLDefConfig(StrictConfig):
         default_factory=dict,
         description="Config values passed to the inverter's own Config; with a list of inverters, a "
         "mapping from each listed inverter (as written there) to its values",
+    )
+    inverter_mode: Literal["union", "fallback"] = Field(
+        default="union",
+        description="With a list of inverters: every one scans and their flags are united (union), or "
+        "they scan in order and the next runs only while none so far flagged a class (fallback: a "
+        "model one inverter flags costs that inverter's scan alone)",
     )
     target: int | None = Field(
         default=None,
@@ -331,15 +337,20 @@ class MCLDef(Purifier):
         """The inversion of the configured inverter, or of several combined (`inverters.combine`)."""
         c = self.config
         classes = None if c.target is None else [c.target]
-        results = []
+        results: list[tuple[str, InversionResult]] = []
         for i, (choice, inverter) in enumerate(self.inverters):
+            if c.inverter_mode == "fallback" and any(result.flagged for _, result in results):
+                break
             try:
                 results.append((choice, inverter.invert(model, data, classes)))
             except Exception as exc:  # any failure: the scan is incomplete, so nothing is purified
                 raise self._failed(choice, i, exc) from exc
         if isinstance(c.inverter, str):
             return results[0][1]
-        return combine(results, known=c.target)
+        combined = combine(results, known=c.target)
+        ran = {name for name, _ in results}
+        combined.diagnostics[INVERTERS_SKIPPED] = [name for name, _ in self.inverters if name not in ran]
+        return combined
 
     def _failed(self, choice: str, i: int, exc: Exception) -> InverterFailedError:
         """The error of inverter `choice` (the `i`-th), naming it; with a list, also that the other
