@@ -1,0 +1,144 @@
+"""Does a recovered blend trigger also work on a model that was never backdoored? A transfer test.
+
+    python -m benchmarks.transfer --model sig:0 --model clean:0 --reference other-clean
+    python -m benchmarks.transfer --model sig:0 --reference budget --reference distilled
+
+A natural feature (the faint "average shirt" that sends any garment to Shirt) should move a
+clean model too; a backdoor trigger should not. This script measures that idea on the bench
+models (benchmarks/setting.py), as a candidate second test for blend inversion's flags: the
+model (ATTACK:SEED, or clean:SEED) is scanned by `blend-inversion` at its defaults, and each
+class's recovered trigger is stamped on the clean test images of the other classes (at most
+2,000) and shown to
+- `other-clean`: the cached clean bench model of the next seed ((seed + 1) mod 3), which a
+  defender does not have (an upper bound of what a reference can tell);
+- `budget`: a wrn-16-1 trained from scratch on the defender's clean training part only (SGD,
+  `--epochs` epochs, batch 64, lr 0.05, crop augmentation);
+- `distilled`: the same, trained to match the suspect model's softened outputs (KL at temperature
+  `--temperature`) on the defender's clean training part, so it inherits the model's natural
+  decision geometry and, the hope was, not its backdoor.
+Each row (per class: share of the median α, success on the suspect model and on each reference)
+is appended to `--output` as it is measured. docs/inversion.md reports what it found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from backdoor_toolkit import InversionResult, create_inverter
+from backdoor_toolkit.data import ImageData
+from backdoor_toolkit.metrics import accuracy, predict
+from backdoor_toolkit.models import create_model
+from backdoor_toolkit.training import TrainingSettings, seed_everything, train_classifier
+from benchmarks.setting import BenchModel, bench_config, bench_models
+
+REFERENCES = ["other-clean", "budget", "distilled"]
+
+
+def success(
+    model: nn.Module, test: ImageData, result: InversionResult, k: int, device: torch.device
+) -> float:
+    """Share of (at most 2,000) clean test images of other classes that trigger k sends to k."""
+    trigger = result.trigger(k)
+    victims = test.labels != k
+    images = test.images[victims][:2000]
+    pred = predict(model, images, device, transform=lambda x: trigger(x).clamp(0, 1))
+    return float((pred == k).float().mean())
+
+
+def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> nn.Module:
+    if kind == "other-clean":
+        other = (seed + 1) % 3
+        for ref in bench_models(bench_config(), ["clean"], other, cached_only=True):
+            return ref.model.eval()
+        raise SystemExit(f"the clean bench model of seed {other} is not cached; train it first")
+    teacher = m.model.eval()
+    temperature = args.temperature
+
+    def distill(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            target = F.softmax(teacher(x) / temperature, 1)
+        logits = model(x)
+        loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean")
+        return loss * temperature**2, logits
+
+    model = create_model("wrn-16-1", m.data.spec)
+    settings = TrainingSettings(
+        epochs=args.epochs if kind == "budget" else args.distill_epochs,
+        batch_size=64,
+        lr=0.05,
+        weight_decay=5e-4,
+        augment=True,
+        hflip=False,
+        device=m.device,
+    )
+    seed_everything(seed)
+    if kind == "budget":
+        train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed)
+    else:
+        train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed, loss_fn=distill)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", action="append", required=True, help="ATTACK:SEED or clean:SEED")
+    parser.add_argument("--reference", action="append", choices=REFERENCES, help="Default: all three")
+    parser.add_argument("--epochs", type=int, default=30, help="Epochs of the budget reference")
+    parser.add_argument("--distill-epochs", type=int, default=40, help="Epochs of the distilled reference")
+    parser.add_argument("--temperature", type=float, default=4.0, help="Distillation temperature")
+    parser.add_argument("--output", default="bdtk-results/transfer.jsonl")
+    args = parser.parse_args()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in args.model:
+        name, _, seed_text = spec.partition(":")
+        seed = int(seed_text or 0)
+        for m in bench_models(bench_config(), [name], seed, cached_only=True):
+            refs: dict[str, nn.Module] = {}
+            seconds: dict[str, float] = {}
+            accuracies: dict[str, float] = {}
+            for kind in args.reference or REFERENCES:
+                start = time.perf_counter()
+                refs[kind] = reference(kind, m, seed, args)
+                seconds[kind] = round(time.perf_counter() - start, 1)
+                accuracies[kind] = accuracy(refs[kind], m.test, m.device)
+            seed_everything(seed)
+            result = create_inverter("blend-inversion", seed=seed).invert(m.model, m.data)
+            median = float(torch.quantile(result.mask_norms.double(), 0.5))
+            classes: list[dict[str, Any]] = []
+            for i, k in enumerate(result.classes):
+                row: dict[str, Any] = {
+                    "k": k,
+                    "share": round(float(result.mask_norms[i]) / median, 3),
+                    "self": round(success(m.model, m.test, result, k, m.device), 4),
+                }
+                row.update(
+                    {kind: round(success(ref, m.test, result, k, m.device), 4) for kind, ref in refs.items()}
+                )
+                classes.append(row)
+            record = {
+                "model": m.name,
+                "seed": seed,
+                "true_target": m.true_target,
+                "flagged": result.flagged,
+                "reference_accuracy": accuracies,
+                "reference_seconds": seconds,
+                "classes": classes,
+            }
+            print(json.dumps(record), flush=True)
+            with out.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
