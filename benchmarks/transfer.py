@@ -16,6 +16,9 @@ class's recovered trigger is stamped on the clean test images of the other class
 - `distilled`: the same, trained to match the suspect model's softened outputs (KL at temperature
   `--temperature`) on the defender's clean training part, so it inherits the model's natural
   decision geometry and, the hope was, not its backdoor.
+With `--profile`, the budget reference is scanned by blend inversion too, and each class's α on
+the suspect model is divided by its α on the reference (a class prior learnt from the defender's
+data: "average garment" classes are cheap on every model), with the MAD index on the log ratio.
 Each row (per class: share of the median α, success on the suspect model and on each reference)
 is appended to `--output` as it is measured. docs/inversion.md reports what it found.
 """
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from backdoor_toolkit import InversionResult, create_inverter
+from backdoor_toolkit import ImageClassifier, InversionResult, anomaly_index, create_inverter
 from backdoor_toolkit.data import ImageData
 from backdoor_toolkit.metrics import accuracy, predict
 from backdoor_toolkit.models import create_model
@@ -53,7 +56,7 @@ def success(
     return float((pred == k).float().mean())
 
 
-def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> nn.Module:
+def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> ImageClassifier:
     if kind == "other-clean":
         other = (seed + 1) % 3
         for ref in bench_models(bench_config(), ["clean"], other, cached_only=True):
@@ -96,6 +99,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="Epochs of the budget reference")
     parser.add_argument("--distill-epochs", type=int, default=40, help="Epochs of the distilled reference")
     parser.add_argument("--temperature", type=float, default=4.0, help="Distillation temperature")
+    parser.add_argument(
+        "--profile", action="store_true", help="Also divide each α by the budget reference's α"
+    )
     parser.add_argument("--output", default="bdtk-results/transfer.jsonl")
     args = parser.parse_args()
     out = Path(args.output)
@@ -104,7 +110,7 @@ def main() -> None:
         name, _, seed_text = spec.partition(":")
         seed = int(seed_text or 0)
         for m in bench_models(bench_config(), [name], seed, cached_only=True):
-            refs: dict[str, nn.Module] = {}
+            refs: dict[str, ImageClassifier] = {}
             seconds: dict[str, float] = {}
             accuracies: dict[str, float] = {}
             for kind in args.reference or REFERENCES:
@@ -126,6 +132,16 @@ def main() -> None:
                     {kind: round(success(ref, m.test, result, k, m.device), 4) for kind, ref in refs.items()}
                 )
                 classes.append(row)
+            if args.profile:
+                if "budget" not in refs:
+                    raise SystemExit("--profile scans the budget reference: add --reference budget")
+                seed_everything(seed)
+                prior = create_inverter("blend-inversion", seed=seed).invert(refs["budget"], m.data)
+                ratio = result.mask_norms.double() / prior.mask_norms.double()
+                index = anomaly_index(ratio, log=True)
+                for row, r, i in zip(classes, ratio.tolist(), index.tolist(), strict=True):
+                    row["ratio_share"] = round(r / float(torch.quantile(ratio, 0.5)), 3)
+                    row["ratio_index"] = round(i, 2)
             record = {
                 "model": m.name,
                 "seed": seed,

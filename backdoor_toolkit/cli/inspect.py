@@ -54,7 +54,7 @@ from .common import (
     split_settings,
     user_errors,
 )
-from .purify import describe_model, load_user_model
+from .purify import ModelOptions, describe_model, load_user_model
 from .victim import load_victim, victim_config
 
 #: Column headers of per-class diagnostics that read better as a symbol; others show their key.
@@ -291,9 +291,8 @@ def inspect(
     run_device = resolve_device(cfg.device)
     true_target: int | None = None
     if model_file is not None:
-        loaded, clean, stored = load_user_model(
-            model_file,
-            model,
+        options = ModelOptions(
+            architecture=model,
             data=dataset,
             mean=mean,
             std=std,
@@ -307,6 +306,7 @@ def inspect(
             train_size=train_size,
             test_size=test_size,
         )
+        loaded, clean, stored = load_user_model(model_file, options)
         describe_model(loaded, clean, stored)
         victim_model, budget, model_label = loaded.model, clean.budget, loaded.architecture
         data_label = clean.source

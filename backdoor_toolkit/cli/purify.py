@@ -14,6 +14,7 @@ test images give the attack's ASR and RA before and after.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import isnan
 from pathlib import Path
 from typing import Annotated, Any
@@ -65,59 +66,59 @@ from .common import (
 )
 
 
-def load_user_model(
-    path: Path,
-    architecture: str | None,
-    *,
-    data: str | None,
-    mean: str | None,
-    std: str | None,
-    feature_layer: str | None,
-    image_size: str | None,
-    clean_ratio: float,
-    val_fraction: float,
-    seed: int,
-    data_dir: str | None,
-    download: bool,
-    train_size: int | None,
-    test_size: int | None,
-    test_data: str | None = None,
-) -> tuple[LoadedModel, CleanData, Victim | None]:
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model and data options `bdtk purify` and `bdtk inspect MODEL_FILE` share, as given on
+    the command line (None: not given), so both read them, and refuse them, the same way."""
+
+    architecture: str | None = None
+    data: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    feature_layer: str | None = None
+    image_size: str | None = None
+    clean_ratio: float = 1.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    data_dir: str | None = None
+    download: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+    test_data: str | None = None
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """The options `load_clean_data` takes unchanged, whatever the model."""
+        return {
+            "val_fraction": self.val_fraction,
+            "clean_ratio": self.clean_ratio,
+            "seed": self.seed,
+            "data_dir": self.data_dir,
+            "download": self.download,
+            "train_size": self.train_size,
+            "test_size": self.test_size,
+        }
+
+
+def load_user_model(path: Path, options: ModelOptions) -> tuple[LoadedModel, CleanData, Victim | None]:
     """A model file (or a stored victim) and the clean data it is purified or inspected on, checked
     against each other; the victim, when `path` names one.
 
     `bdtk inspect MODEL_FILE` and `bdtk purify` share it, so they take the same model and data
-    options and refuse the same bad input with the same message. `data` None: a victim's own clean
-    images, else `DEFAULT_DATA`.
+    options and refuse the same bad input with the same message. `options.data` None: a victim's own
+    clean images, else `DEFAULT_DATA`.
     """
     directory = victim_dir(path)
     if directory is not None:
-        return _victim_and_data(
-            directory,
-            architecture,
-            data=data,
-            mean=mean,
-            std=std,
-            feature_layer=feature_layer,
-            image_size=image_size,
-            clean_ratio=clean_ratio,
-            val_fraction=val_fraction,
-            seed=seed,
-            data_dir=data_dir,
-            download=download,
-            train_size=train_size,
-            test_size=test_size,
-            test_data=test_data,
-        )
-    data = data or DEFAULT_DATA
+        return _victim_and_data(directory, options)
+    data = options.data or DEFAULT_DATA
     loaded = load_model(
         path,
-        architecture,
-        mean=parse_floats(mean, "--mean"),
-        std=parse_floats(std, "--std"),
-        feature_layer=feature_layer,
+        options.architecture,
+        mean=parse_floats(options.mean, "--mean"),
+        std=parse_floats(options.std, "--std"),
+        feature_layer=options.feature_layer,
     )
-    size: Any = image_size
+    size: Any = options.image_size
     if size is None and data.startswith("folder:") and loaded.metadata.get("image_size"):
         size = tuple(loaded.metadata["image_size"])
     model_mean, model_std = normalization_values(loaded.model)
@@ -127,54 +128,32 @@ def load_user_model(
         mean=tuple(model_mean),
         std=tuple(model_std),
         image_size=size,
-        test_data=test_data,
-        val_fraction=val_fraction,
-        clean_ratio=clean_ratio,
-        seed=seed,
-        data_dir=data_dir,
-        download=download,
-        train_size=train_size,
-        test_size=test_size,
+        test_data=options.test_data,
+        **options.data_kwargs(),
     )
     fit_model(loaded.model, clean)
     return loaded, clean, None
 
 
-def _victim_and_data(
-    directory: Path,
-    architecture: str | None,
-    *,
-    data: str | None,
-    mean: str | None,
-    std: str | None,
-    feature_layer: str | None,
-    image_size: str | None,
-    clean_ratio: float,
-    val_fraction: float,
-    seed: int,
-    data_dir: str | None,
-    download: bool,
-    train_size: int | None,
-    test_size: int | None,
-    test_data: str | None,
-) -> tuple[LoadedModel, CleanData, Victim]:
+def _victim_and_data(directory: Path, options: ModelOptions) -> tuple[LoadedModel, CleanData, Victim]:
     """A stored victim's model and clean data (`load_user_model` for a victim folder): what the
-    victim stores is not given again, and the data options apply only when `data` replaces its
-    clean images."""
+    victim stores is not given again, and the data options apply only when `options.data` replaces
+    its clean images."""
     if not (directory / META_FILE).is_file():
         raise BdtkError(
             f"{directory} is a folder without {META_FILE}: give a safetensors model file, or a victim "
             "folder written by `bdtk import backdoorbench`."
         )
+    o = options
     data_options: dict[str, Any] = {
-        "--image-size": image_size,
-        "--train-size": train_size,
-        "--test-size": test_size,
-        "--data-dir": data_dir,
-        "--download": download,
+        "--image-size": o.image_size,
+        "--train-size": o.train_size,
+        "--test-size": o.test_size,
+        "--data-dir": o.data_dir,
+        "--download": o.download,
     }
-    given = {"--model": architecture, "--mean": mean, "--std": std, "--feature-layer": feature_layer}
-    if data is None:  # the victim's own data: options that choose or shape other data do not apply
+    given = {"--model": o.architecture, "--mean": o.mean, "--std": o.std, "--feature-layer": o.feature_layer}
+    if o.data is None:  # the victim's own data: options that choose or shape other data do not apply
         given.update(data_options)
     used = [flag for flag, value in given.items() if value not in (None, False)]
     if used:
@@ -191,30 +170,24 @@ def _victim_and_data(
         channels=victim.spec.channels,
         normalization="victim",
     )
-    if data is None:
+    if o.data is None:
         clean = victim_clean_data(
-            victim, clean_ratio=clean_ratio, val_fraction=val_fraction, seed=seed, test_data=test_data
+            victim, clean_ratio=o.clean_ratio, val_fraction=o.val_fraction, seed=o.seed, test_data=o.test_data
         )
     else:
         spec = victim.spec
-        default_size = (spec.height, spec.width) if data.startswith("folder:") else None
+        default_size = (spec.height, spec.width) if o.data.startswith("folder:") else None
         clean = load_clean_data(
-            data,
+            o.data,
             channels=spec.channels,
             num_classes=spec.num_classes,
             mean=spec.mean,
             std=spec.std,
-            image_size=image_size or default_size,
-            test_data=test_data if test_data is not None else victim.clean_test,
-            val_fraction=val_fraction,
-            clean_ratio=clean_ratio,
-            seed=seed,
-            data_dir=data_dir,
-            download=download,
-            train_size=train_size,
-            test_size=test_size,
+            image_size=o.image_size or default_size,
+            test_data=o.test_data if o.test_data is not None else victim.clean_test,
+            **o.data_kwargs(),
         )
-        if test_data is None:
+        if o.test_data is None:
             clean.test_source = f"victim {victim.name}'s clean test set"
     fit_model(loaded.model, clean)
     return loaded, clean, victim
@@ -358,9 +331,8 @@ def purify(
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}.")
     run_device = resolve_device(device or "auto")
-    loaded, clean, victim = load_user_model(
-        model_path,
-        model,
+    options = ModelOptions(
+        architecture=model,
         data=data,
         mean=mean,
         std=std,
@@ -375,6 +347,7 @@ def purify(
         test_size=test_size,
         test_data=test_data,
     )
+    loaded, clean, victim = load_user_model(model_path, options)
     # a defense that needs what the model lacks refuses now, in one line, before anything is printed
     check_capabilities(loaded.model, chosen.info.cls.meta.requires, f"Defense {chosen.label!r}")
     for path in outputs.all():
