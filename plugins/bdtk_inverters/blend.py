@@ -37,7 +37,6 @@ from backdoor_toolkit import (
     InversionKeys,
     InversionResult,
     PluginMeta,
-    StrictConfig,
     TriggerInverter,
     anomaly_index,
     flag_targets,
@@ -46,7 +45,7 @@ from backdoor_toolkit import (
     to_float,
 )
 
-from .common import attack_success, check_inputs, model_device
+from .common import TriggerSearchConfig, attack_success, check_inputs, model_device
 from .schedule import LambdaSchedule
 
 ADAM_BETAS = (0.5, 0.9)  # Neural Cleanse's, so the two inverters' steps compare
@@ -54,61 +53,24 @@ ADAM_EPS = 1e-8
 K = InversionKeys
 
 
-class BlendInversionConfig(StrictConfig):
-    """Neural Cleanse's optimisation settings where they mean the same (lr, Adam, λ schedule,
-    success threshold, rounds, anomaly threshold); the blend's own: `max_alpha`, `max_ratio`, and a
-    shorter budget (docs/inversion.md, "Blend inversion", says where each default comes from)."""
+class BlendInversionConfig(TriggerSearchConfig):
+    """Neural Cleanse's settings where they mean the same (`common.TriggerSearchConfig`: lr, Adam,
+    λ schedule, success threshold, rounds, anomaly threshold); the blend's own: `max_alpha`,
+    `max_ratio`, and a shorter budget (docs/inversion.md, "Blend inversion", says where each
+    default comes from). The trigger size here is α·H·W."""
 
-    target: int | None = Field(
-        default=None, ge=0, description="Known target class: invert only it and skip the scan"
-    )
-    classes: list[int] | None = Field(
-        default=None, min_length=1, description="Invert only these classes (default: all)"
-    )
     steps: int = Field(default=300, ge=1, le=100_000, description="Step budget: optimiser steps per class")
-    batch_size: int = Field(
-        default=32, ge=1, le=4096, description="Clean images per step (each stamped once per active class)"
-    )
-    lr: float = Field(default=0.1, gt=0, le=10, description="Adam learning rate in tanh space")
-    max_alpha: float = Field(
-        default=0.5,
-        gt=0,
-        le=1,
-        description="Upper bound of the blend weight α: above 0.5 the pattern outweighs the image",
-    )
-    lambda_init: float = Field(
-        default=1e-2,
-        ge=0,
-        le=10,
-        description="Initial weight λ of the mask's L1 norm α·H·W (Neural Cleanse's term and units)",
-    )
-    lambda_up: float = Field(default=1.5, gt=1, le=10, description="Factor λ is multiplied by when raised")
-    lambda_down: float = Field(
-        default=1.5**1.5, gt=1, le=10, description="Factor λ is divided by when lowered"
-    )
-    success_threshold: float = Field(
-        default=0.99, gt=0, le=1, description="Attack success a trigger must reach to count as working"
-    )
-    round_steps: int = Field(
-        default=5, ge=1, le=10_000, description="Steps per round; λ and early stopping are decided per round"
-    )
-    patience: int = Field(
-        default=2,
-        ge=1,
-        le=1000,
-        description="Rounds in a row above (below) the threshold before λ goes up (down)",
-    )
     early_stop_patience: int = Field(
         default=10,
         ge=1,
         le=10_000,
         description="Rounds without a better α (after λ went both up and down) before a class is frozen",
     )
-    early_stop_delta: float = Field(
-        default=0.01, ge=0, lt=1, description="Relative α decrease that counts as an improvement"
-    )
-    threshold: float = Field(
-        default=2.0, gt=0, le=100, description="Anomaly index above which a below-median class is flagged"
+    max_alpha: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Upper bound of the blend weight α: above 0.5 the pattern outweighs the image",
     )
     max_ratio: float = Field(
         default=0.6,
@@ -116,13 +78,6 @@ class BlendInversionConfig(StrictConfig):
         le=1,
         description="A flagged class's α must also be at most this share of the median class's α: an "
         "effect size, since tightly clustered classes give a tiny MAD that flags small differences",
-    )
-    log_norms: bool = Field(default=True, description="Anomaly index on log α (False: on α itself)")
-    eval_images: int = Field(
-        default=1000,
-        ge=1,
-        le=1_000_000,
-        description="Clean images (val part) on which attack success is measured",
     )
 
 

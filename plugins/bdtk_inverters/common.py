@@ -10,11 +10,77 @@ inverters.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from backdoor_toolkit import BdtkError, DefenseData, stamp_all, to_float
+from backdoor_toolkit import BdtkError, DefenseData, StrictConfig, stamp_all, to_float
 
-__all__ = ["attack_success", "check_inputs", "model_device"]
+__all__ = ["TriggerSearchConfig", "attack_success", "check_inputs", "model_device"]
+
+
+class TriggerSearchConfig(StrictConfig):
+    """The settings Neural Cleanse and blend inversion share: which classes, the Adam steps in tanh
+    space, Neural Cleanse's λ schedule and per-class early stop, the MAD test and where attack
+    success is measured. One definition, so the two inverters' options keep the same names,
+    bounds and meaning (`bdtk inspect` shows them side by side); each inverter sets its own
+    `steps` and `early_stop_patience` defaults and adds its own fields. "Trigger size" is the
+    mask's L1 norm (for a blend, α·H·W)."""
+
+    target: int | None = Field(
+        default=None, ge=0, description="Known target class: invert only it and skip the scan"
+    )
+    classes: list[int] | None = Field(
+        default=None, min_length=1, description="Invert only these classes (default: all)"
+    )
+    steps: int = Field(default=500, ge=1, le=100_000, description="Step budget: optimiser steps per class")
+    batch_size: int = Field(
+        default=32, ge=1, le=4096, description="Clean images per step (each stamped once per active class)"
+    )
+    lr: float = Field(default=0.1, gt=0, le=10, description="Adam learning rate in tanh space")
+    lambda_init: float = Field(
+        default=1e-2, ge=0, le=10, description="Initial weight λ of the mask's L1 norm"
+    )
+    lambda_up: float = Field(default=1.5, gt=1, le=10, description="Factor λ is multiplied by when raised")
+    lambda_down: float = Field(
+        default=1.5**1.5, gt=1, le=10, description="Factor λ is divided by when lowered"
+    )
+    success_threshold: float = Field(
+        default=0.99, gt=0, le=1, description="Attack success a trigger must reach to count as working"
+    )
+    round_steps: int = Field(
+        default=5, ge=1, le=10_000, description="Steps per round; λ and early stopping are decided per round"
+    )
+    patience: int = Field(
+        default=2,
+        ge=1,
+        le=1000,
+        description="Rounds in a row above (below) the threshold before λ goes up (down)",
+    )
+    early_stop_patience: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="Rounds without a smaller trigger (after λ went both up and down) before a class is "
+        "frozen",
+    )
+    early_stop_delta: float = Field(
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="Relative decrease of the trigger size that counts as an improvement",
+    )
+    threshold: float = Field(
+        default=2.0, gt=0, le=100, description="Anomaly index above which a below-median class is flagged"
+    )
+    log_norms: bool = Field(
+        default=True, description="Anomaly index on log trigger sizes (False: on the sizes, as in the paper)"
+    )
+    eval_images: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Clean images (val part) on which attack success is measured",
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -35,7 +35,6 @@ from backdoor_toolkit import (
     InversionResult,
     PluginMeta,
     Preset,
-    StrictConfig,
     TriggerInverter,
     anomaly_index,
     flag_targets,
@@ -44,7 +43,7 @@ from backdoor_toolkit import (
     to_float,
 )
 
-from .common import attack_success, check_inputs, model_device
+from .common import TriggerSearchConfig, attack_success, check_inputs, model_device
 from .schedule import LambdaSchedule
 
 ADAM_BETAS = (0.5, 0.9)  # as in the Neural Cleanse paper's implementation notes
@@ -53,58 +52,10 @@ INIT_SPREAD = 0.9  # initial mask/pattern uniform in [0.05, 0.95]: keeps tanh ou
 K = InversionKeys  # the diagnostic keys every reader of an InversionResult looks up
 
 
-class NeuralCleanseConfig(StrictConfig):
-    target: int | None = Field(
-        default=None, ge=0, description="Known target class: invert only it and skip the scan"
-    )
-    classes: list[int] | None = Field(
-        default=None, min_length=1, description="Invert only these classes (default: all)"
-    )
-    steps: int = Field(default=500, ge=1, le=100_000, description="Step budget: optimiser steps per class")
-    batch_size: int = Field(
-        default=32, ge=1, le=4096, description="Clean images per step (each stamped once per active class)"
-    )
-    lr: float = Field(default=0.1, gt=0, le=10, description="Adam learning rate in tanh space")
-    lambda_init: float = Field(
-        default=1e-2, ge=0, le=10, description="Initial weight λ of the mask's L1 norm"
-    )
-    lambda_up: float = Field(default=1.5, gt=1, le=10, description="Factor λ is multiplied by when raised")
-    lambda_down: float = Field(
-        default=1.5**1.5, gt=1, le=10, description="Factor λ is divided by when lowered"
-    )
-    success_threshold: float = Field(
-        default=0.99, gt=0, le=1, description="Attack success a trigger must reach to count as working"
-    )
-    round_steps: int = Field(
-        default=5, ge=1, le=10_000, description="Steps per round; λ and early stopping are decided per round"
-    )
-    patience: int = Field(
-        default=2,
-        ge=1,
-        le=1000,
-        description="Rounds in a row above (below) the threshold before λ goes up (down)",
-    )
-    early_stop_patience: int = Field(
-        default=20,
-        ge=1,
-        le=10_000,
-        description="Rounds without a better norm (after λ went both up and down) before a class is frozen",
-    )
-    early_stop_delta: float = Field(
-        default=0.01, ge=0, lt=1, description="Relative norm decrease that counts as an improvement"
-    )
-    threshold: float = Field(
-        default=2.0, gt=0, le=100, description="Anomaly index above which a below-median class is flagged"
-    )
-    log_norms: bool = Field(
-        default=True, description="Anomaly index on log mask norms (False: on the norms, as in the paper)"
-    )
-    eval_images: int = Field(
-        default=1000,
-        ge=1,
-        le=1_000_000,
-        description="Clean images (val part) on which attack success is measured",
-    )
+class NeuralCleanseConfig(TriggerSearchConfig):
+    """The shared search settings (`common.TriggerSearchConfig`, Neural Cleanse's own defaults) and
+    the batching and K-Arm schedule options."""
+
     batched: bool = Field(
         default=True, description="One batched problem for all classes (False: one class after another)"
     )
