@@ -277,3 +277,30 @@ def test_notes_and_errors_are_printed_below_the_table_not_squeezed_into_it() -> 
     text = out.export_text()
     assert "badnets / mcldef / seed 0: flagged [0]" in text  # brackets survive rich markup
     assert "badnets / nad / seed 0: failed: boom" in text and "Traceback" not in text
+
+
+def test_the_results_table_fits_80_columns_without_cutting_labels_or_numbers() -> None:
+    """The widest row the built-in plugins make (input-aware against mcldef:paper, re-tuned, a
+    long cell) must be printed whole at 80 columns: no "…" in a header, a label or a number."""
+    prov = Provenance(
+        bdtk="0", torch="0", python="3", device="cpu", date="d", attack_plugin="a", defense_plugin=None
+    )
+    common = {"dataset": "fashion-mnist", "model": "wrn-16-1", "attack_config": {}, "provenance": prov}
+    metrics = {"ba": 0.8834, "asr": 1.0, "ra": 0.0, "der": 0.5, "asr_retuned": 0.9913, "peak_mb": 12345.0}
+    rows = [
+        CellResult(
+            **common, attack="input-aware", defense="mcldef", defense_preset="paper", seed=2,
+            seconds=1234.5, config_hash="w", retune={"poisoned": 10}, **metrics,
+        ),
+        CellResult(
+            **common, attack="badnets", defense="fine-pruning", seed=0, seconds=25.3, config_hash="n",
+            retune={"poisoned": 10}, **metrics,
+        ),
+    ]  # fmt: skip
+    out = Console(width=80, record=True, file=io.StringIO())
+    out.print(results_table(rows))
+    text = out.export_text()
+    assert "…" not in text, text
+    for cell in ("input-aware", "mcldef:paper", "fine-pruning", "ASR rt", "88.34", "100.00", "99.13", "1234"):
+        assert cell in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80

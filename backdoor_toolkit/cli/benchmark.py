@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -297,7 +298,15 @@ def results_table(rows: list[CellResult]) -> Table:
     varying = _varying(rows)
     shared = [str(getattr(rows[0], k)) for k in ("dataset", "model") if k not in varying and rows]
     title = " · ".join(["bdtk benchmark", *shared])
-    table = Table(title=f"{title}\n(%; BA on all test images, ASR/RA on non-target images)")
+    # no vertical rules and one space between columns: the widest row (input-aware, mcldef:paper,
+    # re-tuned) then fits 80 columns whole, where a boxed table cut labels and numbers to "…"
+    table = Table(
+        title=f"{title}\n(%; BA on all test images, ASR/RA on non-target images)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 0),
+    )
     retuned = any(r.retune for r in rows)  # "ASR rt": ASR after the re-tuning attack, when it was on
     columns = (*varying, "attack", "defense", "seed", "BA", "ASR", *(["ASR rt"] if retuned else []), "RA")
     columns = (*columns, "DER", "sec", "MB")
@@ -316,7 +325,7 @@ def results_table(rows: list[CellResult]) -> Table:
             *([_pct(r.asr_retuned)] if retuned else []),
             _pct(r.ra),
             "—" if r.der is None else f"{r.der:.3f}",
-            "—" if r.seconds is None else f"{r.seconds:.1f}",
+            "—" if r.seconds is None else f"{r.seconds:.1f}" if r.seconds < 100 else f"{r.seconds:.0f}",
             "—" if r.peak_mb is None else f"{r.peak_mb:.0f}",
         )
     return table
