@@ -107,7 +107,9 @@ class BlendInversion(TriggerInverter):
         "al., Universal Soldier, 2023",
         year=2023,
         url="https://arxiv.org/abs/2302.00747",
-        threat_model="defender holds a small clean set; white-box gradients; trigger spread over the image",
+        threat_model="defender holds a small clean set; white-box gradients; trigger spread over the image. "
+        "Its flags are candidates to look at, not a verdict: on clean Fashion-MNIST wrn-16-1 models it "
+        "flagged natural classes (Shirt, Bag, Pullover) on two seeds of three (docs/inversion.md)",
     )
     conformance_config: ClassVar[dict[str, Any]] = {"steps": 5, "batch_size": 8, "eval_images": 16}
 
