@@ -221,7 +221,7 @@ def test_cross_entropy_term_is_added_on_the_chosen_inputs(ce_on: str) -> None:
     triggered = stamp(x)
 
     def loss(**values: object) -> float:
-        return float(mcldef(**values)._loss(model, frozen, x, triggered, y))
+        return float(mcldef(**values)._loss(model, frozen, x, triggered, y).detach())
 
     contrastive = loss(ce_weight=0.0, ce_on="clean")
     with torch.no_grad():
