@@ -57,7 +57,9 @@ class NeuralCleanseConfig(TriggerSearchConfig):
     the batching and K-Arm schedule options."""
 
     batched: bool = Field(
-        default=True, description="One batched problem for all classes (False: one class after another)"
+        default=True,
+        description="One batched problem for all classes (False: one class per forward pass, as a "
+        "per-class loop)",
     )
     schedule: Literal["full", "k-arm"] = Field(
         default="full",
@@ -269,19 +271,12 @@ class _Scan:
         self.active = self.active & ~(group & (self.stall >= c.early_stop_patience))
         self.round_success[act] = 0
 
-    def run_full(self, batched: bool) -> None:
-        """Every class until frozen or out of budget: all together, or one class after another."""
-        if batched:
-            while bool((run := self.runnable()).any()):
-                self.advance(torch.nonzero(run).squeeze(1).tolist())
-        else:
-            for i in range(self.k):
-                while bool(self.runnable()[i]):
-                    self.advance([i])
-
-    def run_rest(self, batched: bool) -> None:
-        """Every class still runnable to its end, whatever step count it stopped at: the classes
-        furthest behind go first, so groups meet at one step count and advance together."""
+    def run_to_end(self, batched: bool) -> None:
+        """Every runnable class until frozen or out of budget, whatever step count it is at: the
+        classes furthest behind go first, so groups meet at one step count and advance together
+        (batched) or one class per forward pass (not batched). From a fresh scan this is the full
+        scan; after the bandit it completes the classes it dropped. Since a class's trajectory does
+        not depend on its company or its turn, both give the full scan's per-class results."""
         while bool((run := self.runnable()).any()):
             behind = int(self.steps[run].min())
             group = torch.nonzero(run & (self.steps == behind)).squeeze(1).tolist()
@@ -415,7 +410,7 @@ class NeuralCleanse(TriggerInverter):
         info: dict[str, Any] = {"prescreen_scores": None, "prescreen_top_k": None, K.CANDIDATES: None}
         dropped: dict[int, int] = {}  # class → its step count when stopped as unable to win
         if not scheduled or c.warmup_steps >= c.steps:
-            scan.run_full(c.batched)
+            scan.run_to_end(c.batched)
             used = "full" if not scheduled else "full (budget within the warm-up)"
         else:
             scores, top_k = self._prescreen(model, data.train, data.spec.num_classes)
@@ -429,7 +424,7 @@ class NeuralCleanse(TriggerInverter):
             }
             n = int(candidate.sum())
             if n == 0 or n > len(classes) / 2:
-                scan.run_full(c.batched)
+                scan.run_to_end(c.batched)
                 used = "full (pre-screen ambiguous)"
             else:
                 dropped = self._bandit(scan, classes, chosen)
@@ -441,7 +436,7 @@ class NeuralCleanse(TriggerInverter):
                     # statistics; running them on makes every class's result the full scan's
                     info["dropped_then_completed"] = dropped
                     dropped = {}
-                    scan.run_rest(c.batched)
+                    scan.run_to_end(c.batched)
                     used = "k-arm, completed (not decisive)"
         opt = scan.result()
         info.update(
