@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from .artifacts import ArtifactCache
-from .backdoor import BackdooredModel, backdoored_model, bdtk_version
+from .backdoor import BackdooredModel, backdoored_model, bdtk_version, clean_model
 from .config import BenchmarkConfig, PluginChoice, config_hash
 from .console import console
 from .data import Dataset, DefenseData, dataset_spec, draw_defense_data, load_dataset, stratified_subset
@@ -30,7 +30,7 @@ from .interfaces import Purifier
 from .metrics import Scores, attack_scores, der, measure
 from .models import available_models, check_capabilities, create_model
 from .plugins import PluginInfo, ResolvedPlugin, create_attack, create_purifier, resolve_plugin
-from .results import SCHEMA_VERSION, CellResult, Provenance, jsonable
+from .results import CLEAN_MODEL, SCHEMA_VERSION, UNDEFENDED, CellResult, Provenance, jsonable
 from .retuning import retune_attack
 from .training import check_finite, resolve_device, seed_everything, torch_threads
 
@@ -122,14 +122,17 @@ class CellPlan:
 
     defense: ResolvedPlugin | None
     config_hash: str
+    clean_reference: bool = False  # the never-backdoored model of the setting, shown the trigger
 
     @property
     def defense_name(self) -> str:
-        return "none" if self.defense is None else self.defense.name
+        if self.clean_reference:
+            return CLEAN_MODEL
+        return UNDEFENDED if self.defense is None else self.defense.name
 
     @property
     def defense_label(self) -> str:
-        return "none" if self.defense is None else self.defense.label
+        return self.defense_name if self.defense is None else self.defense.label
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,10 @@ def plan_grid(config: BenchmarkConfig, resolved: ResolvedGrid | None = None) -> 
                 for attack in resolved.attacks:
                     plan = VictimPlan(dataset, model, seed, attack, ())
                     base = {**plan.base(), "code": {"attack": code_version(attack)}}
-                    cells = [CellPlan(None, config_hash({**base, "defense": "none", **setting}))]
+                    cells = [CellPlan(None, config_hash({**base, "defense": UNDEFENDED, **setting}))]
+                    if config.clean_reference:
+                        reference = config_hash({**base, "defense": CLEAN_MODEL, **setting})
+                        cells.append(CellPlan(None, reference, clean_reference=True))
                     for defense in resolved.defenses:
                         cell = {**base, **_defense_fields(defense)}
                         cell["code"] = {**base["code"], "defense": code_version(defense)}
@@ -353,6 +359,8 @@ def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: V
 
 def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:
     fields = _cell_fields(config, plan, cell)
+    if cell.clean_reference:
+        return _clean_reference(config, plan, cell, state, fields)
     if cell.defense is None:
         return CellResult(
             **fields,
@@ -387,4 +395,32 @@ def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: 
         diagnostics=jsonable(result.diagnostics),
         stage_seconds=result.stage_seconds,
         **_retuned(config, plan, state, result.model),
+    )
+
+
+def _clean_reference(
+    config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState, fields: dict[str, Any]
+) -> CellResult:
+    """The floor of the plan's trigger: a model of the same setting and seed trained without any
+    attack (from the artifact cache when another cell or attack trained it), scored exactly as the
+    backdoored model is, on the same triggered test images. Re-tuned too, when that is on: then
+    `asr_retuned` is what the re-tuning attack implants in a model that never had a backdoor."""
+    device = resolve_device(config.device)
+    try:
+        dataset = grid_dataset(config, plan.dataset)
+        cache = ArtifactCache(Path(config.cache_dir) if config.cache_dir else None)
+        with measure(device) as usage:
+            model = clean_model(dataset, plan.model, plan.seed, config.training, device, cache)
+        check_finite(model, "the clean reference model")
+        attack = _restore(config, plan, state).attack
+        scores = attack_scores(model, dataset.test, attack.apply_trigger, attack.target_labels, device)
+    except (Exception, SystemExit) as exc:
+        return failed_cell(config, plan, cell, exc)
+    return CellResult(
+        **fields,
+        **scores.model_dump(),
+        seconds=usage.seconds,
+        peak_mb=usage.peak_mb,
+        notes="never-backdoored model of the same setting and seed, shown the attack's trigger",
+        **_retuned(config, plan, state, model),
     )

@@ -228,6 +228,12 @@ class BenchmarkConfig(StrictConfig):
         description="Re-tune every cell's model on a few poisoned samples and report the ASR after it "
         "(asr_retuned); `true` for the defaults, a table to change them, off by default",
     )
+    clean_reference: bool = Field(
+        default=False,
+        description="Also score a never-backdoored model of each dataset, model and seed with every "
+        "attack's trigger: the `clean-model` reference row, the floor an ASR is read against (costs "
+        "one clean training per dataset, model and seed)",
+    )
     cache_dir: str | None = Field(default=None, description="Artifact cache (default: user cache)")
     output: str = Field(default="bdtk-results/results.json", description="Results JSON path")
 

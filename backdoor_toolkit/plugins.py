@@ -45,6 +45,7 @@ from .config import PRESET_SEPARATOR, StrictConfig, build_config, join_preset, s
 from .data import DataSpec
 from .errors import BdtkError, ConfigError, PluginUnavailableError, UnknownNameError, UnknownPresetError
 from .interfaces import Attack, AttackConfig, Kind, Plugin, PluginMeta, Preset, Purifier, TriggerInverter
+from .results import REFERENCE_ROWS
 
 ENTRY_POINT_GROUP = "bdtk"
 LOAD_ENV = "BDTK_LOAD_PLUGINS"
@@ -64,8 +65,8 @@ _BASES: dict[Kind, type[Plugin]] = {
 #: Plugin names: lower-case, starting with a letter or digit.
 PLUGIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 #: Names a plugin of the kind may not take: results already use them for something else (a
-#: purifier called "none" would pass for the undefended baseline rows, `leaderboard.UNDEFENDED`).
-RESERVED_NAMES: dict[Kind, frozenset[str]] = {"purifier": frozenset({"none"})}
+#: purifier called "none" or "clean-model" would pass for a reference row, `results.REFERENCE_ROWS`).
+RESERVED_NAMES: dict[Kind, frozenset[str]] = {"purifier": frozenset(REFERENCE_ROWS)}
 #: Preset names: like plugin names but without dots, since `--set NAME:PRESET.FIELD=VALUE` splits
 #: the field off at the first dot.
 PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -461,7 +462,7 @@ def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
     if name in RESERVED_NAMES.get(kind, ()):
         raise PluginError(
             f"{where}: {cls.__qualname__}.name {name!r} is reserved for {kind}s (results use it for "
-            "the undefended baseline); choose another."
+            "a reference row: the undefended or the never-backdoored model); choose another."
         )
     # the interface's own Config is the base every config of the kind needs (AttackConfig holds
     # the target, mode and poison rate the runner reads); a plain StrictConfig would pass until a

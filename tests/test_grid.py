@@ -190,7 +190,8 @@ def test_builtin_suites_validate_against_the_registry() -> None:
         suite = load_suite(name)
         assert suite.description
         plans = plan_grid(BenchmarkConfig.model_validate(suite.benchmark_values()))
-        assert plans and all(len(p.cells) == 1 + len(suite.defenses) for p in plans)
+        references = 2 if suite.clean_reference else 1  # the undefended and the clean-model rows
+        assert plans and all(len(p.cells) == references + len(suite.defenses) for p in plans)
 
 
 BAD_SUITE = """\

@@ -118,6 +118,14 @@ def benchmark(
             "(post-purification robustness); part of each cell's identity when on",
         ),
     ] = None,
+    clean_reference: Annotated[
+        bool | None,
+        typer.Option(
+            "--clean-reference/--no-clean-reference",
+            help="Also score a never-backdoored model with each attack's trigger (the `clean-model` "
+            "reference row: the floor ASR is read against)",
+        ),
+    ] = None,
     device: DeviceOption = None,
     threads: Annotated[
         int | None,
@@ -167,6 +175,7 @@ def benchmark(
             "--suite": suite,
             "--executor": executor != "local",
             "--ray-address": ray_address,
+            "--clean-reference": clean_reference,
         }
         victim_options(grid_only, config)
     if suite and config:
@@ -199,6 +208,7 @@ def benchmark(
         "data_dir": data_dir,
         "output": output,
         "cache_dir": cache_dir,
+        "clean_reference": clean_reference,
     }
     values.update({k: v for k, v in flags.items() if v is not None})  # 0 and "" are honoured
     if download:

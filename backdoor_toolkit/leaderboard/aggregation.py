@@ -21,7 +21,7 @@ from typing import Any
 from ..config import config_hash
 from ..errors import BdtkError, UnknownNameError
 from ..metrics import METRICS, MetricInfo
-from ..results import CellResult
+from ..results import CLEAN_MODEL, REFERENCE_ROWS, UNDEFENDED, CellResult
 
 DERIVED = {
     "ba_drop": MetricInfo("BA drop", False, "clean accuracy lost against the undefended model, same seed"),
@@ -31,7 +31,13 @@ PERCENT = {"ba_drop", "asr", "asr_retuned", "ra", "ba"}
 #: Columns that only some grids fill (the re-tuning attack is opt-in): views may leave them out
 #: when no row has a value.
 OPTIONAL = {"asr_retuned"}
-UNDEFENDED = "none"
+#: What a defense did to the backdoored model: not shown for the never-backdoored reference row.
+DEFENSE_ONLY = {"der", "ba_drop", "seconds"}
+
+
+def reference_order(defense: str) -> int:
+    """Sort key: the undefended row, then the clean-model row, then everything else."""
+    return REFERENCE_ROWS.index(defense) if defense in REFERENCE_ROWS else len(REFERENCE_ROWS)
 
 
 def metric_info(name: str) -> MetricInfo:
@@ -239,11 +245,13 @@ def _entries(
                 v = getattr(c.row, m)
                 if v is not None and v == v:  # NaN (no non-target test image) is left out
                     values[m].append(v)
-            if defense != UNDEFENDED and c.row.seconds is not None:
+            if defense not in REFERENCE_ROWS and c.row.seconds is not None:
                 values["seconds"].append(c.row.seconds)
             base = base_ba.get((c.attack, c.row.seed))
             if base is not None and c.row.ba is not None:
                 values["ba_drop"].append(base - c.row.ba)
+        if defense == CLEAN_MODEL:
+            values.update({m: [] for m in DEFENSE_ONLY})
         failed = [c.row for c in group if c.row.status == "failed"]
         entries.append(
             Entry(
@@ -256,11 +264,13 @@ def _entries(
             )
         )
     sign = -1.0 if metric_info(rank_by).higher_is_better else 1.0
-    ranked = [e for e in entries if e.defense != UNDEFENDED and e.stats[rank_by].mean is not None]
+    ranked = [e for e in entries if e.defense not in REFERENCE_ROWS and e.stats[rank_by].mean is not None]
     ranked.sort(key=lambda e: (sign * (e.stats[rank_by].mean or 0.0), e.defense))
     for position, e in enumerate(ranked, start=1):
         e.rank = position
-    rest = sorted((e for e in entries if e.rank is None), key=lambda e: (e.defense != UNDEFENDED, e.defense))
+    rest = sorted(
+        (e for e in entries if e.rank is None), key=lambda e: (reference_order(e.defense), e.defense)
+    )
     return ranked + rest
 
 

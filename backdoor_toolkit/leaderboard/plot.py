@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BdtkError
-from .aggregation import UNDEFENDED, Leaderboard, Point
+from .aggregation import CLEAN_MODEL, UNDEFENDED, Leaderboard, Point, reference_order
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 UNDEFENDED_COLOUR = "#555555"
+REFERENCE_COLOURS = {UNDEFENDED: UNDEFENDED_COLOUR, CLEAN_MODEL: "#aaaaaa"}
 SHAPES = ("o", "s", "^", "D", "v", "P", "X", "*")
 """matplotlib markers, one per attack (in name order, cycling)."""
 INSTALL_HINT = "pip install 'backdoor-toolkit[plot]'"
@@ -60,10 +61,11 @@ def require_matplotlib(what: str = "The BA-versus-ASR scatter") -> None:
 
 def _styles(points: list[Point]) -> tuple[dict[str, str], dict[str, str]]:
     """Colour per defense (grey: undefended) and marker per attack, the same in every panel."""
-    defenses = sorted({p.defense for p in points}, key=lambda d: (d != UNDEFENDED, d))
+    defenses = sorted({p.defense for p in points}, key=lambda d: (reference_order(d), d))
     attacks = sorted({p.attack for p in points})
     colour = {
-        d: UNDEFENDED_COLOUR if d == UNDEFENDED else PALETTE[i % len(PALETTE)] for i, d in enumerate(defenses)
+        d: REFERENCE_COLOURS[d] if d in REFERENCE_COLOURS else PALETTE[i % len(PALETTE)]
+        for i, d in enumerate(defenses)
     }
     return colour, {a: SHAPES[i % len(SHAPES)] for i, a in enumerate(attacks)}
 

@@ -22,7 +22,18 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from .aggregation import COLUMNS, PERCENT, UNDEFENDED, Board, Entry, Leaderboard, Stat, metric_info
+from .aggregation import (
+    CLEAN_MODEL,
+    COLUMNS,
+    PERCENT,
+    REFERENCE_ROWS,
+    Board,
+    Entry,
+    Leaderboard,
+    Stat,
+    metric_info,
+    reference_order,
+)
 from .plot import INSTALL_HINT, matplotlib_available, scatter_svg, write_png
 
 
@@ -59,10 +70,12 @@ def _stacked(stat: Stat, metric: str) -> str:
     return f"{mean}\n±{std}" if std else mean
 
 
-def _legend(columns: tuple[str, ...]) -> str:
+def _legend(columns: tuple[str, ...], clean_reference: bool = False) -> str:
     parts = ["% except DER and time (s)", "ΔBA: BA drop in pp against the undefended model"]
     if "asr_retuned" in columns:
         parts.append("ASR rt: ASR after the re-tuning attack")
+    if clean_reference:
+        parts.append(f"{CLEAN_MODEL}: a never-backdoored model shown the same trigger (the floor)")
     return "; ".join([*parts, "n: seeds"])
 
 
@@ -103,7 +116,7 @@ def to_rich(board: Leaderboard, width: int | None = None) -> list[Table]:
         table = Table(
             title=b.title,
             title_justify="left",
-            caption=_legend(columns),
+            caption=_legend(columns, any(e.defense == CLEAN_MODEL for e in b.entries)),
             caption_justify="left",
             box=box.SIMPLE_HEAD,
             pad_edge=False,
@@ -115,7 +128,7 @@ def to_rich(board: Leaderboard, width: int | None = None) -> list[Table]:
             else:
                 table.add_column(name, justify="right", overflow="fold")
         for e in b.entries:
-            table.add_row(*row(e, stacked), style="dim" if e.defense == UNDEFENDED else None)
+            table.add_row(*row(e, stacked), style="dim" if e.defense in REFERENCE_ROWS else None)
         tables.append(table)
     return tables
 
@@ -125,7 +138,8 @@ def _note(board: Leaderboard) -> str:
     direction = "higher" if info.higher_is_better else "lower"
     note = (
         f"Ranked by {info.label} ({direction} is better); mean ± std over seeds; `none` is the undefended "
-        "model (not ranked). BA drop is in percentage points against the undefended model of the same seed."
+        "model, `clean-model` a never-backdoored one shown the same trigger (the floor ASR is read against; "
+        "neither is ranked). BA drop is in percentage points against the undefended model of the same seed."
     )
     if "asr_retuned" in board.columns():
         note += (
@@ -306,7 +320,7 @@ def _html_table(b: Board, columns: tuple[str, ...]) -> str:
         for i, (text, value) in enumerate(zip(_cells(e, columns), values, strict=True)):
             sort = "" if i == 1 else f' data-value="{"" if value is None else value}"'
             cells.append(f"<td{sort}>{html.escape(text)}</td>")
-        css = ' class="undefended"' if e.defense == UNDEFENDED else ""
+        css = ' class="undefended"' if e.defense in REFERENCE_ROWS else ""
         rows.append(f'<tr{css} data-defense="{html.escape(e.defense)}">{"".join(cells)}</tr>')
     return (
         f'<table class="board" data-attack="{html.escape(b.attack or _OVERALL)}">'
@@ -325,7 +339,7 @@ def to_html(board: Leaderboard, title: str = "bdtk leaderboard") -> str:
     columns = board.columns()
     attacks = sorted({b.attack for b in board.boards if b.attack is not None})
     defenses = sorted(
-        {e.defense for b in board.boards for e in b.entries}, key=lambda d: (d != UNDEFENDED, d)
+        {e.defense for b in board.boards for e in b.entries}, key=lambda d: (reference_order(d), d)
     )
     body = [
         f"<h1>{html.escape(title)}</h1>",
