@@ -26,6 +26,7 @@ is appended to `--output` as it is measured. docs/inversion.md reports what it f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -41,8 +42,9 @@ from backdoor_toolkit.metrics import accuracy, predict
 from backdoor_toolkit.models import create_model
 from backdoor_toolkit.training import TrainingSettings, seed_everything, train_classifier
 from benchmarks.setting import BenchModel, bench_config, bench_models
+from benchmarks.signals import inversion
 
-REFERENCES = ["other-clean", "budget", "distilled"]
+REFERENCES = ["other-clean", "budget", "distilled", "finetuned"]
 
 
 def success(
@@ -62,6 +64,20 @@ def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> 
         for ref in bench_models(bench_config(), ["clean"], other, cached_only=True):
             return ref.model.eval()
         raise SystemExit(f"the clean bench model of seed {other} is not cached; train it first")
+    if kind == "finetuned":
+        tuned = copy.deepcopy(m.model)
+        settings = TrainingSettings(
+            epochs=args.ft_epochs,
+            batch_size=64,
+            lr=args.ft_lr,
+            weight_decay=5e-4,
+            augment=True,
+            hflip=False,
+            device=m.device,
+        )
+        seed_everything(seed)
+        train_classifier(tuned, m.data.train.images, m.data.train.labels, settings, seed)
+        return tuned.eval()
     teacher = m.model.eval()
     temperature = args.temperature
 
@@ -98,6 +114,8 @@ def main() -> None:
     parser.add_argument("--reference", action="append", choices=REFERENCES, help="Default: all three")
     parser.add_argument("--epochs", type=int, default=30, help="Epochs of the budget reference")
     parser.add_argument("--distill-epochs", type=int, default=40, help="Epochs of the distilled reference")
+    parser.add_argument("--ft-epochs", type=int, default=5, help="Epochs of the finetuned reference")
+    parser.add_argument("--ft-lr", type=float, default=0.01, help="lr of the finetuned reference")
     parser.add_argument("--temperature", type=float, default=4.0, help="Distillation temperature")
     parser.add_argument(
         "--profile", action="store_true", help="Also divide each α by the budget reference's α"
@@ -118,8 +136,7 @@ def main() -> None:
                 refs[kind] = reference(kind, m, seed, args)
                 seconds[kind] = round(time.perf_counter() - start, 1)
                 accuracies[kind] = accuracy(refs[kind], m.test, m.device)
-            seed_everything(seed)
-            result = create_inverter("blend-inversion", seed=seed).invert(m.model, m.data)
+            result = inversion(m, seed, "blend-inversion")
             median = float(torch.quantile(result.mask_norms.double(), 0.5))
             classes: list[dict[str, Any]] = []
             for i, k in enumerate(result.classes):

@@ -1,0 +1,141 @@
+"""Candidate second tests for a recovered whole-image trigger, measured in feature space.
+
+    python -m benchmarks.signals --model sig:0 --model clean:0 [--inverter blend-inversion]
+
+Blend inversion finds, per class k, the faintest whole-image blend T_k that sends clean images to
+k. On the bench models a natural class (Shirt, Bag: the "average garment" classes) is reached by as
+faint a blend as SIG's target (docs/inversion.md), so the blend's size alone cannot tell them
+apart. This script asks *where* T_k moves the images in the model's penultimate features, on the
+defender's clean **val** images (never test data):
+
+- `to_centroid`: cosine between the mean feature shift φ(T_k(x)) − φ(x) over val images of other
+  classes and the direction from their mean feature to class k's clean centroid. A natural
+  feature makes images look more like k, so its shift points at k's centroid; a backdoor
+  trigger activates features clean k images do not have (activation clustering, Chen et al.
+  2018; spectral signatures, Tran et al. 2018: poisoned images form their own cluster).
+- `separation`: distance from the mean triggered feature to k's clean centroid, over the RMS
+  distance of k's clean images to that centroid (≫ 1: the triggered images sit apart).
+- `nearest_k`: share of triggered images whose nearest clean class centroid is k.
+- `top3`: share of the mean shift's energy in its three largest channels (a backdoor is often
+  carried by few neurons, fine-pruning's premise).
+
+Per class the row also holds α's share of the median (`share`) and the trigger's val success.
+Inversions are cached (bdtk-results/inversions/, keyed by model, seed and inverter), so the signals
+can be recomputed without rescanning. Each model's record is appended to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from backdoor_toolkit import InversionResult, create_inverter
+from backdoor_toolkit.data import to_float
+from backdoor_toolkit.training import seed_everything
+from benchmarks.setting import BenchModel, bench_config, bench_models
+
+CACHE = Path("bdtk-results/inversions")
+
+
+def inversion(m: BenchModel, seed: int, inverter: str) -> InversionResult:
+    """The model's scan by `inverter` at its defaults, from the cache when it was run before."""
+    path = CACHE / f"{m.name}-{seed}-{inverter.replace(':', '_')}.pt"
+    if path.exists():
+        result: InversionResult = torch.load(path, weights_only=False)
+        return result
+    seed_everything(seed)
+    result = create_inverter(inverter, seed=seed).invert(m.model, m.data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result, path)
+    return result
+
+
+@torch.no_grad()
+def features(m: BenchModel, images: Tensor) -> Tensor:
+    model = m.model.eval()
+    return torch.cat(
+        [
+            model.features(images[i : i + 256].to(m.device)).flatten(1).cpu()
+            for i in range(0, len(images), 256)
+        ]
+    )
+
+
+@torch.no_grad()
+def class_signals(
+    m: BenchModel, result: InversionResult, k: int, centroids: Tensor, spread: Tensor
+) -> dict[str, Any]:
+    val = m.data.val
+    others = to_float(val.images[val.labels != k])
+    trigger = result.trigger(k)
+    clean = features(m, others)
+    triggered = features(m, trigger(others).clamp(0, 1))
+    shift = (triggered - clean).mean(0)
+    toward = centroids[k] - clean.mean(0)
+    to_centroid = float(torch.nn.functional.cosine_similarity(shift, toward, dim=0))
+    separation = float((triggered.mean(0) - centroids[k]).norm() / spread[k])
+    nearest = torch.cdist(triggered, centroids).argmin(1)
+    energy = shift.pow(2)
+    top3 = float(energy.topk(min(3, energy.numel())).values.sum() / energy.sum())
+    logits = m.model.fc(triggered.to(m.device)).cpu()
+    return {
+        "to_centroid": round(to_centroid, 3),
+        "separation": round(separation, 2),
+        "nearest_k": round(float((nearest == k).float().mean()), 3),
+        "top3": round(top3, 3),
+        "val_success": round(float((logits.argmax(1) == k).float().mean()), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", action="append", required=True, help="ATTACK:SEED or clean:SEED")
+    parser.add_argument("--inverter", default="blend-inversion")
+    parser.add_argument("--output", default="bdtk-results/signals.jsonl")
+    args = parser.parse_args()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in args.model:
+        name, _, seed_text = spec.partition(":")
+        seed = int(seed_text or 0)
+        for m in bench_models(bench_config(), [name], seed, cached_only=True):
+            result = inversion(m, seed, args.inverter)
+            val = m.data.val
+            clean = features(m, to_float(val.images))
+            centroids = torch.stack(
+                [clean[val.labels == c].mean(0) for c in range(int(val.labels.max()) + 1)]
+            )
+            spread = torch.stack(
+                [
+                    (clean[val.labels == c] - centroids[c]).norm(dim=1).pow(2).mean().sqrt()
+                    for c in range(len(centroids))
+                ]
+            )
+            median = float(torch.quantile(result.mask_norms.double(), 0.5))
+            classes = []
+            for i, k in enumerate(result.classes):
+                row = {"k": k, "share": round(float(result.mask_norms[i]) / median, 3)}
+                row.update(class_signals(m, result, k, centroids, spread))
+                classes.append(row)
+            record = {
+                "model": m.name,
+                "seed": seed,
+                "inverter": args.inverter,
+                "true_target": m.true_target,
+                "flagged": result.flagged,
+                "classes": classes,
+            }
+            print(json.dumps(record), flush=True)
+            with out.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
