@@ -20,6 +20,7 @@ from backdoor_toolkit.errors import BdtkError
 from backdoor_toolkit.leaderboard import (
     build_leaderboard,
     export,
+    gaps_summary,
     scatter_figure,
     to_csv,
     to_html,
@@ -27,6 +28,7 @@ from backdoor_toolkit.leaderboard import (
     to_markdown,
     to_rich,
 )
+from backdoor_toolkit.leaderboard.aggregation import MISSING
 from backdoor_toolkit.results import CellResult
 from backdoor_toolkit.store import ResultStore
 
@@ -262,3 +264,33 @@ def test_terminal_tables_stay_whole_at_80_columns() -> None:
     for table in to_rich(board, width=200):
         wide.print(table)
     assert "0.960 ± 0.007" in wide.export_text()  # room enough: one line per row
+
+
+def test_missing_and_failed_cells_are_listed_with_why() -> None:
+    # blended ran seed 0 only, and "strong" failed there: seed 1 of blended is a missing block
+    data = [*rows("badnets"), *(r for r in rows("blended") if r.seed == 0 and r.defense != "strong")]
+    data.append(
+        cell("strong", 0, attack="blended", status="failed", error="out of memory\ntrace", config_hash="f")
+    )
+    board = build_leaderboard(data)
+    gaps = {(g.attack, g.seed, g.defense): g.reason for g in board.gaps}
+    assert gaps == {
+        ("blended", 0, "strong"): "out of memory",
+        ("blended", 1, "none"): MISSING,
+        ("blended", 1, "strong"): MISSING,
+        ("blended", 1, "weak"): MISSING,
+    }
+    md = to_markdown(board)
+    assert "missing and failed cells" in md
+    assert "- blended, seed 0: strong failed: out of memory" in md
+    assert f"- blended, seed 1: none, strong, weak: {MISSING}" in md
+    assert "<li>blended, seed 1: none, strong, weak" in to_html(board)
+    assert {g["status"] for g in json.loads(to_json(board))["gaps"]} == {"failed", "missing"}
+    summary = gaps_summary(board)
+    assert summary[0].startswith("3 cells missing, 1 failed")
+    complete = build_leaderboard(rows("badnets"))
+    assert (
+        complete.gaps == []
+        and gaps_summary(complete) == []
+        and "missing and failed" not in to_markdown(complete)
+    )

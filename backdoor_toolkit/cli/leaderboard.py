@@ -15,6 +15,7 @@ from ..leaderboard import (
     INSTALL_HINT,
     build_leaderboard,
     export,
+    gaps_summary,
     matplotlib_available,
     require_matplotlib,
     to_csv,
@@ -68,6 +69,8 @@ def leaderboard(
     board = build_leaderboard(rows, rank_by)
     for table in to_rich(board, width=console.width):
         console.print(table)
+    for line in gaps_summary(board):
+        console.print(f"[yellow]{escape(line)}[/]")
     written: list[Path] = []
     for target, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
         if target is not None:

@@ -120,10 +120,33 @@ class Point:
     asr_std: float | None
 
 
+@dataclass(frozen=True)
+class Gap:
+    """A cell a scenario's grid implies but that has no result: failed (with why) or not stored.
+
+    The grid implied is every attack × defense × seed seen anywhere in the scenario, so a block
+    still running or never started shows as missing instead of silently thinning a mean.
+    """
+
+    scenario: str
+    attack: str
+    seed: int
+    defense: str
+    reason: str  # the failure's first line, or MISSING
+
+    @property
+    def failed(self) -> bool:
+        return self.reason != MISSING
+
+
+MISSING = "not in the store (not run yet, or interrupted)"
+
+
 @dataclass
 class Leaderboard:
     rank_by: str
     boards: list[Board]
+    gaps: list[Gap] = field(default_factory=list)
 
     def points(self) -> list[Point]:
         """A point for each per-attack entry with a BA and an ASR, in board order."""
@@ -295,7 +318,9 @@ def build_leaderboard(rows: list[CellResult], rank_by: str = "der") -> Leaderboa
         scenarios[(c.row.dataset, c.row.model, key)].append(c)
     described = describe_settings(settings)
     boards: list[Board] = []
+    gaps: list[Gap] = []
     for (dataset, model, key), group in sorted(scenarios.items()):
+        gaps += _gaps(f"{dataset} · {model} · {described[key]}", group)
         base_ba = {
             (c.attack, c.row.seed): c.row.ba
             for c in group
@@ -310,4 +335,39 @@ def build_leaderboard(rows: list[CellResult], rank_by: str = "der") -> Leaderboa
         for attack, scope in scopes:
             entries = _entries(scope, base_ba, rank_by)
             boards.append(Board(dataset, model, described[key], attack, entries, key, settings[key]))
-    return Leaderboard(rank_by, boards)
+    return Leaderboard(rank_by, boards, gaps)
+
+
+def _gaps(scenario: str, group: list[_Cell]) -> list[Gap]:
+    """The failed and the missing cells of one scenario's implied grid, in grid order."""
+    done = {(c.attack, c.row.seed, c.defense): c.row for c in group}
+    attacks = sorted({c.attack for c in group})
+    seeds = sorted({c.row.seed for c in group})
+    defenses = sorted({c.defense for c in group}, key=lambda d: (reference_order(d), d))
+    out = []
+    for seed in seeds:
+        for attack in attacks:
+            for defense in defenses:
+                row = done.get((attack, seed, defense))
+                if row is None:
+                    out.append(Gap(scenario, attack, seed, defense, MISSING))
+                elif row.status == "failed":
+                    first = (row.error or "no message").strip().splitlines() or ["no message"]
+                    out.append(Gap(scenario, attack, seed, defense, first[0]))
+    return out
+
+
+def describe_gaps(gaps: list[Gap], scenario: str) -> list[str]:
+    """One line per attack and seed of `scenario` with gaps: which defenses are missing, and each
+    failed cell with its reason. Empty when the scenario's grid is complete."""
+    lines = []
+    blocks: dict[tuple[str, int], list[Gap]] = defaultdict(list)
+    for gap in gaps:
+        if gap.scenario == scenario:
+            blocks[(gap.attack, gap.seed)].append(gap)
+    for (attack, seed), block in blocks.items():
+        missing = [g.defense for g in block if not g.failed]
+        parts = [f"{', '.join(missing)}: {MISSING}"] if missing else []
+        parts += [f"{g.defense} failed: {g.reason}" for g in block if g.failed]
+        lines.append(f"{attack}, seed {seed}: " + "; ".join(parts))
+    return lines

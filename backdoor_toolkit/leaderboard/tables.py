@@ -31,6 +31,7 @@ from .aggregation import (
     Entry,
     Leaderboard,
     Stat,
+    describe_gaps,
     metric_info,
     reference_order,
 )
@@ -153,12 +154,34 @@ def to_markdown(board: Leaderboard) -> str:
     out = [_note(board), ""]
     columns = board.columns()
     headers = _headers(columns)
-    for b in board.boards:
-        out += [f"#### {b.title}", "", "| " + " | ".join(headers) + " |"]
-        out.append("|" + "|".join("---" if i == 1 else "---:" for i in range(len(headers))) + "|")
-        out += ["| " + " | ".join(_cells(e, columns)) + " |" for e in b.entries]
-        out.append("")
+    for scenario in board.scenarios():
+        for b in board.boards:
+            if b.scenario != scenario:
+                continue
+            out += [f"#### {b.title}", "", "| " + " | ".join(headers) + " |"]
+            out.append("|" + "|".join("---" if i == 1 else "---:" for i in range(len(headers))) + "|")
+            out += ["| " + " | ".join(_cells(e, columns)) + " |" for e in b.entries]
+            out.append("")
+        gaps = describe_gaps(board.gaps, scenario)
+        if gaps:
+            out += [f"#### {scenario} — {GAPS_TITLE}", "", *(f"- {line}" for line in gaps), ""]
     return "\n".join(out)
+
+
+GAPS_TITLE = "missing and failed cells"
+
+
+def gaps_summary(board: Leaderboard, limit: int = 8) -> list[str]:
+    """For the terminal: the gap lines of every scenario, at most `limit`, then how many more."""
+    lines = [f"{s}: {line}" for s in board.scenarios() for line in describe_gaps(board.gaps, s)]
+    if not lines:
+        return []
+    failed = sum(g.failed for g in board.gaps)
+    head = f"{len(board.gaps) - failed} cells missing, {failed} failed (means are over the cells present):"
+    rest = (
+        [f"… and {len(lines) - limit} more lines (--markdown lists them all)"] if len(lines) > limit else []
+    )
+    return [head, *lines[:limit], *rest]
 
 
 def _flat(board: Leaderboard) -> list[dict[str, Any]]:
@@ -221,6 +244,17 @@ def to_json(board: Leaderboard) -> str:
                 ],
             }
             for b in board.boards
+        ],
+        "gaps": [
+            {
+                "scenario": g.scenario,
+                "attack": g.attack,
+                "seed": g.seed,
+                "defense": g.defense,
+                "status": "failed" if g.failed else "missing",
+                "reason": g.reason,
+            }
+            for g in board.gaps
         ],
     }
     return json.dumps(payload, indent=2)
@@ -360,6 +394,10 @@ def to_html(board: Leaderboard, title: str = "bdtk leaderboard") -> str:
                 f"<code>{html.escape(INSTALL_HINT)}</code>.</p>"
             )
         body += [_html_table(b, columns) for b in board.boards if b.scenario == scenario]
+        gaps = describe_gaps(board.gaps, scenario)
+        if gaps:
+            items = "".join(f"<li>{html.escape(line)}</li>" for line in gaps)
+            body.append(f'<h3>{html.escape(GAPS_TITLE.capitalize())}</h3><ul class="gaps">{items}</ul>')
         body.append("</section>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
