@@ -26,6 +26,15 @@ from .triggers import MaskTrigger
 Kind = Literal["attack", "inverter", "purifier"]
 
 
+UNDEFENDED = "none"
+"""The `defense` of a reference row: the backdoored model as the attack left it."""
+CLEAN_MODEL = "clean-model"
+"""The `defense` of a reference row: a never-backdoored model of the same setting and seed, shown
+the attack's trigger. Its ASR is the floor: what the trigger does to a model with no backdoor."""
+REFERENCE_ROWS = (UNDEFENDED, CLEAN_MODEL)
+"""Rows that are not defenses: never ranked, and no purifier may take their names."""
+
+
 class PluginMeta(BaseModel):
     """What a plugin is and what it needs; shown by `bdtk plugins show`."""
 

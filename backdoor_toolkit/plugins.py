@@ -44,8 +44,17 @@ from . import hookspecs
 from .config import PRESET_SEPARATOR, StrictConfig, build_config, join_preset, split_preset
 from .data import DataSpec
 from .errors import BdtkError, ConfigError, PluginUnavailableError, UnknownNameError, UnknownPresetError
-from .interfaces import Attack, AttackConfig, Kind, Plugin, PluginMeta, Preset, Purifier, TriggerInverter
-from .results import REFERENCE_ROWS
+from .interfaces import (
+    REFERENCE_ROWS,
+    Attack,
+    AttackConfig,
+    Kind,
+    Plugin,
+    PluginMeta,
+    Preset,
+    Purifier,
+    TriggerInverter,
+)
 
 ENTRY_POINT_GROUP = "bdtk"
 LOAD_ENV = "BDTK_LOAD_PLUGINS"
@@ -65,7 +74,7 @@ _BASES: dict[Kind, type[Plugin]] = {
 #: Plugin names: lower-case, starting with a letter or digit.
 PLUGIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 #: Names a plugin of the kind may not take: results already use them for something else (a
-#: purifier called "none" or "clean-model" would pass for a reference row, `results.REFERENCE_ROWS`).
+#: purifier called "none" or "clean-model" would pass for a reference row, `interfaces.REFERENCE_ROWS`).
 RESERVED_NAMES: dict[Kind, frozenset[str]] = {"purifier": frozenset(REFERENCE_ROWS)}
 #: Preset names: like plugin names but without dots, since `--set NAME:PRESET.FIELD=VALUE` splits
 #: the field off at the first dot.

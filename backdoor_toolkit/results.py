@@ -16,17 +16,14 @@ from pydantic import BaseModel, Field, model_validator
 from .artifacts import atomic_write_text
 from .config import BenchmarkConfig, join_preset
 
+# the reference rows' names, re-exported: rows are read by them
+from .interfaces import CLEAN_MODEL as CLEAN_MODEL
+from .interfaces import REFERENCE_ROWS as REFERENCE_ROWS
+from .interfaces import UNDEFENDED as UNDEFENDED
+
 SCHEMA_VERSION = 3
 """The version new rows are written with. 1: rows stored before `schema_version` existed; 2: rows
 stored before `asr_retuned` and `retune` existed (they read as None and {})."""
-
-UNDEFENDED = "none"
-"""The `defense` of a reference row: the backdoored model as the attack left it."""
-CLEAN_MODEL = "clean-model"
-"""The `defense` of a reference row: a never-backdoored model of the same setting and seed, shown
-the attack's trigger. Its ASR is the floor: what the trigger does to a model with no backdoor."""
-REFERENCE_ROWS = (UNDEFENDED, CLEAN_MODEL)
-"""Rows that are not defenses: never ranked, and no plugin may take their names."""
 
 
 class Provenance(BaseModel):
