@@ -11,6 +11,7 @@ error and the grid carries on.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 from rich.progress import Progress
@@ -32,6 +33,7 @@ class GridProgress:
 
     def __init__(self, bar: Progress, total: int, skipped: int, finish: OnResult) -> None:
         self._bar, self._finish = bar, finish
+        self._total, self._done = total, 0
         note = f"{skipped} stored cells skipped" if skipped else ""
         self._overall = bar.add_task("grid", total=total, status=note)
         self._current = bar.add_task("cell", total=None, status="")
@@ -41,12 +43,34 @@ class GridProgress:
 
     def finished(self, row: CellResult) -> None:
         self._finish(row)
+        self._done += 1
+        if not console.is_terminal and os.environ.get("BDTK_QUIET") != "1":
+            # no live bars in a log file (a grid run in the background): one line per cell instead
+            console.print(cell_line(row, self._done, self._total), highlight=False, markup=False)
         mark = "[red]failed[/]" if row.status == "failed" else "done"
         self._bar.update(
             self._overall,
             advance=1,
             status=f"{row.defense_label} vs {row.attack_label} seed {row.seed}: {mark}",
         )
+
+
+def cell_line(row: CellResult, done: int, total: int) -> str:
+    """`[done/total] DEFENSE vs ATTACK seed S: BA …, ASR …, … s`, or the failure's first line."""
+    head = f"[{done}/{total}] {row.defense_label} vs {row.attack_label} seed {row.seed}"
+    if row.status == "failed":
+        first = (row.error or "no message").strip().splitlines() or ["no message"]
+        return f"{head}: failed: {first[0]}"
+    parts = [
+        f"{name} {value * 100:.2f}%"
+        for name, value in (("BA", row.ba), ("ASR", row.asr))
+        if value is not None
+    ]
+    if row.asr_retuned is not None:
+        parts.append(f"ASR retuned {row.asr_retuned * 100:.2f}%")
+    if row.seconds is not None:
+        parts.append(f"{row.seconds:.0f} s")
+    return f"{head}: " + ", ".join(parts)
 
 
 def run_benchmark(

@@ -13,7 +13,7 @@ from test_plugin_system import Throwaway
 
 from backdoor_toolkit import backdoor
 from backdoor_toolkit.artifacts import ArtifactCache
-from backdoor_toolkit.benchmark import run_benchmark
+from backdoor_toolkit.benchmark import cell_line, run_benchmark
 from backdoor_toolkit.cells import load_run_dataset, plan_grid
 from backdoor_toolkit.leaderboard import (
     build_leaderboard,
@@ -92,3 +92,16 @@ def test_no_purifier_may_take_the_reference_rows_name() -> None:
 
     with pytest.raises(PluginError, match=r"'clean-model' is reserved for purifiers"):
         check_plugin_class(CleanModelDefense, "purifier")
+
+
+def test_a_grid_in_a_log_file_writes_a_line_per_cell(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.delenv("BDTK_QUIET", raising=False)
+    config = tiny(threads=1, defenses=[], seeds=[0], clean_reference=True, cache_dir=str(tmp_path))
+    rows = run_benchmark(config)
+    err = capsys.readouterr().err
+    assert [r.defense for r in rows] == [UNDEFENDED, CLEAN_MODEL]
+    assert "[1/2] none vs badnets seed 0: BA " in err and "[2/2] clean-model vs badnets seed 0: BA " in err
+    failed = rows[0].model_copy(update={"status": "failed", "error": "out of memory\ntrace"})
+    assert cell_line(failed, 3, 9) == "[3/9] none vs badnets seed 0: failed: out of memory"
