@@ -8,6 +8,7 @@ a setting with the defender's clean budget drawn for each, the same way for ever
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,3 +102,21 @@ def bench_models(
         victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, cache)
         data = draw_defense_data(dataset, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, seed)
         yield BenchModel(name, name, victim.model, data, dataset.test, attack, device)
+
+
+def cached_bench_models(specs: list[str]) -> Iterator[tuple[BenchModel, int]]:
+    """The cached bench models named `ATTACK:SEED` (or `clean:SEED`; seed 0 when left out), each
+    with its seed; a model not in the cache is skipped with a note, nothing is trained."""
+    for spec in specs:
+        name, _, seed_text = spec.partition(":")
+        seed = int(seed_text or 0)
+        for m in bench_models(bench_config(), [name], seed, cached_only=True):
+            yield m, seed
+
+
+def append_record(out: Path, record: dict[str, Any]) -> None:
+    """Print one measurement as a JSON line and append it to `out`, so nothing is lost on a stop."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    with out.open("a") as fh:
+        fh.write(line + "\n")

@@ -27,7 +27,6 @@ can be recomputed without rescanning. Each model's record is appended to `--outp
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from torch import Tensor
 from backdoor_toolkit import InversionResult, create_inverter
 from backdoor_toolkit.data import to_float
 from backdoor_toolkit.training import seed_everything
-from benchmarks.setting import BenchModel, bench_config, bench_models
+from benchmarks.setting import BenchModel, append_record, cached_bench_models
 
 CACHE = Path("bdtk-results/inversions")
 
@@ -102,39 +101,32 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for spec in args.model:
-        name, _, seed_text = spec.partition(":")
-        seed = int(seed_text or 0)
-        for m in bench_models(bench_config(), [name], seed, cached_only=True):
-            result = inversion(m, seed, args.inverter)
-            val = m.data.val
-            clean = features(m, to_float(val.images))
-            centroids = torch.stack(
-                [clean[val.labels == c].mean(0) for c in range(int(val.labels.max()) + 1)]
-            )
-            spread = torch.stack(
-                [
-                    (clean[val.labels == c] - centroids[c]).norm(dim=1).pow(2).mean().sqrt()
-                    for c in range(len(centroids))
-                ]
-            )
-            median = float(torch.quantile(result.mask_norms.double(), 0.5))
-            classes = []
-            for i, k in enumerate(result.classes):
-                row = {"k": k, "share": round(float(result.mask_norms[i]) / median, 3)}
-                row.update(class_signals(m, result, k, centroids, spread))
-                classes.append(row)
-            record = {
-                "model": m.name,
-                "seed": seed,
-                "inverter": args.inverter,
-                "true_target": m.true_target,
-                "flagged": result.flagged,
-                "classes": classes,
-            }
-            print(json.dumps(record), flush=True)
-            with out.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+    for m, seed in cached_bench_models(args.model):
+        result = inversion(m, seed, args.inverter)
+        val = m.data.val
+        clean = features(m, to_float(val.images))
+        centroids = torch.stack([clean[val.labels == c].mean(0) for c in range(int(val.labels.max()) + 1)])
+        spread = torch.stack(
+            [
+                (clean[val.labels == c] - centroids[c]).norm(dim=1).pow(2).mean().sqrt()
+                for c in range(len(centroids))
+            ]
+        )
+        median = float(torch.quantile(result.mask_norms.double(), 0.5))
+        classes = []
+        for i, k in enumerate(result.classes):
+            row = {"k": k, "share": round(float(result.mask_norms[i]) / median, 3)}
+            row.update(class_signals(m, result, k, centroids, spread))
+            classes.append(row)
+        record = {
+            "model": m.name,
+            "seed": seed,
+            "inverter": args.inverter,
+            "true_target": m.true_target,
+            "flagged": result.flagged,
+            "classes": classes,
+        }
+        append_record(out, record)
 
 
 if __name__ == "__main__":

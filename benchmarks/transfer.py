@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from backdoor_toolkit.data import ImageData
 from backdoor_toolkit.metrics import accuracy, predict
 from backdoor_toolkit.models import create_model
 from backdoor_toolkit.training import TrainingSettings, seed_everything, train_classifier
-from benchmarks.setting import BenchModel, bench_config, bench_models
+from benchmarks.setting import BenchModel, append_record, bench_config, bench_models, cached_bench_models
 from benchmarks.signals import inversion
 
 REFERENCES = ["other-clean", "budget", "distilled", "finetuned"]
@@ -124,53 +123,48 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for spec in args.model:
-        name, _, seed_text = spec.partition(":")
-        seed = int(seed_text or 0)
-        for m in bench_models(bench_config(), [name], seed, cached_only=True):
-            refs: dict[str, ImageClassifier] = {}
-            seconds: dict[str, float] = {}
-            accuracies: dict[str, float] = {}
-            for kind in args.reference or REFERENCES:
-                start = time.perf_counter()
-                refs[kind] = reference(kind, m, seed, args)
-                seconds[kind] = round(time.perf_counter() - start, 1)
-                accuracies[kind] = accuracy(refs[kind], m.test, m.device)
-            result = inversion(m, seed, "blend-inversion")
-            median = float(torch.quantile(result.mask_norms.double(), 0.5))
-            classes: list[dict[str, Any]] = []
-            for i, k in enumerate(result.classes):
-                row: dict[str, Any] = {
-                    "k": k,
-                    "share": round(float(result.mask_norms[i]) / median, 3),
-                    "self": round(success(m.model, m.test, result, k, m.device), 4),
-                }
-                row.update(
-                    {kind: round(success(ref, m.test, result, k, m.device), 4) for kind, ref in refs.items()}
-                )
-                classes.append(row)
-            if args.profile:
-                if "budget" not in refs:
-                    raise SystemExit("--profile scans the budget reference: add --reference budget")
-                seed_everything(seed)
-                prior = create_inverter("blend-inversion", seed=seed).invert(refs["budget"], m.data)
-                ratio = result.mask_norms.double() / prior.mask_norms.double()
-                index = anomaly_index(ratio, log=True)
-                for row, r, i in zip(classes, ratio.tolist(), index.tolist(), strict=True):
-                    row["ratio_share"] = round(r / float(torch.quantile(ratio, 0.5)), 3)
-                    row["ratio_index"] = round(i, 2)
-            record = {
-                "model": m.name,
-                "seed": seed,
-                "true_target": m.true_target,
-                "flagged": result.flagged,
-                "reference_accuracy": accuracies,
-                "reference_seconds": seconds,
-                "classes": classes,
+    for m, seed in cached_bench_models(args.model):
+        refs: dict[str, ImageClassifier] = {}
+        seconds: dict[str, float] = {}
+        accuracies: dict[str, float] = {}
+        for kind in args.reference or REFERENCES:
+            start = time.perf_counter()
+            refs[kind] = reference(kind, m, seed, args)
+            seconds[kind] = round(time.perf_counter() - start, 1)
+            accuracies[kind] = accuracy(refs[kind], m.test, m.device)
+        result = inversion(m, seed, "blend-inversion")
+        median = float(torch.quantile(result.mask_norms.double(), 0.5))
+        classes: list[dict[str, Any]] = []
+        for i, k in enumerate(result.classes):
+            row: dict[str, Any] = {
+                "k": k,
+                "share": round(float(result.mask_norms[i]) / median, 3),
+                "self": round(success(m.model, m.test, result, k, m.device), 4),
             }
-            print(json.dumps(record), flush=True)
-            with out.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            row.update(
+                {kind: round(success(ref, m.test, result, k, m.device), 4) for kind, ref in refs.items()}
+            )
+            classes.append(row)
+        if args.profile:
+            if "budget" not in refs:
+                raise SystemExit("--profile scans the budget reference: add --reference budget")
+            seed_everything(seed)
+            prior = create_inverter("blend-inversion", seed=seed).invert(refs["budget"], m.data)
+            ratio = result.mask_norms.double() / prior.mask_norms.double()
+            index = anomaly_index(ratio, log=True)
+            for row, r, i in zip(classes, ratio.tolist(), index.tolist(), strict=True):
+                row["ratio_share"] = round(r / float(torch.quantile(ratio, 0.5)), 3)
+                row["ratio_index"] = round(i, 2)
+        record = {
+            "model": m.name,
+            "seed": seed,
+            "true_target": m.true_target,
+            "flagged": result.flagged,
+            "reference_accuracy": accuracies,
+            "reference_seconds": seconds,
+            "classes": classes,
+        }
+        append_record(out, record)
 
 
 if __name__ == "__main__":
