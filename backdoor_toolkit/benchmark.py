@@ -59,8 +59,7 @@ def cell_line(row: CellResult, done: int, total: int) -> str:
     """`[done/total] DEFENSE vs ATTACK seed S: BA …, ASR …, … s`, or the failure's first line."""
     head = f"[{done}/{total}] {row.defense_label} vs {row.attack_label} seed {row.seed}"
     if row.status == "failed":
-        first = (row.error or "no message").strip().splitlines() or ["no message"]
-        return f"{head}: failed: {first[0]}"
+        return f"{head}: failed: {row.error_line}"
     parts = [
         f"{name} {value * 100:.2f}%"
         for name, value in (("BA", row.ba), ("ASR", row.asr))

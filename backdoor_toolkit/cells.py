@@ -26,7 +26,7 @@ from .config import BenchmarkConfig, PluginChoice, config_hash
 from .console import console
 from .data import Dataset, DefenseData, dataset_spec, draw_defense_data, load_dataset, stratified_subset
 from .errors import BdtkError, UnknownNameError
-from .interfaces import Purifier
+from .interfaces import Attack, Purifier
 from .metrics import Scores, attack_scores, der, measure
 from .models import available_models, check_capabilities, create_model
 from .plugins import PluginInfo, ResolvedPlugin, create_attack, create_purifier, resolve_plugin
@@ -257,10 +257,16 @@ def _prepare_victim(config: BenchmarkConfig, plan: VictimPlan) -> VictimState:
     )
 
 
+def _restore_attack(config: BenchmarkConfig, plan: VictimPlan, state: VictimState) -> Attack:
+    """The plan's attack with the trigger state its backdoored model was trained against."""
+    attack = create_attack(plan.attack, spec=grid_dataset(config, plan.dataset).spec, seed=plan.seed)
+    attack.load_trigger_state(state.trigger_state)
+    return attack
+
+
 def _restore(config: BenchmarkConfig, plan: VictimPlan, state: VictimState) -> BackdooredModel:
     dataset = grid_dataset(config, plan.dataset)
-    attack = create_attack(plan.attack, spec=dataset.spec, seed=plan.seed)
-    attack.load_trigger_state(state.trigger_state)
+    attack = _restore_attack(config, plan, state)
     model = create_model(plan.model, dataset.spec)
     model.load_state_dict(state.model_state)
     device = resolve_device(config.device)
@@ -412,7 +418,7 @@ def _clean_reference(
         with measure(device) as usage:
             model = clean_model(dataset, plan.model, plan.seed, config.training, device, cache)
         check_finite(model, "the clean reference model")
-        attack = _restore(config, plan, state).attack
+        attack = _restore_attack(config, plan, state)
         scores = attack_scores(model, dataset.test, attack.apply_trigger, attack.target_labels, device)
     except (Exception, SystemExit) as exc:
         return failed_cell(config, plan, cell, exc)

@@ -91,6 +91,12 @@ class CellResult(BaseModel):
     def defense_label(self) -> str:
         return join_preset(self.defense, self.defense_preset)
 
+    @property
+    def error_line(self) -> str:
+        """The error's first non-empty line (a traceback's tail stays in `notes`), for one-line reports."""
+        lines = (self.error or "").strip().splitlines()
+        return lines[0] if lines else "no message"
+
     @model_validator(mode="before")
     @classmethod
     def _versioned(cls, data: Any) -> Any:

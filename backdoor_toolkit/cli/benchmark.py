@@ -287,8 +287,7 @@ def failure_summary(failed: list[CellResult], total: int) -> str:
     """One line: how many cells failed, grouped by cell and first line of the error."""
     groups: dict[str, int] = {}
     for row in failed:
-        first = (row.error or "no message").strip().splitlines()[0]
-        key = f"{row.defense_label} vs {row.attack_label}: {first[:120]}"
+        key = f"{row.defense_label} vs {row.attack_label}: {row.error_line[:120]}"
         groups[key] = groups.get(key, 0) + 1
     parts = [f"{key}" + (f" (×{n})" if n > 1 else "") for key, n in groups.items()]
     shown = "; ".join(parts[:3]) + (f"; and {len(parts) - 3} more" if len(parts) > 3 else "")

@@ -352,8 +352,7 @@ def _gaps(scenario: str, group: list[_Cell]) -> list[Gap]:
                 if row is None:
                     out.append(Gap(scenario, attack, seed, defense, MISSING))
                 elif row.status == "failed":
-                    first = (row.error or "no message").strip().splitlines() or ["no message"]
-                    out.append(Gap(scenario, attack, seed, defense, first[0]))
+                    out.append(Gap(scenario, attack, seed, defense, row.error_line))
     return out
 
 
