@@ -22,6 +22,7 @@ from pathlib import Path
 
 from backdoor_toolkit.cells import plan_grid
 from backdoor_toolkit.config import BenchmarkConfig
+from backdoor_toolkit.errors import BdtkError
 from backdoor_toolkit.leaderboard import build_leaderboard, to_html, to_markdown
 from backdoor_toolkit.leaderboard.aggregation import Leaderboard
 from backdoor_toolkit.results import CellResult
@@ -78,9 +79,17 @@ def main() -> int:
     parser.add_argument("--min-seeds", type=int, default=2)
     parser.add_argument("--status", action="store_true", help="Report progress only; write nothing")
     args = parser.parse_args()
-    expected = expected_cells(args.suite)
-    with ResultStore(args.db, write=False) as store:
-        stored = {r.config_hash: r for r in store.rows()}
+    if not args.db.exists():
+        raise SystemExit(
+            f"No result database at {args.db}; grow it with "
+            f"`bdtk benchmark --suite {args.suite} --db {args.db}`."
+        )
+    try:
+        expected = expected_cells(args.suite)
+        with ResultStore(args.db, write=False) as store:
+            stored = {r.config_hash: r for r in store.rows()}
+    except BdtkError as exc:  # an unknown suite, a bad or foreign database: one line
+        raise SystemExit(str(exc)) from None
     complete = []
     for seed, hashes in sorted(expected.items()):
         have = [stored[h] for h in hashes if h in stored]

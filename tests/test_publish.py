@@ -55,3 +55,14 @@ def test_publishes_complete_seeds_only(
     assert readme.startswith("intro\n") and readme.endswith("rest\n") and "not yet" not in readme
     assert "| 1 | finetune |" in readme and "| — | clean-model |" in readme
     assert "<p>Grown with" in (tmp_path / "docs" / "s.html").read_text()
+
+
+def test_bad_input_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"^No result database at .*nothere\.sqlite"):
+        monkeypatch.setattr(sys, "argv", ["publish", "--db", str(tmp_path / "nothere.sqlite")])
+        publish.main()
+    assert not (tmp_path / "nothere.sqlite").exists()
+    (tmp_path / "r.sqlite").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["publish", "--suite", "nope", "--db", str(tmp_path / "r.sqlite")])
+    with pytest.raises(SystemExit, match=r"Unknown suite 'nope'\. Available: .*paper"):
+        publish.main()
