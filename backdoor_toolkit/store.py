@@ -113,6 +113,8 @@ class ResultStore:
         self._write = write
         if write:
             self._check_writable()
+        elif not self.path.exists():  # a reader never creates the file (sqlite3.connect would)
+            raise StoreError(f"No result database at {self.path}; run `bdtk benchmark` first (or pass --db).")
         try:
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         except sqlite3.Error as exc:

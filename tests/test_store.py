@@ -145,3 +145,9 @@ def test_a_row_stored_before_schema_versions_still_validates() -> None:
     assert row.schema_version == 1 < SCHEMA_VERSION
     assert row.defense_label == "mcldef:paper" and row.ba is not None and row.provenance.bdtk
     assert CellResult.model_validate(row.model_dump()) == row  # and round-trips as version 1
+
+
+def test_a_reader_never_creates_a_missing_database(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"^No result database at .*absent\.sqlite"):
+        ResultStore(tmp_path / "absent.sqlite", write=False)
+    assert not (tmp_path / "absent.sqlite").exists()
