@@ -9,7 +9,7 @@ from .config import StrictConfig, build_config
 from .data import DataSpec, DefenseData, ImageData, to_float
 from .errors import BdtkError, ConfigError, ModelRequirementError
 from .finetuning import FineTuneConfig, fine_tune
-from .hookspecs import hookimpl
+from .hookspecs import Register, hookimpl
 from .image_folders import FolderImages, load_image_folder
 from .interfaces import (
     Attack,
@@ -97,6 +97,7 @@ __all__ = [
     "PurificationResult",
     "Purifier",
     "PurifyReport",
+    "Register",
     "StrictConfig",
     "TrainingSettings",
     "Trigger",

@@ -1,11 +1,13 @@
-"""Write docs/reference/cli.md and docs/reference/hooks.md from the code, so they cannot drift.
+"""Write docs/reference/cli.md, hooks.md and config.md from the code, so they cannot drift.
 
-    python docs/generate_reference.py          # rewrite both files
+    python docs/generate_reference.py          # rewrite the three files
     python docs/generate_reference.py --check  # exit 1 when a committed file is stale
 
 The CLI reference walks the click command tree that typer builds from `backdoor_toolkit.cli.app`
 (every command, its help, arguments and options with types and defaults); the hook reference
-reads `backdoor_toolkit.hookspecs` and the plugin base classes in `backdoor_toolkit.interfaces`.
+reads `backdoor_toolkit.hookspecs` and the plugin base classes in `backdoor_toolkit.interfaces`;
+the config reference lists every field of a benchmark config file (`BenchmarkConfig` and the
+models it nests).
 Nothing depends on the terminal or on which plugins are installed. `tests/test_docs_reference.py`
 fails when the committed files differ from a fresh rendering.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import sys
 import types
 import typing
@@ -165,9 +168,56 @@ def _type(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("backdoor_toolkit.models.base.", "")
 
 
+def _bounds(field: Any) -> str:
+    symbols = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "len ≥", "max_length": "len ≤"}
+    return ", ".join(
+        f"{symbol} {getattr(item, attr)}"
+        for item in field.metadata
+        for attr, symbol in symbols.items()
+        if getattr(item, attr, None) is not None
+    )
+
+
+def _config_table(model: Any) -> str:
+    from pydantic_core import to_jsonable_python
+
+    from backdoor_toolkit.cli.plugins import type_name
+
+    rows = ["| field | type | default | bounds | description |\n|---|---|---|---|---|\n"]
+    for name, field in model.model_fields.items():
+        value = field.get_default(call_default_factory=True)
+        default = "required" if field.is_required() else f"`{json.dumps(to_jsonable_python(value))}`"
+        rows.append(
+            f"| `{name}` | {_cell(type_name(field.annotation))} | {_cell(default)} | {_cell(_bounds(field))} "
+            f"| {_cell(field.description or '')} |\n"
+        )
+    return "".join(rows)
+
+
+def render_config() -> str:
+    """The fields of a benchmark config file (`bdtk benchmark --config FILE`, suites)."""
+    from backdoor_toolkit.config import BenchmarkConfig, PluginChoice, RetuneConfig, TrainingConfig
+
+    parts = [
+        HEADER,
+        "# Benchmark config reference\n\n",
+        "A `--config` file (TOML or JSON) and a suite hold exactly the fields of `BenchmarkConfig`; an "
+        "unknown field is an error. Command-line options override the file's values. `attacks` and "
+        "`defenses` are lists of plugin choices, each a string (`NAME` or `NAME:PRESET`) or a table "
+        "(`PluginChoice`); `training` and `retune` are tables.\n",
+    ]
+    for model in (BenchmarkConfig, PluginChoice, TrainingConfig, RetuneConfig):
+        parts.append(f"\n## `{model.__name__}`\n\n{_doc(model)}\n\n{_config_table(model)}")
+    return "".join(parts)
+
+
 def render() -> dict[Path, str]:
     """Every generated file and its content."""
-    return {DOCS / "reference" / "cli.md": render_cli(), DOCS / "reference" / "hooks.md": render_hooks()}
+    return {
+        DOCS / "reference" / "cli.md": render_cli(),
+        DOCS / "reference" / "hooks.md": render_hooks(),
+        DOCS / "reference" / "config.md": render_config(),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -118,3 +118,43 @@ def test_attack_command_rebuilds_a_tampered_cache_entry(
     )
     assert "trained in" in output and "Traceback" not in output and trained == ["badnets", "badnets"]
     assert "loaded from cache" in " ".join(runner.invoke(app, args).output.split())
+
+
+def test_attack_exports_a_victim_that_purify_measures(tmp_path: Path) -> None:
+    """`bdtk attack --export DIR` writes a victim whose backdoored test set is the attack's own
+    triggered non-target test images; `bdtk purify DIR` then reports ASR on it, and a second export
+    into the same folder is refused before anything trains."""
+    from backdoor_toolkit.victims import load_victim
+
+    out = tmp_path / "victim"
+    cache = tmp_path / "cache"
+    args = ["attack", "--attack", "badnets", *TINY, "--cache-dir", str(cache), "--threads", "1"]
+    args += ["--grid", str(tmp_path / "g.png"), "--export", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Victim written to" in " ".join(result.output.split())
+    (meta,) = cache.glob("*.json")
+    assert json.loads(meta.read_text())["metadata"]["torch_threads"] == 1  # --threads reached training
+
+    victim = load_victim(out)
+    bd = victim.bd_test
+    assert bd.labels is not None and bd.index is not None
+    assert bd.targets.eq(0).all() and bd.labels.ne(0).all()  # BadNets' target 0, non-target images only
+    assert len(bd) == int(victim.clean_test.labels.ne(0).sum())
+    assert bd.images.dtype == torch.uint8
+    # the stamped corner differs from the clean test image it came from; the rest of it does not
+    clean = victim.clean_test.images[bd.index]
+    assert not torch.equal(bd.images, clean)
+    assert victim.source["targets"] == [0] and victim.source["tool"] == "bdtk attack"
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output and "Training" not in again.output
+
+    purified = tmp_path / "p.safetensors"
+    purify = runner.invoke(
+        app, ["purify", str(out), "-d", "finetune", "--set", "epochs=1", "--out", str(purified)]
+    )
+    assert purify.exit_code == 0, purify.output
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    asr_before, _ = bd.success(victim.model, torch.device("cpu"))
+    assert report["backdoor"]["asr_before"] == pytest.approx(asr_before)

@@ -19,6 +19,7 @@ from backdoor_toolkit import (
     PluginMeta,
     PurificationResult,
     Purifier,
+    Register,
     StrictConfig,
     hookimpl,
 )
@@ -48,7 +49,7 @@ class ZeroHead(Purifier):
 
 class _Plugin:
     @hookimpl
-    def register_purifiers(self, register):  # type: ignore[no-untyped-def]
+    def register_purifiers(self, register: Register) -> None:
         register(ZeroHead)
 
 
@@ -71,6 +72,46 @@ def test_plugins_json_lists_kind_name_distribution_version(zero_head: None) -> N
     rows = {(p["kind"], p["name"]): p for p in json.loads(result.stdout)["plugins"]}
     assert rows[("purifier", "zero-head")]["distribution"] == "(in-process)"
     assert rows[("attack", "badnets")]["version"]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_listings_never_cut_a_name_at_narrow_widths(
+    zero_head: None, width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plugin, preset, field and model names are what a user types next: at 80 columns every one
+    appears whole in `bdtk plugins`, `bdtk plugins show` and `bdtk models`, and no line is wider
+    than the terminal; only prose folds."""
+    from rich.console import Console
+
+    from backdoor_toolkit.cli import plugins as plugins_cli
+    from backdoor_toolkit.cli import zoo
+    from backdoor_toolkit.models import available_models
+
+    for module, attr in ((plugins_cli, "out"), (zoo, "console")):
+        monkeypatch.setattr(module, attr, Console(width=width, highlight=False, color_system=None))
+    listing = runner.invoke(app, ["plugins"])
+    assert listing.exit_code == 0, listing.output
+    lines = listing.stdout.splitlines()
+    assert max(len(line) for line in lines) <= width
+    words = listing.stdout.split()
+    for info in get_registry().all():
+        assert info.name in words, info.name  # whole, as its own word
+        assert all(f"{preset}," in words or preset in words for preset in info.cls.presets)
+    assert "(in-process)" in listing.stdout and "…" not in listing.stdout
+
+    shown = runner.invoke(app, ["plugins", "show", "mcldef"])
+    assert shown.exit_code == 0, shown.output
+    assert max(len(line) for line in shown.stdout.splitlines()) <= width
+    from backdoor_toolkit.plugins import get_plugin
+
+    fields = get_plugin("purifier", "mcldef").cls.Config.model_fields
+    shown_words = shown.stdout.split()
+    assert all(name in shown_words for name in fields)
+    assert "FieldInfo" not in shown.stdout  # types as a user writes them, not pydantic's repr
+    assert "str | list[str]" in " ".join(shown_words)
+
+    models = runner.invoke(app, ["models"])
+    assert all(entry.name in models.stdout.split() for entry in available_models())
 
 
 def test_throwaway_plugin_runs_in_benchmark(zero_head: None, tmp_path: Path) -> None:
@@ -167,7 +208,7 @@ class _Malformed:
         register(PlainConfigAttack)
 
     @hookimpl
-    def register_purifiers(self, register):  # type: ignore[no-untyped-def]
+    def register_purifiers(self, register: Register) -> None:
         register(SecondFinetune)
 
 

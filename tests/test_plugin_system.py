@@ -254,13 +254,16 @@ def test_reset_forgets_in_process_plugins(bdtk_isolated_plugins: None) -> None:
     assert "clp" in get_registry().by_kind["purifier"]
 
 
-def test_show_prints_metadata_and_schema() -> None:
+def test_show_prints_metadata_fields_and_schema() -> None:
     result = bdtk("plugins", "show", "clp")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     assert "purifier clp" in text and "Data-Free Backdoor Removal Based on Channel Lipschitzness" in text
-    assert '"additionalProperties": false' in text and '"maximum": 20.0' in text
+    assert "u float = 3.0 (≥ 0.0, ≤ 20.0)" in text  # the field's type, default and bounds
+    assert "--json" in text  # where the JSON schema is
     payload = json.loads(bdtk("plugins", "show", "clp", "--json").stdout)
+    assert payload[0]["config_schema"]["additionalProperties"] is False
+    assert payload[0]["config_schema"]["properties"]["u"]["maximum"] == 20.0
     assert [p["kind"] for p in payload] == ["purifier"]
     assert payload[0]["meta"]["year"] == 2022 and payload[0]["meta"]["requires"] == ["batchnorm"]
     assert payload[0]["config_schema"]["properties"]["u"]["default"] == 3.0

@@ -14,6 +14,7 @@ from ..console import console
 from ..data import ImageData, to_float
 from ..metrics import attack_scores
 from ..training import resolve_device
+from ..victims import check_output_dir
 from .common import (
     CacheDirOption,
     DataDirOption,
@@ -21,11 +22,13 @@ from .common import (
     DownloadOption,
     SeedOption,
     SetOption,
+    ThreadsOption,
     app,
     split_settings,
     user_errors,
+    with_threads,
 )
-from .victim import load_victim, victim_config
+from .victim import export_victim, load_victim, victim_config
 
 
 def sample_per_class(test: ImageData, count: int) -> Tensor:
@@ -61,6 +64,7 @@ def write_grid(path: Path, clean: Tensor, triggered: Tensor, scale: int = 4) -> 
 
 @app.command()
 @user_errors
+@with_threads
 def attack(
     attack: Annotated[
         str, typer.Option("--attack", "-a", help="Attack plugin, NAME or NAME:PRESET (see `bdtk plugins`)")
@@ -80,8 +84,20 @@ def attack(
         "bdtk-results/trigger.png"
     ),
     images: Annotated[int, typer.Option(min=1, max=64, help="Test images in the grid")] = 10,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the backdoored model as a victim folder (weights, clean data, triggered test "
+            "images), for `bdtk purify DIR` and `bdtk benchmark --victim DIR`",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --export folder")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train (or load from the cache) a backdoored model, print BA/ASR/RA and write a trigger grid."""
+    if export is not None:
+        check_output_dir(export, force)  # before training: a refused folder wastes no compute
     cfg = victim_config(
         "attack",
         attack,
@@ -110,3 +126,10 @@ def attack(
         triggered = instance.apply_trigger(clean).clamp(0, 1)
     write_grid(grid, clean.cpu(), triggered.cpu())
     console.print(f"Trigger grid (rows: clean, triggered, |difference| stretched) written to {grid}")
+    if export is not None:
+        content_hash, bd_test = export_victim(export, cfg, data, instance, victim, force)
+        asr, _ = bd_test.success(victim.model, run_device)
+        console.print(
+            f"Victim written to {export} (content hash {content_hash[:12]}; {len(bd_test)} triggered test "
+            f"images stored as 8-bit, ASR on them {100 * asr:.2f}%). Next: bdtk purify {export} --out FILE"
+        )

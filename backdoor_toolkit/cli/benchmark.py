@@ -318,9 +318,11 @@ def results_table(rows: list[CellResult]) -> Table:
     )
     retuned = any(r.retune for r in rows)  # "ASR rt": ASR after the re-tuning attack, when it was on
     columns = (*varying, "attack", "defense", "seed", "BA", "ASR", *(["ASR rt"] if retuned else []), "RA")
-    columns = (*columns, "DER", "sec", "MB")
+    # "+MB": memory the defense added to the process at its peak (RSS on CPU); 0 when it fit in pages
+    # the process already held from training, which is common on CPU
+    columns = (*columns, "DER", "sec", "+MB")
     for col in columns:
-        right = col[0].isupper() or col in ("seed", "sec")
+        right = col[0].isupper() or col in ("seed", "sec", "+MB")
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     for r in rows:
         head = [str(getattr(r, k)) for k in varying] + [r.attack_label, r.defense_label, str(r.seed)]

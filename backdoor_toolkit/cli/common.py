@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from ..console import console
 from ..errors import BdtkError, ConfigError
+from ..training import torch_threads
 
 app = typer.Typer(
     help="bdtk: attack, inspect and purify backdoored image classifiers; benchmark defenses.",
@@ -51,6 +52,34 @@ SeedOption = Annotated[
     int, typer.Option(help="Seed of everything drawn or trained (poisoning, training, budget, inversion)")
 ]
 SeedsOption = Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable)")]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=1024,
+        help="Torch CPU threads (default: torch's own, i.e. the cores or OMP_NUM_THREADS). A trained model's "
+        "cache key records the count, since floats differ with it: `bdtk benchmark` trains with 2, so "
+        "`--threads 2` reuses its models",
+        show_default=False,
+    ),
+]
+
+
+def with_threads(fn: F) -> F:
+    """Run a command that takes `threads: ThreadsOption` with that many torch threads, restoring the
+    count afterwards (commands also run inside one process: tests, notebooks); torch's default when
+    the option is not given."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        count = kwargs.get("threads")
+        if count is None:
+            return fn(*args, **kwargs)
+        with torch_threads(count):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 # --- the model and data options of the commands that take a user's model file (inspect, purify) ----
 

@@ -49,10 +49,12 @@ from .common import (
     SeedOption,
     SetOption,
     StdOption,
+    ThreadsOption,
     ValFractionOption,
     app,
     split_settings,
     user_errors,
+    with_threads,
 )
 from .purify import ModelOptions, describe_model, load_user_model
 from .victim import load_victim, victim_config
@@ -164,6 +166,7 @@ def diagnostics_lines(result: InversionResult) -> list[str]:
 
 @app.command()
 @user_errors
+@with_threads
 def inspect(
     model_path: Annotated[
         Path | None,
@@ -216,6 +219,7 @@ def inspect(
         float | None, typer.Option(help="Anomaly index threshold (the inverter's `threshold` setting)")
     ] = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     cache_dir: CacheDirOption = None,

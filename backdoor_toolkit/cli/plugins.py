@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ..console import console
 from ..plugins import PluginInfo, find_plugins, get_plugin, get_registry
 from .common import app, user_errors
+from .listing import listing_table
 
 plugins_app = typer.Typer(help="List registered plugins, or show one with `plugins show NAME`.")
 app.add_typer(plugins_app, name="plugins")
@@ -41,19 +42,18 @@ def plugins(
         }
         typer.echo(json.dumps(payload, indent=2))
         return
-    table = Table(title="bdtk plugins")
-    for col in ("kind", "name", "distribution", "version", "presets", "summary"):
-        table.add_column(col)
+    # one table per distribution: where a plugin comes from is its table's title, which leaves the
+    # row's width to the names a user types and to the summary
+    by_distribution: dict[tuple[str, str], list[PluginInfo]] = {}
     for info in registry.all():
-        table.add_row(
-            info.kind,
-            info.name,
-            info.source.distribution,
-            info.source.version,
-            ", ".join(info.cls.presets),
-            info.cls.meta.summary,
+        by_distribution.setdefault((info.source.distribution, info.source.version), []).append(info)
+    for (distribution, version), infos in by_distribution.items():
+        table = listing_table(
+            f"{distribution} {version}", names=("kind", "name", "presets"), prose=("summary",)
         )
-    out.print(table)
+        for info in infos:
+            table.add_row(info.kind, info.name, ", ".join(info.cls.presets), escape(info.cls.meta.summary))
+        out.print(table)
     for failure in registry.failures:
         what = "Name clash in" if failure.clash else "Failed to load"
         console.print(
@@ -93,8 +93,30 @@ def _constraints(field: FieldInfo) -> str:
 
 
 def _type_name(field: FieldInfo) -> str:
-    annotation = field.annotation
-    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    return type_name(field.annotation)
+
+
+def type_name(annotation: Any) -> str:
+    """A config field's type as a user writes it: `str | list[str]`, `one of: a, b`, `int`.
+
+    Pydantic's own repr of an annotated union runs to several hundred characters of FieldInfo.
+    """
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in args)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(arg) for arg in args)
+    if origin is not None:
+        inner = ", ".join(type_name(arg) for arg in args)
+        base = getattr(origin, "__name__", str(origin))
+        return f"{base}[{inner}]" if inner else base
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
 
 
 def _print_plugin(info: PluginInfo) -> None:
@@ -115,28 +137,35 @@ def _print_plugin(info: PluginInfo) -> None:
             out.print(f"  {key + ':':14} {value}")
     fields = info.cls.Config.model_fields
     if fields:
-        table = Table(title=f"{info.name} config (set with --set {info.name}.FIELD=VALUE)")
-        for col in ("field", "type", "default", "constraints", "description"):
-            table.add_column(col)
+        table = listing_table(
+            f"{info.name} config (set with --set {info.name}.FIELD=VALUE)",
+            names=("field",),
+            prose=("type = default (bounds), description",),
+        )
         for name, field in fields.items():
+            # type, default and bounds on one dim line above the description: four narrow columns
+            # would each fold to a few characters on an 80-column terminal
             default = field.get_default(call_default_factory=True)
-            table.add_row(
-                name, _type_name(field), json.dumps(default), _constraints(field), field.description
-            )
+            signature = f"{_type_name(field)} = {json.dumps(default)}"
+            if constraints := _constraints(field):
+                signature += f"  ({constraints})"
+            table.add_row(name, f"[dim]{escape(signature)}[/]\n{escape(field.description or '')}")
         out.print(table)
     presets = info.cls.presets
     if presets:
         flag = {"attack": "--attack", "purifier": "--defense"}.get(info.kind)
         how = f"with {flag} {info.name}:PRESET" if flag else f"as {info.name}:PRESET"
-        table = Table(title=f"{info.name} presets (choose one {how}; explicit values win over a preset's)")
-        for col in ("preset", "description", "values"):
-            table.add_column(col)
+        table = listing_table(
+            f"{info.name} presets (choose one {how}; explicit values win over a preset's)",
+            names=("preset",),
+            prose=("description", "values"),
+        )
         for name, preset in presets.items():
             values = "\n".join(f"{k}={json.dumps(v)}" for k, v in preset.values.items())
             table.add_row(f"{info.name}:{name}", escape(preset.description), escape(values))
         out.print(table)
-    out.print("Config JSON schema:")
-    out.print_json(json.dumps(info.cls.Config.model_json_schema()))
+    # the JSON schema's one-line strings would overrun any terminal; tools ask for it with --json
+    out.print(f"Config JSON schema: bdtk plugins show {info.name} --kind {info.kind} --json")
 
 
 @plugins_app.command("show")
@@ -149,7 +178,8 @@ def plugins_show(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output: a list (stable)")] = False,
 ) -> None:
-    """Print a plugin's metadata and its config's JSON schema (every kind using NAME, unless --kind)."""
+    """Print a plugin's metadata, config fields and presets (every kind using NAME, unless --kind);
+    --json adds the config's JSON schema."""
     matches = [get_plugin(kind, name)] if kind else find_plugins(name)
     if as_json:
         typer.echo(json.dumps([describe(info) for info in matches], indent=2))

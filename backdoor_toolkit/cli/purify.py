@@ -57,12 +57,14 @@ from .common import (
     SetOption,
     StdOption,
     TestDataOption,
+    ThreadsOption,
     ValFractionOption,
     app,
     check_writable,
     parse_floats,
     split_settings,
     user_errors,
+    with_threads,
 )
 
 
@@ -276,6 +278,7 @@ def numbers_table(report: PurifyReport) -> Table:
 
 @app.command()
 @user_errors
+@with_threads
 def purify(
     model_path: Annotated[
         Path,
@@ -316,6 +319,7 @@ def purify(
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Purify a model file with any defense on your clean images; write the weights and a report.
 
