@@ -110,15 +110,17 @@ class Attack(Plugin):
     (e.g. input-aware attacks that co-train a generator). `apply_trigger` is the test-time
     trigger used to measure ASR; state it needs (a generated pattern, a warp field, a generator)
     is saved with the backdoored model through `trigger_state` / `load_trigger_state`.
-    `training_batch` sees raw batches unless `poison_after_augment` is set: then the default
-    `fit` augments first, so a trigger that augmentation would distort (a warp) stays exact.
+    `training_batch` sees raw batches, which the training loop then augments, unless
+    `poisons_augmented_batches()` is true: then the default `fit` augments first and poisons the
+    augmented batch, so a trigger that augmentation would distort stays exact.
     """
 
     kind: ClassVar[Kind] = "attack"
     Config: ClassVar[type[StrictConfig]] = AttackConfig
     #: True for attacks that keep labels of poisoned samples (clean-label).
     clean_label: ClassVar[bool] = False
-    #: True for training-controlled attacks that poison augmented batches (as WaNet's paper does).
+    #: True for training-controlled attacks that poison augmented batches; an attack whose order
+    #: is a config choice overrides `poisons_augmented_batches` instead.
     poison_after_augment: ClassVar[bool] = False
     config: AttackConfig
 
@@ -191,10 +193,15 @@ class Attack(Plugin):
         """Called on every training batch; training-controlled attacks poison here."""
         return images, labels
 
+    def poisons_augmented_batches(self) -> bool:
+        """Whether `training_batch` sees augmented batches (True) or raw ones that are augmented
+        after it (False, the default)."""
+        return self.poison_after_augment
+
     def fit(self, model: ImageClassifier, data: PoisonedTrainingSet, settings: TrainingSettings) -> None:
         """Train `model` on the poisoned set; override to control the whole loop."""
         hook: BatchHook = self.training_batch
-        if self.poison_after_augment and settings.augment:
+        if self.poisons_augmented_batches() and settings.augment:
             gen = torch.Generator().manual_seed(self.seed + 1)
             hflip = settings.hflip
 

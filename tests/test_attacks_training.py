@@ -125,7 +125,42 @@ def test_poison_after_augment_hands_augmented_batches_to_the_hook() -> None:
     assert all(tuple(img.flatten().tolist()) in raw for img in seen_images(_RawRecorder))  # raw batches
 
 
+def test_wanet_warps_raw_batches_by_default_and_augmented_ones_on_request() -> None:
+    """The authors' order (warp, then augment) is the default; "after-augment" is the opt-in."""
+
+    data = ImageData(torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8), torch.arange(40) % 4)
+    raw = {tuple(img.flatten().tolist()) for img in data.float_images()}
+
+    def seen_images(order: str) -> list[Tensor]:
+        attack = make("wanet", SMALL, poison_rate=0.0, cross_ratio=0.0, warp_order=order)
+        seen: list[Tensor] = []
+        real_hook = attack.training_batch
+
+        def recording(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+            seen.append(images.clone())
+            return cast(tuple[Tensor, Tensor], real_hook(images, labels))
+
+        attack.training_batch = recording
+        attack.fit(create_model("small-cnn", SMALL), attack.poison_training_set(data), settings(augment=True))
+        return list(torch.cat(seen))
+
+    assert all(tuple(img.flatten().tolist()) in raw for img in seen_images("before-augment"))
+    augmented = seen_images("after-augment")
+    assert sum(tuple(img.flatten().tolist()) not in raw for img in augmented) > 20
+
+
 # --- input-aware -----------------------------------------------------------------------------
+
+
+def test_input_aware_density_loss_is_per_pixel_by_default() -> None:
+    from bdtk_attacks.input_aware import InputAwareConfig, density_penalty
+
+    one_saturated_pixel = torch.zeros(2, 1, 12, 12)
+    one_saturated_pixel[:, :, 0, 0] = 1.0  # mean 1/144, below the 0.032 density
+    assert InputAwareConfig().density_loss == "per-pixel"
+    assert float(density_penalty(one_saturated_pixel, 0.032, "mean")) == 0.0
+    expected = (1.0 - 0.032) / 144
+    assert abs(float(density_penalty(one_saturated_pixel, 0.032, "per-pixel")) - expected) < 1e-6
 
 
 def test_input_aware_diversity_loss() -> None:

@@ -13,6 +13,8 @@ Both generators are saved with the backdoored model (`trigger_state`).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -55,6 +57,11 @@ class InputAwareConfig(AttackConfig):
     mask_density: float = Field(
         default=0.032, gt=0.0, le=1.0, description="Mask area share above which the density loss acts"
     )
+    density_loss: Literal["per-pixel", "mean"] = Field(
+        default="per-pixel",
+        description="per-pixel: mean(relu(M − density)), the authors' code (an L1 push on every mask "
+        "pixel above the density); mean: relu(mean(M) − density), a bound on the mask's area only",
+    )
     mask_epochs: int = Field(default=2, ge=0, le=100, description="Epochs of mask-generator pre-training")
     generator_lr: float = Field(
         default=0.01, gt=0.0, le=1.0, description="Adam learning rate of the generators"
@@ -85,6 +92,14 @@ class TriggerGenerator(nn.Module):
 def _threshold(mask: Tensor) -> Tensor:
     """The paper's soft step: pushes the mask towards 0/1 while keeping gradients."""
     return torch.tanh(mask * 20 - 10) / (2 + EPS) + 0.5
+
+
+def density_penalty(masks: Tensor, density: float, kind: str) -> Tensor:
+    """The mask-size loss: per pixel (the authors' code) every mask value above `density` costs, so
+    a small but saturated mask is still pushed down; "mean" only bounds the average mask."""
+    if kind == "per-pixel":
+        return F.relu(masks - density).mean()
+    return F.relu(masks.mean() - density)
 
 
 def diversity(inputs: Tensor, others: Tensor, outputs: Tensor, other_outputs: Tensor) -> Tensor:
@@ -145,7 +160,7 @@ class InputAware(Attack):
                 others = x.roll(1, 0)
                 masks = _threshold(net(x))
                 other_masks = masks.roll(1, 0)  # the masks of `others`, without a second pass
-                density = F.relu(masks.mean() - c.mask_density)
+                density = density_penalty(masks, c.mask_density, c.density_loss)
                 loss = c.lambda_norm * density + c.lambda_div * diversity(x, others, masks, other_masks)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
