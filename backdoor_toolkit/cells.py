@@ -24,7 +24,15 @@ from .artifacts import ArtifactCache
 from .backdoor import BackdooredModel, backdoored_model, bdtk_version, clean_model
 from .config import BenchmarkConfig, PluginChoice, config_hash
 from .console import console
-from .data import Dataset, DefenseData, dataset_spec, draw_defense_data, load_dataset, stratified_subset
+from .data import (
+    Dataset,
+    DefenseData,
+    budget_exclusions,
+    dataset_spec,
+    draw_defense_data,
+    load_dataset,
+    stratified_subset,
+)
 from .errors import BdtkError, UnknownNameError
 from .interfaces import Attack, Purifier
 from .metrics import Scores, attack_scores, der, measure
@@ -153,7 +161,9 @@ class VictimPlan:
         """The fields every cell of this model shares (and its config hash covers).
 
         The preset is there only when one was chosen, so that cells without presets keep the
-        hashes they had before presets existed and stored grids still resume.
+        hashes they had before presets existed and stored grids still resume. A clean-label
+        attack's cells name the budget rule (`data.budget_exclusions`), so cells drawn under the
+        earlier rule, which avoided its poisoned images, are never resumed as if current.
         """
         base: dict[str, Any] = {
             "dataset": self.dataset,
@@ -164,6 +174,8 @@ class VictimPlan:
         }
         if self.attack.preset is not None:
             base["attack_preset"] = self.attack.preset
+        if getattr(self.attack.info.cls, "clean_label", False):
+            base["defense_budget"] = "clean originals of poisoned images included"
         return base
 
 
@@ -336,7 +348,11 @@ def _retuned(
         dataset = grid_dataset(config, plan.dataset)
         victim = _restore(config, plan, state)
         data = draw_defense_data(
-            dataset, state.poisoned_index, config.clean_ratio, config.val_fraction, plan.seed
+            dataset,
+            budget_exclusions(state.poisoned_index, victim.attack.clean_label),
+            config.clean_ratio,
+            config.val_fraction,
+            plan.seed,
         )
         outcome = retune_attack(
             victim.model if model is None else model,
@@ -381,7 +397,11 @@ def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: 
         dataset = grid_dataset(config, plan.dataset)
         victim = _restore(config, plan, state)
         data = draw_defense_data(
-            dataset, state.poisoned_index, config.clean_ratio, config.val_fraction, plan.seed
+            dataset,
+            budget_exclusions(state.poisoned_index, victim.attack.clean_label),
+            config.clean_ratio,
+            config.val_fraction,
+            plan.seed,
         )
         purifier = create_purifier(defense, seed=plan.seed, device=device)
         result, cost = run_defense(purifier, victim, data, device)

@@ -346,6 +346,20 @@ class DefenseData:
     index_val: Tensor
 
 
+def budget_exclusions(poisoned_index: Tensor, clean_label: bool) -> Tensor:
+    """The training positions the defender's clean budget must avoid, given the attack's poisoning.
+
+    A dirty-label attack relabelled its poisoned images, so the budget stays disjoint from them. A
+    clean-label attack (SIG) poisoned images of the target class under their true labels: their
+    clean originals are ordinary clean images of that class, and avoiding them would starve the
+    budget of the target class (at SIG's 5 % rate, about half its share; at 10 %, all of it), so
+    nothing is avoided. BackdoorBench draws from the clean originals of every image.
+    """
+    if clean_label:
+        return torch.empty(0, dtype=torch.long)
+    return poisoned_index
+
+
 def draw_defense_data(
     dataset: Dataset,
     excluded: Tensor,

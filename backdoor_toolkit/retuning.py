@@ -97,6 +97,8 @@ def retune_set(
     train = dataset.train
     if poisoned_index.numel():
         pool, source = poisoned_index.long().cpu(), "the victim's poisoned training samples"
+        # a clean-label budget may hold clean originals of poisoned images: keep the two apart
+        pool = pool[~torch.isin(pool, torch.cat([data.index_train, data.index_val]).long().cpu())]
     else:
         allowed = torch.zeros(len(train), dtype=torch.bool)
         allowed[attack.poison_candidates(train.labels)] = True

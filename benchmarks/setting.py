@@ -21,7 +21,7 @@ from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import _model_key, backdoored_model, clean_model
 from backdoor_toolkit.cells import load_run_dataset
 from backdoor_toolkit.config import BenchmarkConfig
-from backdoor_toolkit.data import DefenseData, ImageData, draw_defense_data
+from backdoor_toolkit.data import DefenseData, ImageData, budget_exclusions, draw_defense_data
 from backdoor_toolkit.errors import UnknownNameError
 from backdoor_toolkit.interfaces import Attack
 from backdoor_toolkit.training import resolve_device
@@ -100,7 +100,8 @@ def bench_models(
         if missing(attack):
             continue
         victim = backdoored_model(dataset, cfg.model, attack, cfg.training, device, cache)
-        data = draw_defense_data(dataset, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, seed)
+        excluded = budget_exclusions(victim.poisoned_index, attack.clean_label)
+        data = draw_defense_data(dataset, excluded, cfg.clean_ratio, cfg.val_fraction, seed)
         yield BenchModel(name, name, victim.model, data, dataset.test, attack, device)
 
 

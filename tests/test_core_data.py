@@ -8,6 +8,7 @@ from backdoor_toolkit.data import (
     Dataset,
     DataSpec,
     ImageData,
+    budget_exclusions,
     draw_defense_data,
     load_dataset,
     stratified_subset,
@@ -64,6 +65,20 @@ def test_defense_budget_avoids_poisoned_and_is_stratified() -> None:
     other = draw_defense_data(ds, poisoned, clean_ratio=0.1, val_fraction=0.2, seed=4)
     assert not torch.equal(other.index_train, data.index_train)
     assert torch.equal(data.train.labels, ds.train.labels[data.index_train])
+
+
+def test_a_clean_label_budget_keeps_the_target_class_share() -> None:
+    """SIG poisons target-class images under their true labels: avoiding them would starve the
+    budget of the target class; a dirty-label attack's relabelled images stay avoided."""
+    ds = _toy()
+    poisoned = torch.nonzero(ds.train.labels == 0).squeeze(1)[:60]  # 60 of class 0's 100
+    clean_label = draw_defense_data(ds, budget_exclusions(poisoned, True), 0.1, 0.2, seed=3)
+    index = torch.cat([clean_label.index_train, clean_label.index_val])
+    assert torch.bincount(ds.train.labels[index], minlength=10).tolist() == [10] * 10
+    dirty = draw_defense_data(ds, budget_exclusions(poisoned, False), 0.1, 0.2, seed=3)
+    index = torch.cat([dirty.index_train, dirty.index_val])
+    assert not set(index.tolist()) & set(poisoned.tolist())
+    assert int((ds.train.labels[index] == 0).sum()) < 10
 
 
 def test_defense_budget_too_large_is_a_clear_error() -> None:

@@ -97,6 +97,14 @@ def test_grid_expands_every_axis_with_distinct_hashes() -> None:
     }
 
 
+def test_only_clean_label_cells_name_the_budget_rule() -> None:
+    """SIG's budget rule changed (its poisoned images' clean originals are now included): its cells
+    get new hashes, every other attack's keep theirs."""
+    plans = {p.attack.name: p for p in plan_grid(tiny(attacks=["badnets", "sig"], defenses=[FINETUNE]))}
+    assert "defense_budget" in plans["sig"].base()
+    assert "defense_budget" not in plans["badnets"].base()
+
+
 def test_single_and_list_fields_are_exclusive_in_a_suite(tmp_path: Path) -> None:
     path = tmp_path / "both.toml"
     path.write_text('model = "small-cnn"\nmodels = ["wrn-16-1"]\n')

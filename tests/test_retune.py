@@ -73,6 +73,18 @@ def test_the_retune_set_is_seeded_capped_and_made_of_poisoned_and_clean_images(s
     assert (capped.poisoned, capped.clean) == (20, len(data.train))
 
 
+def test_a_budget_holding_clean_originals_of_poisoned_images_is_kept_out_of_the_retune_set(
+    setup: Any,
+) -> None:
+    attack, dataset, _, poisoned = setup
+    data = draw_defense_data(dataset, torch.empty(0, dtype=torch.long), 0.25, 0.2, seed=0)  # clean-label rule
+    budget = set(data.index_train.tolist()) | set(data.index_val.tolist())
+    assert budget & set(poisoned.tolist())  # the case: some poisoned positions are in the budget
+    chosen = retune_set(attack, dataset, data, poisoned, RetuneConfig(poisoned=999), seed=0)
+    assert chosen.poisoned == len(set(poisoned.tolist()) - budget)
+    assert not set(chosen.index.tolist()) & budget
+
+
 def test_attacks_that_poison_on_the_fly_draw_outside_the_budget(setup: Any) -> None:
     attack, dataset, data, _ = setup
     chosen = retune_set(attack, dataset, data, torch.empty(0, dtype=torch.long), RetuneConfig(), seed=0)

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from ..config import split_preset
 from ..console import console
-from ..data import draw_defense_data
+from ..data import budget_exclusions, draw_defense_data
 from ..errors import BdtkError, ConfigError
 from ..interfaces import InversionResult, Kind
 from ..inversion import InversionKeys, split_diagnostics
@@ -322,7 +322,13 @@ def inspect(
     else:
         data, instance, victim = load_victim(cfg)
         victim_model, model_label, data_label = victim.model, cfg.model, cfg.dataset
-        budget = draw_defense_data(data, victim.poisoned_index, cfg.clean_ratio, cfg.val_fraction, seed)
+        budget = draw_defense_data(
+            data,
+            budget_exclusions(victim.poisoned_index, instance.clean_label),
+            cfg.clean_ratio,
+            cfg.val_fraction,
+            seed,
+        )
         true_target = instance.config.target if instance.config.mode == "all-to-one" else None
         source = {
             "attack": instance.name,

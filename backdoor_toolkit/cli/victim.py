@@ -12,7 +12,7 @@ from ..artifacts import ArtifactCache
 from ..backdoor import BackdooredModel, backdoored_model, bdtk_version
 from ..cells import load_run_dataset, validate
 from ..config import BenchmarkConfig, build_config
-from ..data import Dataset, to_float
+from ..data import Dataset, budget_exclusions, to_float
 from ..interfaces import Attack
 from ..plugins import create_attack
 from ..training import resolve_device
@@ -86,7 +86,7 @@ def export_victim(
         model=victim.model,
         spec=data.spec,
         clean_train=data.train,
-        excluded=victim.poisoned_index.long().cpu(),
+        excluded=budget_exclusions(victim.poisoned_index, victim.attack.clean_label).long().cpu(),
         clean_test=data.test,
         bd_test=bd_test,
         source=source,
