@@ -10,6 +10,12 @@ on w) from `--starts` uniform random images for `--steps` steps, and the largest
 the class's statistic. No clean data is used. The question this script answers is whether SIG's
 target stands out on the bench models, where the blend inversion's α does not
 (docs/inversion.md); it reports the statistics and the target's rank, not a verdict.
+
+With `--reference budget`, a wrn-16-1 trained on the defender's clean budget alone (the train
+part, `--epochs`) is measured the same way, and each class's margin on the suspect is divided by
+its margin on that reference: a class prior, since some classes (bags, footwear) reach large
+margins in any Fashion-MNIST model. `ratio_index` is the MAD anomaly index of the log ratios (above
+the median only: a backdoor raises its target's margin).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from backdoor_toolkit import ImageClassifier
-from benchmarks.setting import append_record, cached_bench_models
+from backdoor_toolkit import ImageClassifier, TrainingSettings, anomaly_index, create_model, train_classifier
+from backdoor_toolkit.training import seed_everything
+from benchmarks.setting import BenchModel, append_record, cached_bench_models
 
 
 def max_margin(
@@ -48,6 +55,17 @@ def max_margin(
         return float(margins(torch.sigmoid(w)).max())
 
 
+def budget_reference(m: BenchModel, seed: int, epochs: int) -> ImageClassifier:
+    """A wrn-16-1 trained from scratch on the defender's clean budget (train part) only."""
+    model = create_model("wrn-16-1", m.data.spec)
+    settings = TrainingSettings(
+        epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4, augment=True, hflip=False, device=m.device
+    )
+    seed_everything(seed)
+    train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed)
+    return model.eval().requires_grad_(False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,6 +74,10 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=16, help="random starting images per class")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument(
+        "--reference", choices=["budget"], help="also divide by a budget-trained model's margins"
+    )
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the budget reference")
     parser.add_argument("--output", default="bdtk-results/margin.jsonl")
     args = parser.parse_args()
     out = Path(args.output)
@@ -70,9 +92,27 @@ def main() -> None:
         ]
         order = sorted(range(len(stats)), key=lambda k: -stats[k])
         target = m.true_target
+        extra: dict[str, object] = {}
+        if args.reference == "budget":
+            ref = budget_reference(m, seed, args.epochs)
+            ref_stats = [
+                max_margin(ref, k, shape, args.starts, args.steps, args.lr, seed)
+                for k in range(m.data.spec.num_classes)
+            ]
+            ratio = torch.tensor(stats).clamp_min(1e-3).log() - torch.tensor(ref_stats).clamp_min(1e-3).log()
+            index = anomaly_index(ratio)
+            above = ratio > ratio.median()
+            extra = {
+                "reference_margin": [round(v, 3) for v in ref_stats],
+                "log_ratio": [round(float(v), 3) for v in ratio],
+                "ratio_index": [
+                    round(float(v), 2) if bool(a) else 0.0 for v, a in zip(index, above, strict=True)
+                ],
+            }
         append_record(
             out,
             {
+                **extra,
                 "model": m.name,
                 "seed": seed,
                 "target": target,
