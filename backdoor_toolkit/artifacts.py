@@ -40,6 +40,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from .console import console
+from .errors import BdtkError
 
 try:
     import fcntl
@@ -66,6 +67,21 @@ def default_cache_dir() -> Path:
 def cache_disabled() -> bool:
     """Whether `BDTK_NO_CACHE` asks for no model caching (any value but empty, 0, false, no, off)."""
     return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it, before any work: a result
+    that took minutes to compute must not be lost to an output path that was never writable."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise BdtkError(f"{folder} is a file; {what} needs a folder there.")
+    probe = folder / f".bdtk-write-test-{secrets.token_hex(4)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise BdtkError(f"Cannot write {what} in {folder}: {exc.strerror or exc}.") from None
 
 
 def non_finite(tensors: Mapping[str, Tensor]) -> str | None:

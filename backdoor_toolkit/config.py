@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,7 +35,9 @@ def build_config(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
         for err in exc.errors():
             loc = tuple(err["loc"])
             hint = valid_range(cls, loc) if err["type"] in _BOUND_ERRORS else ""
-            lines.append(f"  {'.'.join(str(p) for p in loc) or '(root)'}: {err['msg']}{hint}")
+            message = str(err["msg"]).removeprefix("Value error, ")  # our validators' own words
+            where_in = ".".join(str(p) for p in loc)
+            lines.append(f"  {where_in}: {message}{hint}" if where_in else f"  {message}{hint}")
         raise ConfigError(f"Invalid configuration for {where}:\n" + "\n".join(lines)) from None
 
 
@@ -75,6 +78,35 @@ def config_hash(payload: Any) -> str:
 
 #: Separates a plugin's name from one of its presets: `mcldef:paper`.
 PRESET_SEPARATOR = ":"
+#: The largest seed: every generator bdtk seeds (torch, NumPy, Python) takes 32 bits, and a larger
+#: seed would silently wrap around onto a smaller one, turning different seeds into the same run.
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the platform tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+#: Thread counts every machine accepts: the benchmark default (2) must give the same cells on a
+#: one-core machine as elsewhere, slower but reproducible.
+ALWAYS_ALLOWED_THREADS = 2
+
+
+def check_threads(count: int) -> int:
+    """`count` torch threads, refused above this machine's cores (the default 2 always passes):
+    oversubscribed threads run a cell many times slower, and since results depend on the count it
+    is never lowered silently."""
+    cores = available_cores()
+    if count > max(cores, ALWAYS_ALLOWED_THREADS):
+        raise ValueError(
+            f"{count} threads is more than the {cores} CPU core(s) this process may use; give at most {cores}"
+        )
+    return count
 
 
 def split_preset(choice: str) -> tuple[str, str | None]:
@@ -207,7 +239,9 @@ class BenchmarkConfig(StrictConfig):
     defenses: list[PluginChoice] = Field(
         default_factory=lambda: [PluginChoice(name="finetune")], description="Defenses"
     )
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds")
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [0], min_length=1, description=f"Seeds, each from 0 to {SEED_MAX}"
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Attack training")
     clean_ratio: float = Field(
         default=0.05, gt=0, le=0.5, description="Defender's clean budget, share of the training set"
@@ -236,6 +270,34 @@ class BenchmarkConfig(StrictConfig):
     )
     cache_dir: str | None = Field(default=None, description="Artifact cache (default: user cache)")
     output: str = Field(default="bdtk-results/results.json", description="Results JSON path")
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_fit(cls, value: int) -> int:
+        return check_threads(value)
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> BenchmarkConfig:
+        """A repeated seed, attack or defense would compute the same cells again and count them as
+        more evidence (a mean ± std over copies); name it instead."""
+        lists: dict[str, list[Any]] = {
+            "seeds": list(self.seeds),
+            "datasets": list(self.datasets),
+            "models": list(self.models),
+            "attacks": [json.dumps(c.model_dump(), sort_keys=True) for c in self.attacks],
+            "defenses": [json.dumps(c.model_dump(), sort_keys=True) for c in self.defenses],
+        }
+        for field, values in lists.items():
+            seen: set[Any] = set()
+            for i, value in enumerate(values):
+                if value in seen:
+                    shown = getattr(self, field)[i]
+                    label = (
+                        join_preset(shown.name, shown.preset) if isinstance(shown, PluginChoice) else shown
+                    )
+                    raise ValueError(f"{field} lists {label} more than once; give each one once")
+                seen.add(value)
+        return self
 
     @field_validator("retune", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .artifacts import check_writable_folder
 from .data import (
     Dataset,
     DataSpec,
@@ -470,12 +471,13 @@ class PurifyOutputs:
         return [self.weights, self.metadata, self.report, self.triggers]
 
     def check(self, force: bool) -> None:
-        """Refuse to overwrite without `force`, before any work."""
+        """Refuse to overwrite without `force`, and a folder that cannot be written, before any work."""
         for path in self.all():
             if path.is_dir():
                 raise BdtkError(f"{path} is a folder; --out must name a file.")
             if path.exists() and not force:
                 raise BdtkError(f"{path} exists; pass --force to overwrite it.")
+        check_writable_folder(self.weights.parent, "the purified model")
 
     def written(self, triggers: bool) -> list[str]:
         return [str(p) for p in self.all() if triggers or p != self.triggers]

@@ -252,6 +252,8 @@ def read_victim_record(path: Path) -> dict[str, Any]:
     the tensor files are hashed by `load_victim`)."""
     path = Path(path)
     meta = path / META_FILE
+    if not path.exists():
+        raise VictimError(f"Victim {path} does not exist.")
     if not meta.is_file():
         raise VictimError(
             f"{path} is not a bdtk victim (no {META_FILE}); make one with `bdtk import backdoorbench`."
@@ -344,6 +346,12 @@ def load_victim(path: Path | str) -> Victim:
     except (SafetensorError, OSError, ValueError) as exc:
         raise VictimError(f"{where}: unreadable tensors ({exc}).") from None
     _check_data(data, spec, where)
+    bad = non_finite(state)
+    if bad is not None:
+        raise VictimError(
+            f"{where}: its model's tensor {bad!r} holds NaN or infinite values; such a model cannot be "
+            "measured or purified (the file was damaged, or the training that made it diverged)."
+        )
     model = victim_model(record["model"], spec)
     try:
         model.load_state_dict(state)

@@ -333,6 +333,34 @@ def test_an_edited_victim_is_refused(tmp_path: Path, reference: nn.Module, mnist
         load_victim(tmp_path / "victim")
 
 
+def test_a_victim_whose_weights_hold_nan_is_refused(
+    tmp_path: Path, reference: nn.Module, mnist_dir: Path
+) -> None:
+    """Even with its hashes made to match: NaN weights would score as a perfect backdoor."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from backdoor_toolkit.victims import _content_hash
+
+    assert import_(make_run(tmp_path, reference), tmp_path / "victim", mnist_dir).exit_code == 0
+    model = tmp_path / "victim" / "model.safetensors"
+    state = load_file(str(model))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(model))
+    meta = tmp_path / "victim" / "victim.json"
+    record = json.loads(meta.read_text())
+    record["files"]["model.safetensors"] = hashlib.sha256(model.read_bytes()).hexdigest()
+    record["content_hash"] = _content_hash(record)
+    meta.write_text(json.dumps(record))
+    with pytest.raises(VictimError, match="holds NaN or infinite values"):
+        load_victim(tmp_path / "victim")
+    with pytest.raises(VictimError, match="does not exist"):
+        load_victim(tmp_path / "nowhere")
+
+
 # --- the safe load ------------------------------------------------------------------------------
 
 
@@ -474,7 +502,7 @@ def test_purify_and_inspect_read_model_data_and_asr_set_from_a_victim(
         for i in range(2):
             pixels = rng.integers(0, 256, (20, 20), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"c{k}" / f"{i}.png")
-    result = runner.invoke(app, [*args, "--data", f"folder:{folder}", "--device", "cpu"])
+    result = runner.invoke(app, [*args, "--data", f"folder:{folder}", "--device", "cpu", "--force"])
     assert result.exit_code == 0, result.output
     record = json.loads((scan / "inspect.json").read_text())
     assert record["dataset"] == f"folder:{folder}" and record["victim"] == "bb-badnet"

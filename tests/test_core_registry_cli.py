@@ -157,6 +157,12 @@ def test_throwaway_plugin_runs_in_benchmark(zero_head: None, tmp_path: Path) -> 
         (["--set", "nad.beta=1"], "no attack or defense named 'nad'"),
         (["--clean-ratio", "0.9"], "clean_ratio"),
         (["--config", "missing.toml"], "does not exist"),
+        (["--seed", "4294967296"], "less than or equal to 4294967295"),  # would wrap onto seed 0
+        (["--seed", "99999999999999999999"], "less than or equal to 4294967295"),
+        (["--seed", "-1"], "greater than or equal to 0"),
+        (["--seed", "0", "--seed", "0"], "seeds lists 0 more than once"),
+        (["--defense", "finetune", "--defense", "finetune"], "defenses lists finetune more than once"),
+        (["--threads", "1000"], "more than the .* CPU core"),
         (
             ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
             "available|Unknown",

@@ -70,10 +70,17 @@ def test_known_target_and_class_subset(model_file: Path, tmp_path: Path) -> None
     result = runner.invoke(app, [*base, "--class", "3", "--class", "7", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "inspect.json").read_text())["classes"] == [3, 7]
-    result = runner.invoke(app, [*base, "--target", "4", "--out", str(tmp_path)])
+    refused = runner.invoke(app, [*base, "--target", "4", "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and "exists (an earlier scan); pass --force" in one_line(refused.output)
+    assert json.loads((tmp_path / "inspect.json").read_text())["classes"] == [3, 7]  # kept
+    result = runner.invoke(app, [*base, "--target", "4", "--out", str(tmp_path), "--force"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "inspect.json").read_text())
     assert report["classes"] == [4] and report["flagged"] == [4]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    result = runner.invoke(app, [*base, "--out", str(blocked / "scan")])  # checked before scanning
+    assert result.exit_code == 2 and "Cannot write the scan's results" in one_line(result.output)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +209,7 @@ def test_option_o_still_works_with_a_deprecation_notice(model_file: Path, tmp_pa
     assert text.count("-o/--option is deprecated") == 1 and "use --set FIELD=VALUE" in text
     config = json.loads((tmp_path / "inspect.json").read_text())["inverter_config"]
     assert (config["batch_size"], config["eval_images"]) == (3, 8)
-    plain = runner.invoke(app, [*base, "--set", "batch_size=3", "--out", str(tmp_path)])
+    plain = runner.invoke(app, [*base, "--set", "batch_size=3", "--out", str(tmp_path), "--force"])
     assert plain.exit_code == 0 and "deprecated" not in plain.output
 
 
@@ -292,6 +299,7 @@ def test_flags_of_several_inverters_are_summed_up_and_no_flag_names_the_all_to_a
         "cpu",
         "--out",
         str(tmp_path),
+        "--force",
     ]
     both = runner.invoke(
         app,

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.markup import escape
 
+from ..config import SEED_MAX, check_threads
 from ..console import console
 from ..errors import BdtkError, ConfigError
 from ..training import torch_threads
@@ -49,9 +50,16 @@ DataDirOption = Annotated[str | None, typer.Option(help="Root of torchvision-for
 DownloadOption = Annotated[bool, typer.Option(help="Let torchvision download missing datasets")]
 CacheDirOption = Annotated[str | None, typer.Option(help="Artifact cache directory")]
 SeedOption = Annotated[
-    int, typer.Option(help="Seed of everything drawn or trained (poisoning, training, budget, inversion)")
+    int,
+    typer.Option(
+        min=0,
+        max=SEED_MAX,
+        help="Seed of everything drawn or trained (poisoning, training, budget, inversion)",
+    ),
 ]
-SeedsOption = Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable)")]
+SeedsOption = Annotated[
+    list[int] | None, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed (repeatable)")
+]
 ThreadsOption = Annotated[
     int | None,
     typer.Option(
@@ -75,6 +83,10 @@ def with_threads(fn: F) -> F:
         count = kwargs.get("threads")
         if count is None:
             return fn(*args, **kwargs)
+        try:
+            check_threads(count)
+        except ValueError as exc:
+            raise ConfigError(f"--threads {count}: {exc}.") from None
         with torch_threads(count):
             return fn(*args, **kwargs)
 

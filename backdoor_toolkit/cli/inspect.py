@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from ..artifacts import check_writable_folder
 from ..config import split_preset
 from ..console import console
 from ..data import budget_exclusions, draw_defense_data
@@ -230,6 +231,9 @@ def inspect(
             "triggers-INVERTER.png and .safetensors for each)"
         ),
     ] = Path("bdtk-results/inspect"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite the results of an earlier scan in --out")
+    ] = False,
 ) -> None:
     """Invert a trigger for every class with any inverter, print its scan, write PNG, triggers and JSON.
 
@@ -246,6 +250,7 @@ def inspect(
     inverters = inverter or ["neural-cleanse"]
     if len(set(inverters)) != len(inverters):
         raise BdtkError(f"--inverter repeats an inverter ({', '.join(inverters)}); give each one once.")
+    _check_out(out, force)
     for choice in inverters:  # an unknown inverter says so before --set does
         get_plugin("inverter", split_preset(choice)[0])
     items = list(set_ or [])
@@ -437,6 +442,17 @@ def _attack_settings_by_old_spelling(items: list[str], attack: str, inverter: st
 
 #: What each row of a trigger sheet shows, as the command says it.
 SHEET_ROWS = "top: mask, middle: mask·pattern, bottom: pattern; flagged framed red"
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Before any scanning: an earlier scan's results are not overwritten without --force, and
+    --out must be a folder bdtk can write (a scan can take an hour)."""
+    earlier = out / "inspect.json"
+    if earlier.exists() and not force:
+        raise BdtkError(
+            f"{earlier} exists (an earlier scan); pass --force to overwrite it, or give another --out."
+        )
+    check_writable_folder(out, "the scan's results")
 
 
 def _save_triggers(out: Path, stem: str, result: InversionResult) -> tuple[Path, Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..artifacts import non_finite
 from ..data import DataSpec
 from ..errors import BdtkError, UnknownNameError
 from .adapter import (
@@ -167,9 +169,17 @@ def _checked_values(values: Any, name: str) -> tuple[float, ...] | None:
         raise BdtkError(f"{name} must be a list of numbers, got {values!r}.") from None
     if not out:
         raise BdtkError(f"{name} is empty; give one value per channel (or one for all).")
+    if not all(math.isfinite(v) for v in out):
+        raise BdtkError(f"{name} must be finite numbers, got {list(out)}.")
     if name.endswith("std") and any(v <= 0 for v in out):
         raise BdtkError(f"{name} must be positive, got {list(out)}.")
     return out
+
+
+def _runs_code(architecture: str) -> bool:
+    """Whether building `architecture` imports user code (`MODULE:FACTORY`, `file.py:FACTORY`)
+    rather than naming a zoo or torchvision model."""
+    return ":" in architecture and not architecture.startswith(TORCHVISION_PREFIX)
 
 
 def load_model(
@@ -185,16 +195,31 @@ def load_model(
     `architecture`: a zoo name (`bdtk models`), `torchvision:NAME` (any torchvision
     classification model, `weights=None`, its class count read from the file) or `MODULE:FACTORY`
     / `file.py:FACTORY` (called with no arguments). None: the `architecture` in the JSON beside
-    the file, else `DEFAULT_ARCHITECTURE`. `mean`/`std`: the normalisation the network was
-    trained with; None takes it from the JSON beside the file, or leaves a zoo model's own
-    buffers, or (other models) none. `feature_layer`: see `AdaptedClassifier`.
+    the file, else `DEFAULT_ARCHITECTURE`; a factory named there is refused, since a model file and
+    its JSON are data (downloaded, perhaps) and must never make bdtk import code. Weights holding
+    NaN or ±inf are refused too: every number computed from them would be meaningless.
+    `mean`/`std`: the normalisation the network was trained with; None takes it from the JSON
+    beside the file, or leaves a zoo model's own buffers, or (other models) none.
+    `feature_layer`: see `AdaptedClassifier`.
     Every problem (not safetensors, an unknown architecture, tensors that do not fit) is one
     BdtkError naming the file.
     """
     path = Path(path).expanduser()
     state = read_state_dict(path)
+    bad = non_finite(state)
+    if bad is not None:
+        raise BdtkError(
+            f"{path}: tensor {bad!r} holds NaN or infinite values; such a model cannot be measured or "
+            "purified (the file was damaged, or the training that made it diverged)."
+        )
     metadata = read_metadata(path)
-    architecture = architecture or metadata.get("architecture") or DEFAULT_ARCHITECTURE
+    named = metadata.get("architecture")
+    if architecture is None and isinstance(named, str) and _runs_code(named):
+        raise BdtkError(
+            f"{metadata_path(path)} names architecture {named!r}, a Python factory; bdtk never runs code "
+            f"that a file beside a model names. If you trust it, pass it yourself: --model {named}."
+        )
+    architecture = architecture or named or DEFAULT_ARCHITECTURE
     given_mean, given_std = _checked_values(mean, "--mean"), _checked_values(std, "--std")
     meta_mean = _checked_values(metadata.get("mean"), f"{metadata_path(path)} mean")
     meta_std = _checked_values(metadata.get("std"), f"{metadata_path(path)} std")
