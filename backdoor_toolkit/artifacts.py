@@ -202,6 +202,8 @@ class ArtifactCache:
 
     def __init__(self, root: Path | None = None, *, enabled: bool | None = None) -> None:
         self.root = (root or default_cache_dir()).expanduser()
+        if self.root.exists() and not self.root.is_dir():  # else a model is trained, then lost
+            raise BdtkError(f"The artifact cache {self.root} is a file; give a folder (--cache-dir).")
         self.enabled = not cache_disabled() if enabled is None else enabled
 
     def _paths(self, key: str) -> tuple[Path, Path]:

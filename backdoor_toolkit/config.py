@@ -19,7 +19,7 @@ C = TypeVar("C", bound=BaseModel)
 class StrictConfig(BaseModel):
     """Base of every bdtk config: unknown or misspelt fields are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 def build_config(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
@@ -271,6 +271,14 @@ class BenchmarkConfig(StrictConfig):
     cache_dir: str | None = Field(default=None, description="Artifact cache (default: user cache)")
     output: str = Field(default="bdtk-results/results.json", description="Results JSON path")
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_is_a_folder(cls, value: str | None) -> str | None:
+        """Checked before anything trains: every cell would otherwise fail on it, one by one."""
+        if value is not None and Path(value).expanduser().is_file():
+            raise ValueError(f"{value} is a file; give a folder")
+        return value
+
     @field_validator("threads")
     @classmethod
     def _threads_fit(cls, value: int) -> int:
@@ -320,6 +328,8 @@ class BenchmarkConfig(StrictConfig):
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a dict; errors name the file."""
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"Config file {path}: give a .toml or .json file (other formats are not read).")
     text = read_text_file(path, "Config file")
     try:
         if path.suffix == ".toml":

@@ -160,9 +160,13 @@ def test_throwaway_plugin_runs_in_benchmark(zero_head: None, tmp_path: Path) -> 
         (["--seed", "4294967296"], "less than or equal to 4294967295"),  # would wrap onto seed 0
         (["--seed", "99999999999999999999"], "less than or equal to 4294967295"),
         (["--seed", "-1"], "greater than or equal to 0"),
-        (["--seed", "0", "--seed", "0"], "seeds lists 0 more than once"),
-        (["--defense", "finetune", "--defense", "finetune"], "defenses lists finetune more than once"),
+        (["--seed", "0", "--seed", "0"], "repeats '0'; give each one once"),
+        (["--defense", "finetune", "--defense", "finetune"], "repeats 'finetune'; give each one once"),
         (["--threads", "1000"], "more than the .* CPU core"),
+        (["--clean-ratio", "nan"], "finite number"),  # not "should be ≤ 0.5"
+        (["--set", "finetune.lr=inf"], "finite number"),
+        (["--config", "grid.yaml"], "give a .toml or .json file"),
+        (["--cache-dir", "README.md"], "is a file; give a folder"),
         (
             ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
             "available|Unknown",
@@ -247,3 +251,28 @@ def test_malformed_in_process_plugin_is_reported_not_fatal(malformed: None) -> N
     # the built-in finetune is what plain `finetune` selects: its Config has no `scale`
     result = runner.invoke(app, ["benchmark", "--defense", "finetune", "--set", "finetune.scale=0.5"])
     assert result.exit_code == 2 and "scale" in result.output and "Extra inputs" in result.output
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"seeds": [1, 2, 1]}, "seeds lists 1 more than once"),
+        ({"attacks": ["badnets", "sig", "badnets"]}, "attacks lists badnets more than once"),
+        (
+            {"defenses": ["mcldef:paper", {"name": "mcldef", "preset": "paper"}]},
+            "mcldef:paper more than once",
+        ),
+        ({"seeds": [2**32]}, "less than or equal to 4294967295"),
+        ({"clean_ratio": float("nan")}, "finite number"),
+    ],
+)
+def test_config_files_and_suites_refuse_repeats_wrapping_seeds_and_nan(
+    values: dict[str, object], message: str
+) -> None:
+    from backdoor_toolkit.config import BenchmarkConfig, build_config
+    from backdoor_toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build_config(BenchmarkConfig, values, "a config file")
+    # the same config without the repeat is fine: two different configs of one plugin are not repeats
+    build_config(BenchmarkConfig, {"defenses": ["mcldef", "mcldef:paper"]}, "a config file")

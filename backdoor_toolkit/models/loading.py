@@ -66,14 +66,19 @@ def metadata_path(path: Path) -> Path:
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The JSON bdtk wrote beside model file `path`; {} when absent or not a bdtk model's JSON
-    (a bdtk cache entry's KEY.json, for one, is a different record and is ignored)."""
+    (a bdtk cache entry's KEY.json, for one, is a different record and is ignored); a JSON file
+    there that cannot be read at all is an error."""
     beside = metadata_path(path)
     if not beside.is_file():
         return {}
     try:
         data = json.loads(beside.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        # ignored, it would silently change the architecture or normalisation the model is read with
+        raise BdtkError(
+            f"{beside} beside the model is not readable JSON ({' '.join(str(exc).split())[:120]}); "
+            "fix or remove it."
+        ) from None
     return data if isinstance(data, dict) and data.get("format") == METADATA_FORMAT else {}
 
 
