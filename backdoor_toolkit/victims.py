@@ -198,6 +198,7 @@ def save_victim(
     never written. The tensor files go first and victim.json (which vouches for them) last.
     """
     check_output_dir(out, force)
+    name = "".join(c if c.isprintable() else "?" for c in name).strip() or "victim"  # see read_victim_record
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     data: dict[str, Tensor] = {
         "clean_train.images": clean_train.images,
@@ -268,6 +269,11 @@ def read_victim_record(path: Path) -> dict[str, Any]:
     for field, kind in fields.items():
         if not isinstance(record.get(field), kind):
             raise VictimError(f"{meta} lacks a valid {field!r}.")
+    if not record["name"].isprintable() or not record["name"].strip():
+        raise VictimError(
+            f"{meta}: its name {record['name']!r} is empty or holds control characters; it would be "
+            "printed to terminals and tables as it is."
+        )
     if record["content_hash"] != _content_hash(record):
         raise VictimError(f"{meta} was edited after it was written (its content hash does not match).")
     return record

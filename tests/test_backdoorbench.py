@@ -359,6 +359,11 @@ def test_a_victim_whose_weights_hold_nan_is_refused(
         load_victim(tmp_path / "victim")
     with pytest.raises(VictimError, match="does not exist"):
         load_victim(tmp_path / "nowhere")
+    record["name"] = "evil\x1b[2J\nname"  # would clear a terminal and break a Markdown table
+    record["content_hash"] = _content_hash(record)
+    meta.write_text(json.dumps(record))
+    with pytest.raises(VictimError, match="control characters"):
+        load_victim(tmp_path / "victim")
 
 
 # --- the safe load ------------------------------------------------------------------------------
