@@ -75,11 +75,15 @@ def validate(config: BenchmarkConfig) -> ResolvedGrid:
 def load_run_dataset(config: BenchmarkConfig, name: str | None = None) -> Dataset:
     """The run's dataset (or grid dataset `name`), reduced to `train_size`/`test_size` subsets."""
     dataset = load_dataset(name or config.dataset, config.data_dir, config.download)
-    k = dataset.spec.num_classes
+    k, of = dataset.spec.num_classes, dataset.spec.name
     return Dataset(
         dataset.spec,
-        stratified_subset(dataset.train, config.train_size, k, seed=1),
-        stratified_subset(dataset.test, config.test_size, k, seed=2),
+        stratified_subset(
+            dataset.train, config.train_size, k, seed=1, what="--train-size", split=f"training images of {of}"
+        ),
+        stratified_subset(
+            dataset.test, config.test_size, k, seed=2, what="--test-size", split=f"test images of {of}"
+        ),
     )
 
 

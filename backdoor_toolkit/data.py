@@ -314,9 +314,28 @@ def _gtsrb(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
     return read("train"), read("test")
 
 
-def stratified_subset(data: ImageData, size: int | None, num_classes: int, seed: int) -> ImageData:
-    """A class-stratified random subset of `size` images (all of them when size is None or larger)."""
-    if size is None or size >= len(data):
+def stratified_subset(
+    data: ImageData,
+    size: int | None,
+    num_classes: int,
+    seed: int,
+    *,
+    what: str = "A subset of",
+    split: str = "images in this split",
+) -> ImageData:
+    """A class-stratified random subset of `size` images (all of them when size is None or equal).
+
+    A size larger than `data` is an error rather than all of it: results are recorded under the
+    size asked for, so a silently smaller subset would file the same run as a separate setting.
+    `what` and `split` name the size and the images in that message ("--train-size", "training
+    images of fashion-mnist").
+    """
+    if size is not None and size > len(data):
+        raise BdtkError(
+            f"{what} {size} is more than the {len(data):,} {split}; give at most {len(data)}, or leave "
+            "it out to use them all."
+        )
+    if size is None or size == len(data):
         return data
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=gen)

@@ -8,11 +8,17 @@ Images are decoded with PIL, converted to the model's channel count (L, RGB or R
 one size and stored as uint8 (N, C, H, W) like every bdtk dataset. Which size: the caller's
 (`--image-size`), else the one every image already has; images of several sizes with no size given
 are an error, since guessing the model's input size wrong would quietly ruin every number.
+
+Symbolic links are followed as `ImageFolder` follows them, with two exceptions that keep every
+image counted once under its own class: a linked folder or file that resolves inside the image
+folder itself (a loop such as `cat/up -> ..`, or a second path to another class's images) and a
+second path to a folder or file already read are not followed; they are listed in `ignored`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +42,12 @@ class FolderImages:
     root: Path
     classes: list[str]
     data: ImageData
-    #: Files with an image extension that PIL could not read, skipped.
+    #: Files with an image extension that PIL could not read (or that are too large to decode
+    #: safely: PIL's decompression-bomb limit), skipped.
     skipped: list[Path] = field(default_factory=list)
+    #: Linked folders and files not followed because they loop back into the image folder or reach
+    #: images already counted (see the module docstring).
+    ignored: list[Path] = field(default_factory=list)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -97,15 +107,53 @@ def find_classes(root: Path) -> list[str]:
     return classes
 
 
-def image_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """Every image file under each class folder (recursively, sorted) with its label."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """Every image file under each class folder (recursively, sorted) with its label, and the links
+    not followed.
+
+    A link is followed only when it leads out of the image folder to something not yet read:
+    following `cat/up -> ..` would walk forever (and label every class's images `cat`), and a link
+    to another class's folder would count its images twice under two labels. A file reached by a
+    second path is counted once, so a sample never weighs double in a split.
+    """
+    real_root = os.path.realpath(root)
     found: list[tuple[Path, int]] = []
+    ignored: list[Path] = []
+    seen_folders: set[str] = set()
+    seen_files: set[str] = set()
     for label, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+        top = root / name
+        seen_folders.add(os.path.realpath(top))
+        walked = []
+        for folder, dirs, files in os.walk(top, followlinks=True):
+            for sub in sorted(dirs):
+                path = os.path.join(folder, sub)
+                real = os.path.realpath(path)
+                if real in seen_folders or (os.path.islink(path) and _inside(real, real_root)):
+                    dirs.remove(sub)
+                    ignored.append(Path(path))
+                else:
+                    seen_folders.add(real)
+            walked.append((folder, files))
+        for folder, files in sorted(walked):
             for file in sorted(files):
-                if file.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append((Path(folder) / file, label))
-    return found
+                if not file.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                path = os.path.join(folder, file)
+                real = os.path.realpath(path)
+                # a file inside the image folder belongs to the class folder it really lies in
+                inside = _inside(real, real_root)
+                owner = os.path.relpath(real, real_root).split(os.sep)[0] if inside else name
+                if real in seen_files or owner != name:
+                    ignored.append(Path(path))
+                    continue
+                seen_files.add(real)
+                found.append((Path(path), label))
+    return found, ignored
 
 
 def load_image_folder(
@@ -120,7 +168,8 @@ def load_image_folder(
     `image_size` (height, width): None keeps the size the images share (an error when they do
     not). `classes`: the class names another folder had (a test folder must match the clean
     one's, or its labels would mean other classes). No images, or none readable, is an error;
-    unreadable files are skipped and listed in `skipped`.
+    unreadable files are skipped and listed in `skipped`, among them images over PIL's
+    decompression-bomb limit: one hostile file must cost a skip, not the run (or the memory).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -133,7 +182,7 @@ def load_image_folder(
             f"Image folder {root} has classes {names}, but the clean data has {classes}; the two must "
             "name the same classes."
         )
-    files = image_files(root, names)
+    files, ignored = image_files(root, names)
     if not files:
         raise BdtkError(
             f"Image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)} files in "
@@ -152,10 +201,20 @@ def load_image_folder(
     sizes: dict[tuple[int, int], Path] = {}
     for path, label in files:
         try:
-            with Image.open(path) as img:
-                img.load()
-                picture = img.convert(_MODES[channels])
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            with warnings.catch_warnings():
+                # past MAX_IMAGE_PIXELS PIL only warns; decoding such an image could exhaust memory
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img.load()
+                    picture = img.convert(_MODES[channels])
+        except (
+            OSError,
+            UnidentifiedImageError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ):
             skipped.append(path)
             continue
         size = (picture.height, picture.width)
@@ -174,4 +233,6 @@ def load_image_folder(
             f"{second.name}); give the model's input size with --image-size (e.g. 32 or 224)."
         )
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return FolderImages(root, names, ImageData(tensor, torch.tensor(labels, dtype=torch.long)), skipped)
+    return FolderImages(
+        root, names, ImageData(tensor, torch.tensor(labels, dtype=torch.long)), skipped, ignored
+    )

@@ -72,6 +72,35 @@ def test_bad_attack_settings_fail_before_training(args: list[str], message: str)
     assert "Training" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("gn.txt", "has extension '.txt'; give one of .png"),
+        ("grid", "has no extension"),
+        ("a_folder", "is a folder; give a file path"),
+        ("missing/g.png", "does not exist; create it first"),
+        ("export:missing/victim", "does not exist; create it first"),
+    ],
+)
+def test_unwritable_outputs_fail_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, message: str
+) -> None:
+    """A --grid PIL cannot write (or an --export folder in a missing folder) once failed after the
+    training, losing the --export victim with it; now it is one line before anything runs, and no
+    folder is created."""
+    monkeypatch.setattr(attack_cli, "load_victim", lambda cfg: pytest.fail("trained before checking"))
+    (tmp_path / "a_folder").mkdir()
+    args = ["attack", "--attack", "badnets", *TINY, "--grid", str(tmp_path / "g.png")]
+    if where.startswith("export:"):
+        args += ["--export", str(tmp_path / where.removeprefix("export:"))]
+    else:
+        args += ["--grid", str(tmp_path / where)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "missing").exists()
+
+
 def test_grid_rows_and_class_sampling() -> None:
     clean = torch.zeros(3, 1, 4, 4)
     triggered = clean.clone()

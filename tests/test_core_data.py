@@ -93,6 +93,24 @@ def test_stratified_subset() -> None:
     assert len(sub) == 200
     assert torch.bincount(sub.labels).tolist() == [20] * 10
     assert stratified_subset(ds.train, None, 10, seed=0) is ds.train
+    assert stratified_subset(ds.train, 1000, 10, seed=0) is ds.train
+
+
+def test_a_subset_larger_than_the_split_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was silently clamped to the whole split while results were filed under the size asked
+    for, so one run appeared as two settings; the message names the option and the dataset."""
+    from backdoor_toolkit import cells
+    from backdoor_toolkit.config import BenchmarkConfig
+
+    with pytest.raises(BdtkError, match="A subset of 1001 is more than the 1,000 images in this split"):
+        stratified_subset(_toy().train, 1001, 10, seed=0)
+    monkeypatch.setattr(cells, "load_dataset", lambda name, data_dir, download: _toy())
+    with pytest.raises(BdtkError, match="--train-size 5000 is more than the 1,000 training images of toy"):
+        cells.load_run_dataset(BenchmarkConfig(train_size=5000))
+    with pytest.raises(BdtkError, match="--test-size 101 is more than the 100 test images of toy"):
+        cells.load_run_dataset(BenchmarkConfig(test_size=101))
+    fits = cells.load_run_dataset(BenchmarkConfig(train_size=1000, test_size=100))
+    assert (len(fits.train), len(fits.test)) == (1000, 100)
 
 
 def test_check_images_rejects_wrong_shape() -> None:

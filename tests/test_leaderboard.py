@@ -158,6 +158,32 @@ def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
     assert not (tmp_path / "none.sqlite").exists()
 
 
+@pytest.mark.parametrize("option", ["--markdown", "--csv", "--json", "--html", "--out"])
+def test_cli_leaderboard_exports_create_no_missing_parents(tmp_path: Path, option: str) -> None:
+    """`--csv /nonexistdir/a.csv` once created /nonexistdir; a missing parent is now one line and
+    nothing is written. `--out` may still create its own folder inside an existing one."""
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        for r in rows():
+            store.put(r)
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["leaderboard", "--db", str(db), option, str(tmp_path / "nope" / "x" / "a.out")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "does not exist; create it first" in " ".join(result.output.split())
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").touch()
+    taken, word = ("a_file", "is a file") if option == "--out" else ("a_folder", "is a folder")
+    result = runner.invoke(app, ["leaderboard", "--db", str(db), option, str(tmp_path / taken)])
+    assert result.exit_code == 2 and word in result.output
+    if option == "--out":
+        result = runner.invoke(app, ["leaderboard", "--db", str(db), "--out", str(tmp_path / "new")])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "new" / "leaderboard.csv").is_file()
+
+
 def by_batch(batch_size: int, attack: str = "badnets") -> list[CellResult]:
     """rows() run with another batch size: a setting that differs in that one field."""
     return [

@@ -369,6 +369,35 @@ def test_image_folders_read_like_torchvision(tmp_path: Path) -> None:
     assert [p.name for p in images.skipped] == ["broken.jpg"]
 
 
+def test_image_folders_never_loop_and_count_each_image_once(tmp_path: Path) -> None:
+    """A link back up (`class_0/up -> ..`) once made the walk endless, and links to another class's
+    folder or file counted its images twice under the wrong label; a link out of the folder is
+    followed as ImageFolder follows it."""
+    root = write_folder(tmp_path / "f", classes=2, per_class=3, mode="L")
+    outside = write_folder(tmp_path / "elsewhere", classes=1, per_class=2, mode="L") / "class_0"
+    (root / "class_0" / "up").symlink_to("..")
+    (root / "class_0" / "sibling").symlink_to(root / "class_1")
+    (root / "class_0" / "stolen.png").symlink_to(root / "class_1" / "0.png")
+    (root / "class_1" / "extra").symlink_to(outside)
+    (root / "class_1" / "extra_again").symlink_to(outside)
+    images = load_image_folder(root, channels=1)
+    assert images.data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    ignored = sorted(str(p.relative_to(root)) for p in images.ignored)
+    assert ignored == ["class_0/sibling", "class_0/stolen.png", "class_0/up", "class_1/extra_again"]
+
+
+def test_image_folders_skip_decompression_bombs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image past PIL's pixel limit (an error past twice the limit, a warning below it) is
+    skipped like a corrupt file instead of ending the run with an unexpected error."""
+    root = write_folder(tmp_path / "f", classes=2, per_class=2, size=8, mode="L")
+    Image.new("L", (12, 12)).save(root / "class_0" / "warns.png")
+    Image.new("L", (20, 20)).save(root / "class_1" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    images = load_image_folder(root, channels=1)
+    assert sorted(p.name for p in images.skipped) == ["bomb.png", "warns.png"]
+    assert images.data.labels.tolist() == [0, 0, 1, 1]
+
+
 # --- bad input: one clear message, exit 2, nothing written ---------------------------------------
 
 

@@ -317,3 +317,45 @@ def test_every_given_flag_reaches_the_config(tmp_path: Path, monkeypatch: pytest
     (cfg,) = seen
     assert [(d.name, d.config) for d in cfg.defenses] == [("finetune", {"epochs": 1})]
     assert (cfg.train_size, cfg.threads, cfg.seeds) == (300, 1, [0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "0", "--seed", "0"], "--seed repeats '0'"),
+        (["-d", "finetune", "-d", "finetune"], "--defense repeats 'finetune'"),
+        (["-a", "badnets", "-a", "badnets"], "--attack repeats 'badnets'"),
+        (["--model", "small-cnn", "--model", "small-cnn"], "--model repeats 'small-cnn'"),
+    ],
+)
+def test_a_repeated_benchmark_flag_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
+) -> None:
+    """`--seed 0 --seed 0 -d finetune -d finetune` ran 6 cells instead of 2 and reported copies
+    as separate rows; the flag and its value are named before anything runs."""
+    monkeypatch.setattr("backdoor_toolkit.cli.benchmark.run_benchmark", lambda cfg, **kw: pytest.fail("ran"))
+    args = ["benchmark", "--config", str(_config(tmp_path)), "--db", str(tmp_path / "r.sqlite"), *flags]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"{message}; give each one once" in _one_line_error(result.output)
+
+
+def test_an_interrupted_benchmark_counts_this_runs_cells_apart_from_the_stored_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message said "0 finished cells are stored in X" while X held cells of earlier runs."""
+    db = tmp_path / "r.sqlite"
+    template = _row()
+    with ResultStore(db) as store:
+        for i in range(3):
+            store.put(template.model_copy(update={"config_hash": f"{i:016d}", "seed": i}))
+
+    def one_cell_then_stop(cfg: Any, on_result: Any, **kw: Any) -> list[CellResult]:
+        on_result(template)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("backdoor_toolkit.cli.benchmark.run_benchmark", one_cell_then_stop)
+    result = runner.invoke(app, ["benchmark", "--config", str(_config(tmp_path)), "--db", str(db)])
+    assert result.exit_code == 130, result.output
+    text = " ".join(result.output.split())
+    assert f"Interrupted: 1 cell finished in this run, stored in {db}; it holds 3 in all" in text

@@ -28,7 +28,11 @@ from .common import (
     user_errors,
     with_threads,
 )
+from .outputs import GRID_EXTENSIONS, check_output_file, check_output_folder
 from .victim import export_victim, load_victim, victim_config
+
+#: Where the trigger grid goes by default; the only folder `--grid` creates when it is missing.
+DEFAULT_GRID = Path("bdtk-results/trigger.png")
 
 
 def sample_per_class(test: ImageData, count: int) -> Tensor:
@@ -56,7 +60,7 @@ def trigger_grid(clean: Tensor, triggered: Tensor, scale: int) -> Tensor:
 def write_grid(path: Path, clean: Tensor, triggered: Tensor, scale: int = 4) -> None:
     from torchvision.utils import save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # only the default folder can be missing (checked first)
     save_image(
         trigger_grid(clean, triggered, scale), str(path), nrow=clean.shape[0], padding=2, pad_value=1.0
     )
@@ -80,9 +84,7 @@ def attack(
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     cache_dir: CacheDirOption = None,
-    grid: Annotated[Path, typer.Option(help="PNG of clean vs triggered test images")] = Path(
-        "bdtk-results/trigger.png"
-    ),
+    grid: Annotated[Path, typer.Option(help="PNG of clean vs triggered test images")] = DEFAULT_GRID,
     images: Annotated[int, typer.Option(min=1, max=64, help="Test images in the grid")] = 10,
     export: Annotated[
         Path | None,
@@ -96,8 +98,11 @@ def attack(
     threads: ThreadsOption = None,
 ) -> None:
     """Train (or load from the cache) a backdoored model, print BA/ASR/RA and write a trigger grid."""
+    # before training: an output that cannot be written wastes no compute
+    check_output_file(grid, "--grid", default=DEFAULT_GRID, extensions=GRID_EXTENSIONS)
     if export is not None:
-        check_output_dir(export, force)  # before training: a refused folder wastes no compute
+        check_output_dir(export, force)
+        check_output_folder(export, "--export")
     cfg = victim_config(
         "attack",
         attack,

@@ -17,7 +17,7 @@ from ..console import console
 from ..errors import ConfigError
 from ..executors import EXECUTORS, get_executor
 from ..results import CellResult, write_results
-from ..store import ResultStore
+from ..store import ResultStore, StoreError
 from ..suites import available_suites, load_suite
 from ..victim_benchmark import RETUNE_NEEDS_POISONED_TRAINING, run_victim_benchmark
 from ..victims import read_victim_record
@@ -69,6 +69,34 @@ def _choice(value: Any, where: str) -> dict[str, Any]:
 
 def _choices(names: list[str], option: str) -> list[dict[str, Any]]:
     return [_choice(n, f"{option} {n!r}") for n in names]
+
+
+def refuse_repeats(given: dict[str, list[Any] | None]) -> None:
+    """A flag given the same value twice (`--seed 0 --seed 0`, `-d finetune -d finetune`) would run
+    the same cells again and report them as separate rows (and as more seeds of evidence); name the
+    flag and the value instead. Plugins compare as written, so `finetune` and `finetune:paper`
+    are different choices."""
+    for option, values in given.items():
+        seen: set[str] = set()
+        for value in values or []:
+            key = str(value)
+            if key in seen:
+                raise ConfigError(f"{option} repeats {key!r}; give each one once.")
+            seen.add(key)
+
+
+def interrupted_message(why: str, finished: int, store: ResultStore, out: Path) -> str:
+    """What an interrupted run leaves behind: the cells this run finished, and (when the database
+    can still be read) how many it holds in all, since it may hold cells of earlier runs too."""
+    try:
+        held = f"; it holds {len(store)} in all" if store.path.exists() else ""
+    except StoreError:
+        held = ""
+    cells = "cell" if finished == 1 else "cells"
+    return (
+        f"{why}: {finished} {cells} finished in this run, stored in {store.path}{held} (this run's are "
+        f"also in {out}); run the same command again to resume."
+    )
 
 
 def _keep_file_config(chosen: list[dict[str, Any]], from_file: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,6 +188,9 @@ def benchmark(
     With --victim, the defenses run on that stored model instead. Rankings: `bdtk leaderboard`.
     """
     get_executor(executor, ray_address)  # a bad executor or Ray address fails before anything runs
+    refuse_repeats(
+        {"--attack": attack, "--defense": defense, "--dataset": dataset, "--model": model, "--seed": seed}
+    )
     if victim is not None:
         if retune or (config is not None and load_config_file(config).get("retune")):
             raise ConfigError(RETUNE_NEEDS_POISONED_TRAINING)
@@ -240,10 +271,7 @@ def benchmark(
                 )
         except KeyboardInterrupt as stop:
             why = "Terminated" if isinstance(stop, Terminated) else "Interrupted"
-            console.print(
-                f"[yellow]{why}: {len(rows)} finished cells are stored in {store.path} (and {out}); "
-                "run the same command again to resume.[/]"
-            )
+            console.print(f"[yellow]{escape(interrupted_message(why, len(rows), store, out))}[/]")
             raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
         write_results(out, cfg, grid)
         console.print(results_table(grid))

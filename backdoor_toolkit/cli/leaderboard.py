@@ -27,6 +27,7 @@ from ..leaderboard import (
 )
 from ..store import ResultStore, default_db_path
 from .common import app, user_errors
+from .outputs import check_output_file, check_output_folder
 
 
 @app.command()
@@ -58,6 +59,12 @@ def leaderboard(
     """Rank defenses per attack and overall (mean ± std over seeds) from the stored cells."""
     if png is not None:
         require_matplotlib("--png")  # before any work: one line that says how to install it
+    files = {"--markdown": markdown, "--csv": csv, "--json": json, "--html": html, "--png": png}
+    for option, target in files.items():
+        if target is not None:
+            check_output_file(target, option)
+    if out is not None:
+        check_output_folder(out, "--out")
     path = db or default_db_path()
     if not path.exists():
         raise BdtkError(f"No result database at {path}; run `bdtk benchmark` first (or pass --db).")
@@ -73,8 +80,7 @@ def leaderboard(
         console.print(f"[yellow]{escape(line)}[/]")
     written: list[Path] = []
     for target, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
+        if target is not None:  # its folder exists: checked above
             target.write_text(render(board))
             written.append(target)
     if png is not None:

@@ -1,0 +1,67 @@
+"""Checks on the paths a command writes to, run before any work.
+
+A path written at the end of a long run must be known to work before the run starts: a bad one
+otherwise costs the training (and, with several outputs, the ones after it). A missing folder is
+not created, beyond a command's own default folder (`bdtk-results/`) or the folder an option names
+itself (`--out DIR`): a typo such as `/nonexistdir/a.csv` would otherwise leave new directory trees
+in arbitrary places.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+from ..errors import BdtkError
+
+#: Image formats a trigger grid may be written as (PIL picks the format from the extension).
+GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def _check_folder_of(path: Path, option: str, may_create: bool) -> None:
+    """`path`'s folder exists and is writable, or (with `may_create`) can be created in one step."""
+    parent = path.parent
+    if may_create and not parent.exists():
+        _check_folder_of(parent, option, may_create=False)
+        return
+    if not parent.exists():
+        raise BdtkError(
+            f"{option} {path}: folder {parent} does not exist; create it first or give a path in an "
+            "existing folder."
+        )
+    if not parent.is_dir():
+        raise BdtkError(f"{option} {path}: {parent} is a file, not a folder.")
+    for target in (parent, path):
+        if target.exists() and not os.access(target, os.W_OK):
+            raise BdtkError(f"Cannot write {option} {path}: {target} is read-only; choose another path.")
+
+
+def check_output_file(
+    path: Path,
+    option: str,
+    *,
+    default: Path | str | None = None,
+    extensions: Collection[str] | None = None,
+) -> None:
+    """Refuse a file output that could not be written: a folder, an extension the writer does not
+    know (`extensions`, compared case-insensitively), a missing or read-only folder.
+
+    The folder of the command's `default` path is created when missing; any other folder must exist.
+    """
+    if path.is_dir():
+        raise BdtkError(f"{option} {path} is a folder; give a file path.")
+    if extensions is not None and path.suffix.lower() not in extensions:
+        what = f"extension {path.suffix!r}" if path.suffix else "no extension"
+        raise BdtkError(
+            f"{option} {path} has {what}; give one of {', '.join(extensions)} (e.g. {path.stem}.png)."
+        )
+    _check_folder_of(path, option, may_create=default is not None and path == Path(default))
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """Refuse a folder output that could not be written: a file, or a folder whose parent is
+    missing or read-only. The folder itself may be new (the command creates it)."""
+    if path.exists() and not path.is_dir():
+        raise BdtkError(f"{option} {path} is a file; give a folder.")
+    _check_folder_of(path, option, may_create=False)
