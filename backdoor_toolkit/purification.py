@@ -93,6 +93,8 @@ class CleanData:
     #: Unreadable image files skipped in the clean and the test folder.
     skipped: int = 0
     test_skipped: int = 0
+    #: Links and repeated files of the clean folder not read (a link back into the folder, say).
+    ignored: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -103,6 +105,7 @@ class CleanData:
             "train_images": len(self.budget.train),
             "val_images": len(self.budget.val),
             "skipped_images": self.skipped,
+            "ignored_links_or_repeats": self.ignored,
             "test_source": self.test_source,
             "test_images": None if self.test is None else len(self.test),
             "test_skipped_images": self.test_skipped,
@@ -159,7 +162,7 @@ def load_clean_data(
     test: ImageData | None = None
     test_source: str | None = None
     classes: list[str] | None = None
-    skipped = test_skipped = 0
+    skipped = test_skipped = ignored = 0
     path = source if isinstance(source, Path) else folder_path(source) if isinstance(source, str) else None
     if isinstance(source, DefenseData):
         spec, budget, label = source.spec, source, source.spec.name
@@ -168,6 +171,7 @@ def load_clean_data(
         if num_classes is not None:
             _check_classes(folder, num_classes)
         spec, classes, skipped = folder.spec(mean, std), folder.classes, len(folder.skipped)
+        ignored = len(folder.ignored)
         budget, label = _split(spec, folder.data, val_fraction, seed), f"folder:{path}"
     elif isinstance(source, ImageData):
         if num_classes is None:
@@ -186,8 +190,22 @@ def load_clean_data(
             raise BdtkError(
                 f"Dataset {source!r} has {spec.num_classes} classes, but the model outputs {num_classes}."
             )
-        train = stratified_subset(dataset.train, train_size, spec.num_classes, seed=1)
-        test = stratified_subset(dataset.test, test_size, spec.num_classes, seed=2)
+        train = stratified_subset(
+            dataset.train,
+            train_size,
+            spec.num_classes,
+            seed=1,
+            what="--train-size",
+            split=f"training images of {source}",
+        )
+        test = stratified_subset(
+            dataset.test,
+            test_size,
+            spec.num_classes,
+            seed=2,
+            what="--test-size",
+            split=f"test images of {source}",
+        )
         test_source = f"{source} (test split)"
         budget = draw_defense_data(
             Dataset(spec, train, test), torch.empty(0, dtype=torch.long), clean_ratio, val_fraction, seed
@@ -198,7 +216,7 @@ def load_clean_data(
         )
     if test_data is not None:
         test, test_source, test_skipped = _test_data(test_data, spec, classes)
-    return CleanData(spec, budget, test, label, test_source, classes, skipped, test_skipped)
+    return CleanData(spec, budget, test, label, test_source, classes, skipped, test_skipped, ignored)
 
 
 def _check_classes(folder: FolderImages, num_classes: int) -> None:

@@ -292,7 +292,10 @@ def test_the_python_api_purifies_and_inspects_a_plain_module(
     assert paths.weights.exists() and paths.report.exists() and not paths.triggers.exists()
     with pytest.raises(BdtkError, match="exists; pass --force"):
         report.save(tmp_path / "api.safetensors")
-    assert load_model(paths.weights).architecture == f"{nets_py}:make"
+    # the JSON records the factory, but loading it back takes the user's word, not the file's
+    assert load_model(paths.weights, f"{nets_py}:make").metadata["architecture"] == f"{nets_py}:make"
+    with pytest.raises(BdtkError, match="never runs code"):
+        load_model(paths.weights)
     found = bdtk.inspect(net, f"folder:{rgb_folder}", steps=2, batch_size=4, device="cpu")
     assert isinstance(found.result, InversionResult) and found.result.classes == [0, 1, 2, 3]
     assert found.train_images + found.val_images == 24
@@ -384,6 +387,10 @@ def test_image_folders_never_loop_and_count_each_image_once(tmp_path: Path) -> N
     assert images.data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
     ignored = sorted(str(p.relative_to(root)) for p in images.ignored)
     assert ignored == ["class_0/sibling", "class_0/stolen.png", "class_0/up", "class_1/extra_again"]
+    from backdoor_toolkit.purification import load_clean_data
+
+    clean = load_clean_data(root, channels=1)
+    assert clean.ignored == 4 and clean.describe()["ignored_links_or_repeats"] == 4
 
 
 def test_image_folders_skip_decompression_bombs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,8 +425,12 @@ def _bad_files(work: Path, zoo_file: Path) -> dict[str, Path]:
     for k in range(4):
         (broken / f"c{k}").mkdir(parents=True, exist_ok=True)
         (broken / f"c{k}" / "x.png").write_bytes(b"\x89PNG but not really")
+    state = load_file(str(zoo_file))
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    nan = work / "bad" / "nan.safetensors"
+    save_file(state, str(nan))
     return {
-        "text": text, "pickle": pickle, "reshaped": reshaped, "empty": empty, "broken": broken,
+        "text": text, "pickle": pickle, "reshaped": reshaped, "empty": empty, "broken": broken, "nan": nan,
         "three": write_folder(work / "bad" / "three", classes=3, per_class=2, mode="L"),
     }  # fmt: skip
 
@@ -448,6 +459,8 @@ def _bad_files(work: Path, zoo_file: Path) -> dict[str, Path]:
         ("zoo", ["--defense", "nowhere"], "Unknown purifier 'nowhere'"),
         ("zoo", ["--set", "epochz=1"], "epochz"),
         ("zoo", ["--mean", "a,b"], "--mean expects comma-separated numbers"),
+        ("zoo", ["--mean", "nan"], "--mean must be finite numbers"),
+        ("nan", [], "tensor 'fc.weight' holds NaN or infinite values"),
         ("zoo", ["--image-size", "0"], "--image-size 0x0 is out of range"),
         ("zoo", ["--out-name", "x.pt"], "give a .safetensors path"),
         ("zoo", ["--out-name", "exists.safetensors"], "exists; pass --force to overwrite it"),
@@ -474,6 +487,49 @@ def test_bad_input_is_one_message_and_writes_nothing(
     assert written == (["exists.safetensors"] if out.name.startswith("exists") else [])
     if out.name.startswith("exists"):
         assert out.read_bytes() == b"keep me"
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
+    zoo_file: Path, gray_folder: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["purify", str(zoo_file), "--model", "small-cnn", "--data", f"folder:{gray_folder}"]
+    result = runner.invoke(app, [*args, "--defense", "finetune", "--out", str(blocker / "p.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert "is a file; the purified model needs a folder there" in one_line(result.output)
+    assert "purified the model" not in result.output  # refused before the defense ran
+
+
+@pytest.mark.parametrize("command", ["purify", "inspect"])
+def test_a_factory_named_beside_a_model_file_is_never_imported(
+    work: Path, factory_file: Path, gray_folder: Path, tmp_path: Path, command: str
+) -> None:
+    """A downloaded model and its JSON are data: a MODULE:FACTORY there must not run code."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    marker = tmp_path / "ran"
+    (bundle / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\n" + NETS_PY
+    )
+    model = bundle / "model.safetensors"
+    model.write_bytes(factory_file.read_bytes())
+    record = {"format": "bdtk-model/1", "architecture": f"{bundle / 'evil.py'}:make"}
+    (bundle / "model.json").write_text(json.dumps(record))
+    args = [command, str(model), "--data", f"folder:{gray_folder}", "--device", "cpu"]
+    args += ["--defense", "finetune", "--out", str(tmp_path / "p.safetensors")] if command == "purify" else []
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "never runs code" in one_line(result.output) and "--model" in one_line(result.output)
+    assert not marker.exists()
+
+
+def test_an_unreadable_json_beside_a_model_is_an_error_not_ignored(zoo_file: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(zoo_file.read_bytes())
+    (tmp_path / "m.json").write_text("{ not json")
+    with pytest.raises(BdtkError, match="is not readable JSON"):
+        load_model(model, "small-cnn")
 
 
 def test_unreadable_images_are_skipped_with_a_count(zoo_file: Path, tmp_path: Path) -> None:

@@ -228,6 +228,11 @@ def describe_model(loaded: LoadedModel, clean: CleanData, victim: Victim | None 
     for source, count in skipped:
         if count:
             console.print(f"[yellow]Skipped {count} unreadable image file(s) in {escape(str(source))}.[/]")
+    if clean.ignored:
+        console.print(
+            f"[yellow]Did not read {clean.ignored} link(s) or repeated file(s) in "
+            f"{escape(str(clean.source))} (each image is read once, under the class folder it lies in).[/]"
+        )
 
 
 def _percent(value: float) -> str:
