@@ -185,6 +185,9 @@ class Registry:
     )
     failures: list[LoadFailure] = field(default_factory=list)
     skipped: list[SkippedPlugin] = field(default_factory=list)
+    #: `BDTK_LOAD_PLUGINS` / `BDTK_DISABLE_PLUGINS` entries that name no installed plugin (a typo
+    #: there would otherwise load, or leave on, something else without a word).
+    unmatched: list[str] = field(default_factory=list)
 
     def all(self) -> list[PluginInfo]:
         return [info for kind in _BASES for info in sorted(self.by_kind[kind].values(), key=_by_name)]
@@ -229,7 +232,8 @@ class Registry:
         if disabled:
             count = str(disabled) if parts else f"{disabled} plugin distribution{'s' * (disabled != 1)}"
             parts.append(f"{count} {'is' if disabled == 1 else 'are'} disabled by {DISABLE_ENV}")
-        return f"Note: {' and '.join(parts)} (see `bdtk plugins`)." if parts else ""
+        note = f"Note: {' and '.join(parts)} (see `bdtk plugins`)." if parts else ""
+        return " ".join([note, *self.unmatched]).strip()
 
 
 def _claims(plugin: str, distribution: str, names: tuple[str, ...], wanted: str) -> bool:
@@ -251,6 +255,7 @@ _pm: pluggy.PluginManager | None = None
 _sources: dict[str, Source] = {}
 _load_failures: list[LoadFailure] = []
 _skipped: list[SkippedPlugin] = []
+_unmatched: list[str] = []
 _registry: Registry | None = None
 
 
@@ -278,6 +283,7 @@ def reset_plugin_manager() -> None:
     _sources.clear()
     _load_failures.clear()
     _skipped.clear()
+    _unmatched.clear()
 
 
 def normalize_name(name: str) -> str:
@@ -303,10 +309,12 @@ def _load_order(ep: md.EntryPoint) -> tuple[bool, str, str]:
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allowed = _names_in(LOAD_ENV)
     disabled = _names_in(DISABLE_ENV) or set()
+    installed: set[str] = set()
     for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
         dist = ep.dist.name if ep.dist is not None else "?"
         version = ep.dist.version if ep.dist is not None else "?"
         names = {normalize_name(dist), normalize_name(ep.name)}
+        installed |= names
         if names & disabled:
             _skipped.append(SkippedPlugin(ep.name, dist, version, DISABLE_ENV))
             continue
@@ -324,6 +332,12 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             _register_checked(pm, module, source, key)
         except Exception as exc:  # a broken plugin must not take the others down
             _load_failures.append(LoadFailure(ep.name, dist, _one_line(exc), traceback.format_exc()))
+    for env, listed in ((LOAD_ENV, allowed or set()), (DISABLE_ENV, disabled)):
+        for name in sorted(listed - installed):
+            _unmatched.append(
+                f"{env} names {name!r}, which no installed plugin distribution or entry point has "
+                f"(installed: {', '.join(sorted(installed)) or 'none'})."
+            )
 
 
 def _register_checked(
@@ -392,7 +406,7 @@ def get_registry() -> Registry:
     if _registry is None:
         pm = get_plugin_manager()
         rank = {key: i for i, key in enumerate(_sources)}  # load order, then in-process order
-        registry = Registry(failures=list(_load_failures), skipped=list(_skipped))
+        registry = Registry(failures=list(_load_failures), skipped=list(_skipped), unmatched=list(_unmatched))
         for kind, hook_name in _HOOKS.items():
             impls = getattr(pm.hook, hook_name).get_hookimpls()
             for impl in sorted(impls, key=lambda impl: rank.get(impl.plugin_name, len(rank))):

@@ -482,6 +482,24 @@ def test_disable_plugins_env_turns_a_distribution_off(site: Path, monkeypatch: p
     )
 
 
+def test_a_name_in_the_plugin_env_vars_that_matches_nothing_is_said(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in BDTK_DISABLE_PLUGINS leaves the plugin on, one in BDTK_LOAD_PLUGINS loads nothing:
+    both say which name matched no installed plugin."""
+    monkeypatch.setenv("BDTK_DISABLE_PLUGINS", "bdtk-clpp")
+    table = bdtk("plugins")
+    assert table.exit_code == 0
+    assert "BDTK_DISABLE_PLUGINS names 'bdtk-clpp', which no installed plugin" in " ".join(
+        table.output.split()
+    )
+    monkeypatch.delenv("BDTK_DISABLE_PLUGINS")
+    monkeypatch.setenv("BDTK_LOAD_PLUGINS", "nosuch")
+    reset_plugin_manager()  # the environment is read when the plugins load
+    message = one_error(bdtk("benchmark", "-a", "badnets"))
+    assert "BDTK_LOAD_PLUGINS names 'nosuch', which no installed plugin" in message
+
+
 def test_disabling_the_builtins_lets_the_third_party_name_win(
     site: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

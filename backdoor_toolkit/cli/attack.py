@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
+from rich.markup import escape
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -136,5 +138,7 @@ def attack(
         asr, _ = bd_test.success(victim.model, run_device)
         console.print(
             f"Victim written to {export} (content hash {content_hash[:12]}; {len(bd_test)} triggered test "
-            f"images stored as 8-bit, ASR on them {100 * asr:.2f}%). Next: bdtk purify {export} --out FILE"
+            f"images stored as 8-bit, ASR on them {100 * asr:.2f}%). Next: bdtk purify "
+            f"{escape(shlex.quote(str(export)))} --out FILE",
+            highlight=False,
         )

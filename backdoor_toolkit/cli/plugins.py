@@ -68,6 +68,8 @@ def plugins(
             reasons[skipped.reason].append(entry)
     for reason, entries in reasons.items():
         console.print(f"[yellow]Not loaded, {reason}: {', '.join(entries)}[/]", highlight=False)
+    for line in registry.unmatched:
+        console.print(f"[yellow]{escape(line)}[/]", highlight=False)
 
 
 def describe(info: PluginInfo) -> dict[str, Any]:
