@@ -156,6 +156,8 @@ def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["leaderboard", "--db", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 2 and "No result database" in missing.output
     assert not (tmp_path / "none.sqlite").exists()
+    unranked = runner.invoke(app, ["leaderboard", "--db", str(db), "--rank-by", "asr_retuned"])
+    assert unranked.exit_code == 2 and "No stored row has asr_retuned" in " ".join(unranked.output.split())
 
 
 @pytest.mark.parametrize("option", ["--markdown", "--csv", "--json", "--html", "--out"])

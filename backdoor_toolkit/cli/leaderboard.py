@@ -13,6 +13,7 @@ from ..errors import BdtkError
 from ..leaderboard import (
     COLUMNS,
     INSTALL_HINT,
+    OPTIONAL,
     build_leaderboard,
     export,
     gaps_summary,
@@ -73,6 +74,11 @@ def leaderboard(
         where = store.path
     if not rows:
         raise BdtkError(f"No stored results in {where} match these filters; run `bdtk benchmark` first.")
+    if rank_by in OPTIONAL and all(getattr(row, rank_by, None) is None for row in rows):
+        raise BdtkError(
+            f"No stored row has {rank_by} (the re-tuning attack was off in these grids), so nothing can "
+            f"be ranked by it; rank by another metric, or run the grid with --retune."
+        )
     board = build_leaderboard(rows, rank_by)
     for table in to_rich(board, width=console.width):
         console.print(table)
