@@ -328,9 +328,9 @@ class BenchmarkConfig(StrictConfig):
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a dict; errors name the file."""
+    text = read_text_file(path, "Config file")
     if path.suffix not in (".toml", ".json"):
         raise ConfigError(f"Config file {path}: give a .toml or .json file (other formats are not read).")
-    text = read_text_file(path, "Config file")
     try:
         if path.suffix == ".toml":
             if sys.version_info >= (3, 11):

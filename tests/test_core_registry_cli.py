@@ -165,7 +165,7 @@ def test_throwaway_plugin_runs_in_benchmark(zero_head: None, tmp_path: Path) -> 
         (["--threads", "1000"], "more than the .* CPU core"),
         (["--clean-ratio", "nan"], "finite number"),  # not "should be ≤ 0.5"
         (["--set", "finetune.lr=inf"], "finite number"),
-        (["--config", "grid.yaml"], "give a .toml or .json file"),
+        (["--config", "README.md"], "give a .toml or .json file"),
         (["--cache-dir", "README.md"], "is a file; give a folder"),
         (
             ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
