@@ -524,6 +524,18 @@ def test_a_factory_named_beside_a_model_file_is_never_imported(
     assert not marker.exists()
 
 
+def test_clean_images_that_miss_classes_are_warned_about(zoo_file: Path, tmp_path: Path) -> None:
+    """Eight images of four classes leave a two-image val part: early stops and thresholds chosen
+    on it mean little, and the user should know."""
+    few = write_folder(tmp_path / "few", classes=4, per_class=2, mode="L")
+    args = purify_args(
+        zoo_file, tmp_path / "p.safetensors", "--model", "small-cnn", "--data", f"folder:{few}"
+    )
+    result = runner.invoke(app, [*args, "--defense", "finetune", "--set", "epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert "for the held-out val part (2 images)" in " ".join(result.output.split())
+
+
 def test_an_unreadable_json_beside_a_model_is_an_error_not_ignored(zoo_file: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.safetensors"
     model.write_bytes(zoo_file.read_bytes())

@@ -233,6 +233,16 @@ def describe_model(loaded: LoadedModel, clean: CleanData, victim: Victim | None 
             f"[yellow]Did not read {clean.ignored} link(s) or repeated file(s) in "
             f"{escape(str(clean.source))} (each image is read once, under the class folder it lies in).[/]"
         )
+    classes = clean.spec.num_classes
+    in_val = int(clean.budget.val.labels.unique().numel()) if len(clean.budget.val) else 0
+    in_train = int(clean.budget.train.labels.unique().numel()) if len(clean.budget.train) else 0
+    if in_train < classes or in_val < classes:
+        console.print(
+            f"[yellow]The clean images cover {in_train} of {classes} classes for training and {in_val} "
+            f"for the held-out val part ({len(clean.budget.val)} images): what a defense learns and "
+            "chooses on them (early stop, thresholds) will be unreliable; give images of every class.[/]",
+            highlight=False,
+        )
 
 
 def _percent(value: float) -> str:
