@@ -280,6 +280,14 @@ def _restore_attack(config: BenchmarkConfig, plan: VictimPlan, state: VictimStat
     return attack
 
 
+def _defense_budget(
+    config: BenchmarkConfig, plan: VictimPlan, dataset: Dataset, state: VictimState, attack: Attack
+) -> DefenseData:
+    """The defender's clean budget of a victim: the same draw for its defense and its re-tuning."""
+    excluded = budget_exclusions(state.poisoned_index, attack.clean_label)
+    return draw_defense_data(dataset, excluded, config.clean_ratio, config.val_fraction, plan.seed)
+
+
 def _restore(config: BenchmarkConfig, plan: VictimPlan, state: VictimState) -> BackdooredModel:
     dataset = grid_dataset(config, plan.dataset)
     attack = _restore_attack(config, plan, state)
@@ -351,13 +359,7 @@ def _retuned(
     try:
         dataset = grid_dataset(config, plan.dataset)
         victim = _restore(config, plan, state)
-        data = draw_defense_data(
-            dataset,
-            budget_exclusions(state.poisoned_index, victim.attack.clean_label),
-            config.clean_ratio,
-            config.val_fraction,
-            plan.seed,
-        )
+        data = _defense_budget(config, plan, dataset, state, victim.attack)
         outcome = retune_attack(
             victim.model if model is None else model,
             victim.attack,
@@ -400,13 +402,7 @@ def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: 
     try:
         dataset = grid_dataset(config, plan.dataset)
         victim = _restore(config, plan, state)
-        data = draw_defense_data(
-            dataset,
-            budget_exclusions(state.poisoned_index, victim.attack.clean_label),
-            config.clean_ratio,
-            config.val_fraction,
-            plan.seed,
-        )
+        data = _defense_budget(config, plan, dataset, state, victim.attack)
         purifier = create_purifier(defense, seed=plan.seed, device=device)
         result, cost = run_defense(purifier, victim, data, device)
         check_finite(result.model, f"defense {defense.label!r}")

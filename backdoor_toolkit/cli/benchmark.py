@@ -30,11 +30,11 @@ from .common import (
     SetOption,
     Terminated,
     app,
-    check_writable,
     parse_value,
     terminate_as_interrupt,
     user_errors,
 )
+from .outputs import check_writable
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:

@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -240,19 +239,6 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Fail now, before any work, if `path` cannot be written (its folder is created if needed)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BdtkError(f"Cannot create the folder for {what} {path}: {exc.strerror or exc}.") from None
-    if path.is_dir():
-        raise BdtkError(f"{what} {path} is a folder; give a file path.")
-    for target in (path.parent, path):
-        if target.exists() and not os.access(target, os.W_OK):
-            raise BdtkError(f"Cannot write {what} {path}: {target} is read-only; choose another path.")
 
 
 def parse_value(text: str) -> Any:

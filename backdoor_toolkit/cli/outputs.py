@@ -32,9 +32,27 @@ def _check_folder_of(path: Path, option: str, may_create: bool) -> None:
         )
     if not parent.is_dir():
         raise BdtkError(f"{option} {path}: {parent} is a file, not a folder.")
-    for target in (parent, path):
+    _refuse_read_only(path, option)
+
+
+def _refuse_read_only(path: Path, what: str) -> None:
+    """`path` and its folder, where they exist, must be writable."""
+    for target in (path.parent, path):
         if target.exists() and not os.access(target, os.W_OK):
-            raise BdtkError(f"Cannot write {option} {path}: {target} is read-only; choose another path.")
+            raise BdtkError(f"Cannot write {what} {path}: {target} is read-only; choose another path.")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, before any work, if file `path` cannot be written; unlike `check_output_file`, its
+    folder is created if needed (the results JSON and purify's outputs, whose folders the user
+    names as part of the path)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BdtkError(f"Cannot create the folder for {what} {path}: {exc.strerror or exc}.") from None
+    if path.is_dir():
+        raise BdtkError(f"{what} {path} is a folder; give a file path.")
+    _refuse_read_only(path, what)
 
 
 def check_output_file(

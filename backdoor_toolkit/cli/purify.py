@@ -60,12 +60,12 @@ from .common import (
     ThreadsOption,
     ValFractionOption,
     app,
-    check_writable,
     parse_floats,
     split_settings,
     user_errors,
     with_threads,
 )
+from .outputs import check_writable
 
 
 @dataclass(frozen=True)
