@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from backdoor_toolkit import ImageClassifier, TrainingSettings, anomaly_index, create_model, train_classifier
-from backdoor_toolkit.training import seed_everything
-from benchmarks.setting import BenchModel, append_record, cached_bench_models
+from backdoor_toolkit import ImageClassifier, anomaly_index
+from benchmarks.setting import append_record, budget_trained_model, cached_bench_models
 
 
 def max_margin(
@@ -53,17 +52,6 @@ def max_margin(
         optimiser.step()
     with torch.no_grad():
         return float(margins(torch.sigmoid(w)).max())
-
-
-def budget_reference(m: BenchModel, seed: int, epochs: int) -> ImageClassifier:
-    """A wrn-16-1 trained from scratch on the defender's clean budget (train part) only."""
-    model = create_model("wrn-16-1", m.data.spec)
-    settings = TrainingSettings(
-        epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4, augment=True, hflip=False, device=m.device
-    )
-    seed_everything(seed)
-    train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed)
-    return model.eval().requires_grad_(False)
 
 
 def main() -> None:
@@ -94,7 +82,7 @@ def main() -> None:
         target = m.true_target
         extra: dict[str, object] = {}
         if args.reference == "budget":
-            ref = budget_reference(m, seed, args.epochs)
+            ref = budget_trained_model(m, seed, args.epochs).requires_grad_(False)
             ref_stats = [
                 max_margin(ref, k, shape, args.starts, args.steps, args.lr, seed)
                 for k in range(m.data.spec.num_classes)

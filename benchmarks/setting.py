@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from backdoor_toolkit import ImageClassifier, build_config, get_attack
+from backdoor_toolkit import ImageClassifier, build_config, create_model, get_attack
 from backdoor_toolkit.artifacts import ArtifactCache
 from backdoor_toolkit.backdoor import _model_key, backdoored_model, clean_model
 from backdoor_toolkit.cells import load_run_dataset
@@ -24,7 +24,14 @@ from backdoor_toolkit.config import BenchmarkConfig
 from backdoor_toolkit.data import DefenseData, ImageData, budget_exclusions, draw_defense_data
 from backdoor_toolkit.errors import UnknownNameError
 from backdoor_toolkit.interfaces import Attack
-from backdoor_toolkit.training import resolve_device
+from backdoor_toolkit.training import (
+    LossFn,
+    TrainingSettings,
+    cross_entropy_loss,
+    resolve_device,
+    seed_everything,
+    train_classifier,
+)
 
 #: What "all models" means to the scripts: the attacks of the inversion tables and the control.
 DEFAULT_MODELS = ["badnets", "blended", "trojan", "clean"]
@@ -103,6 +110,20 @@ def bench_models(
         excluded = budget_exclusions(victim.poisoned_index, attack.clean_label)
         data = draw_defense_data(dataset, excluded, cfg.clean_ratio, cfg.val_fraction, seed)
         yield BenchModel(name, name, victim.model, data, dataset.test, attack, device)
+
+
+def budget_trained_model(
+    m: BenchModel, seed: int, epochs: int, loss_fn: LossFn = cross_entropy_loss
+) -> ImageClassifier:
+    """A wrn-16-1 trained from scratch on `m`'s defender budget (train part) only: the reference a
+    defender could build from their own clean images (`loss_fn` e.g. distils the suspect instead)."""
+    model = create_model("wrn-16-1", m.data.spec)
+    settings = TrainingSettings(
+        epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4, augment=True, hflip=False, device=m.device
+    )
+    seed_everything(seed)
+    train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed, loss_fn=loss_fn)
+    return model.eval()
 
 
 def cached_bench_models(specs: list[str]) -> Iterator[tuple[BenchModel, int]]:

@@ -38,9 +38,15 @@ from torch.nn import functional as F
 from backdoor_toolkit import ImageClassifier, InversionResult, anomaly_index, create_inverter
 from backdoor_toolkit.data import ImageData
 from backdoor_toolkit.metrics import accuracy, predict
-from backdoor_toolkit.models import create_model
 from backdoor_toolkit.training import TrainingSettings, seed_everything, train_classifier
-from benchmarks.setting import BenchModel, append_record, bench_config, bench_models, cached_bench_models
+from benchmarks.setting import (
+    BenchModel,
+    append_record,
+    bench_config,
+    bench_models,
+    budget_trained_model,
+    cached_bench_models,
+)
 from benchmarks.signals import inversion
 
 REFERENCES = ["other-clean", "budget", "distilled", "finetuned"]
@@ -87,22 +93,9 @@ def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> 
         loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean")
         return loss * temperature**2, logits
 
-    model = create_model("wrn-16-1", m.data.spec)
-    settings = TrainingSettings(
-        epochs=args.epochs if kind == "budget" else args.distill_epochs,
-        batch_size=64,
-        lr=0.05,
-        weight_decay=5e-4,
-        augment=True,
-        hflip=False,
-        device=m.device,
-    )
-    seed_everything(seed)
     if kind == "budget":
-        train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed)
-    else:
-        train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed, loss_fn=distill)
-    return model.eval()
+        return budget_trained_model(m, seed, args.epochs)
+    return budget_trained_model(m, seed, args.distill_epochs, loss_fn=distill)
 
 
 def main() -> None:
