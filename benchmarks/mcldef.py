@@ -60,6 +60,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "improved+ce-triggered": CE_TRIGGERED,
     "improved+ce-triggered+known-target": {**CE_TRIGGERED, "target": 0},
     "default+known-target": {"target": 0},
+    # stage-2 recipe sweep (BA drop): learning rate and the epoch returned, target given
+    "default+known-target+lr0.005": {"target": 0, "lr": 0.005},
+    "default+known-target+lr0.002": {"target": 0, "lr": 0.002},
+    "default+known-target+best-val": {"target": 0, "select_epoch": "best-val"},
+    "default+known-target+lr0.005+best-val": {"target": 0, "lr": 0.005, "select_epoch": "best-val"},
 }
 
 

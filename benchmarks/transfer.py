@@ -16,11 +16,15 @@ class's recovered trigger is stamped on the clean test images of the other class
 - `distilled`: the same, trained to match the suspect model's softened outputs (KL at temperature
   `--temperature`) on the defender's clean training part, so it inherits the model's natural
   decision geometry and, the hope was, not its backdoor.
-With `--profile`, the budget reference is scanned by blend inversion too, and each class's α on
-the suspect model is divided by its α on the reference (a class prior learnt from the defender's
-data: "average garment" classes are cheap on every model), with the MAD index on the log ratio.
-Each row (per class: share of the median α, success on the suspect model and on each reference)
-is appended to `--output` as it is measured. docs/inversion.md reports what it found.
+- `retrained-top`: the suspect's stem and first group kept (frozen), everything above them
+  re-initialised and trained on the defender's clean training part (`--epochs`), so low-level
+  detectors survive and the mapping to classes is learnt from clean data only.
+With `--profile [budget|retrained-top]`, that reference is scanned by blend inversion too, and
+each class's α on the suspect model is divided by its α on the reference (a class prior learnt
+from the defender's data: "average garment" classes are cheap on every model), with the MAD
+index on the log ratio. Each row (per class: share of the median α, success on the suspect model
+and on each reference) is appended to `--output` as it is measured. docs/inversion.md reports
+what it found.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from backdoor_toolkit import ImageClassifier, InversionResult, anomaly_index, create_inverter
+from backdoor_toolkit import ImageClassifier, InversionResult, anomaly_index, create_inverter, create_model
 from backdoor_toolkit.data import ImageData
 from backdoor_toolkit.metrics import accuracy, predict
 from backdoor_toolkit.training import TrainingSettings, seed_everything, train_classifier
@@ -49,7 +53,7 @@ from benchmarks.setting import (
 )
 from benchmarks.signals import inversion
 
-REFERENCES = ["other-clean", "budget", "distilled", "finetuned"]
+REFERENCES = ["other-clean", "budget", "distilled", "finetuned", "retrained-top"]
 
 
 def success(
@@ -83,6 +87,8 @@ def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> 
         seed_everything(seed)
         train_classifier(tuned, m.data.train.images, m.data.train.labels, settings, seed)
         return tuned.eval()
+    if kind == "retrained-top":
+        return retrained_top(m, seed, args.epochs)
     teacher = m.model.eval()
     temperature = args.temperature
 
@@ -98,19 +104,44 @@ def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> 
     return budget_trained_model(m, seed, args.distill_epochs, loss_fn=distill)
 
 
+def retrained_top(m: BenchModel, seed: int, epochs: int) -> ImageClassifier:
+    """The suspect's stem and first group kept frozen, everything above re-initialised and trained
+    on the defender's budget: low-level detectors (edges, stripes) survive, while the mapping from
+    them to a class is learnt again from clean data only, so a backdoor's shortcut should not."""
+    model = copy.deepcopy(m.model)
+    fresh = create_model("wrn-16-1", m.data.spec)
+    kept = ("stem.", "groups.0.")
+    state = {k: v for k, v in fresh.state_dict().items() if not k.startswith(kept)}
+    model.load_state_dict({**model.state_dict(), **state})
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(kept))
+    settings = TrainingSettings(
+        epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4, augment=True, hflip=False, device=m.device
+    )
+    seed_everything(seed)
+    train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", action="append", required=True, help="ATTACK:SEED or clean:SEED")
-    parser.add_argument("--reference", action="append", choices=REFERENCES, help="Default: all three")
+    parser.add_argument("--reference", action="append", choices=REFERENCES, help="Default: all of them")
     parser.add_argument("--epochs", type=int, default=30, help="Epochs of the budget reference")
     parser.add_argument("--distill-epochs", type=int, default=40, help="Epochs of the distilled reference")
     parser.add_argument("--ft-epochs", type=int, default=5, help="Epochs of the finetuned reference")
     parser.add_argument("--ft-lr", type=float, default=0.01, help="lr of the finetuned reference")
     parser.add_argument("--temperature", type=float, default=4.0, help="Distillation temperature")
     parser.add_argument(
-        "--profile", action="store_true", help="Also divide each α by the budget reference's α"
+        "--profile",
+        nargs="?",
+        const="budget",
+        choices=["budget", "retrained-top"],
+        help="Also divide each α by that reference's α (default: budget)",
     )
     parser.add_argument("--output", default="bdtk-results/transfer.jsonl")
     args = parser.parse_args()
@@ -139,10 +170,11 @@ def main() -> None:
             )
             classes.append(row)
         if args.profile:
-            if "budget" not in refs:
-                raise SystemExit("--profile scans the budget reference: add --reference budget")
+            if args.profile not in refs:
+                kind = args.profile
+                raise SystemExit(f"--profile {kind} scans that reference: add --reference {kind}")
             seed_everything(seed)
-            prior = create_inverter("blend-inversion", seed=seed).invert(refs["budget"], m.data)
+            prior = create_inverter("blend-inversion", seed=seed).invert(refs[args.profile], m.data)
             ratio = result.mask_norms.double() / prior.mask_norms.double()
             index = anomaly_index(ratio, log=True)
             for row, r, i in zip(classes, ratio.tolist(), index.tolist(), strict=True):
@@ -153,6 +185,7 @@ def main() -> None:
             "seed": seed,
             "true_target": m.true_target,
             "flagged": result.flagged,
+            "profile": args.profile,
             "reference_accuracy": accuracies,
             "reference_seconds": seconds,
             "classes": classes,

@@ -381,6 +381,36 @@ def test_early_stop_ends_when_val_trigger_success_and_accuracy_settle(
     assert trigger_asr(result.model, data.val) <= 0.2
 
 
+def test_best_val_selection_returns_the_best_epoch_whose_triggers_are_removed(
+    backdoored: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = copy.deepcopy(backdoored[0]), backdoored[1]
+    cfg = {"epochs": 6, "early_stop": False, "select_epoch": "best-val", "early_stop_asr": 0.3}
+    d = mcldef(**cfg).purify(model, data).diagnostics
+    acc, asr = d["val_accuracy_by_epoch"], d["val_trigger_asr_by_epoch"]
+    removed = [e for e in range(6) if asr[e] <= 0.3]
+    assert removed, "the toy purification should remove the trigger in some epoch"
+    best = max(removed, key=lambda e: (acc[e], -e))  # the first of the best
+    assert d["selected_epoch"] == best + 1
+    assert d["val_accuracy_after"] == pytest.approx(acc[best], abs=1e-6)
+    assert d["val_trigger_asr_after"]["0"] <= 0.3
+    # the same run returning its last epoch reads the last epoch's numbers
+    last = mcldef(**{**cfg, "select_epoch": "last"}).purify(copy.deepcopy(backdoored[0]), data).diagnostics
+    assert last["val_accuracy_by_epoch"] == acc
+    assert last["val_accuracy_after"] == pytest.approx(acc[-1], abs=1e-6)
+    assert "selected_epoch" not in last
+
+
+def test_best_val_selection_without_a_val_split_is_a_clear_error(
+    backdoored: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = copy.deepcopy(backdoored[0]), backdoored[1]
+    empty = ImageData(data.val.images[:0], data.val.labels[:0])
+    no_val = DefenseData(data.spec, data.train, empty, data.index_train, data.index_val[:0])
+    with pytest.raises(ConfigError, match="select_epoch=last"):
+        mcldef(epochs=2, early_stop=False, select_epoch="best-val").purify(model, no_val)
+
+
 def test_early_stop_that_can_never_trigger_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="can never trigger"):
         build_config(MCLDef.Config, {"epochs": 3, "early_stop_patience": 3}, "mcldef")

@@ -152,6 +152,12 @@ class MCLDefConfig(StrictConfig):
     early_stop_delta: float = Field(
         default=0.005, ge=0, le=1, description="Val accuracy gain (absolute) that still counts as moving"
     )
+    select_epoch: Literal["last", "best-val"] = Field(
+        default="last",
+        description="Model returned: that of the last epoch run, or of the epoch with the best val accuracy "
+        "among those whose every recovered trigger's val success is at most early_stop_asr (the last epoch "
+        "when none is)",
+    )
 
     @field_validator("inverter", mode="before")
     @classmethod
@@ -303,6 +309,11 @@ class MCLDef(Purifier):
                 "mcldef: early_stop reads the defender's val split, which is empty here (val_fraction 0); "
                 "give the run a val split or set mcldef.early_stop=false."
             )
+        if c.select_epoch == "best-val" and len(data.val) == 0:
+            raise ConfigError(
+                "mcldef: select_epoch='best-val' reads the defender's val split, which is empty here "
+                "(val_fraction 0); give the run a val split or set mcldef.select_epoch=last."
+            )
         triggers = [inversion.trigger(cls) for cls in usable]
         diagnostics["purified_targets"] = usable
         diagnostics["val_accuracy_before"] = accuracy(model, data.val, self.device)
@@ -315,6 +326,8 @@ class MCLDef(Purifier):
         diagnostics["final_loss"] = losses[-1]
         diagnostics["epochs_run"] = len(losses)
         diagnostics["stopped_early"] = len(losses) < c.epochs
+        if c.select_epoch == "best-val":  # 1-based, None: no epoch removed the triggers, the last is kept
+            diagnostics["selected_epoch"] = None if watch.best_epoch is None else watch.best_epoch + 1
         diagnostics["val_accuracy_by_epoch"] = watch.accuracies
         diagnostics["val_trigger_asr_by_epoch"] = watch.trigger_asrs
         diagnostics["val_accuracy_after"] = accuracy(model, data.val, self.device)
@@ -446,6 +459,8 @@ class MCLDef(Purifier):
                 if watch.settled(stop=c.early_stop):
                     break
                 model.train(c.bn_mode == "train")
+            if c.select_epoch == "best-val" and watch.best_state is not None:
+                model.load_state_dict(watch.best_state)
         model.eval()
         return epoch_losses
 
@@ -563,6 +578,9 @@ class _ValWatch:
         self.targets, self.triggers = targets, triggers
         self.accuracies: list[float] = []
         self.trigger_asrs: list[float] = []
+        # with select_epoch="best-val": the weights of the best epoch whose triggers are removed
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, Tensor] | None = None
 
     def settled(self, stop: bool) -> bool:
         """Record this epoch's val numbers; True when `stop` and the rule says training is done."""
@@ -573,6 +591,11 @@ class _ValWatch:
         self.accuracies.append(round(accuracy(self.model, self.val, device), 6))
         rates = self.purifier._trigger_asr(self.model, self.val, self.targets, self.triggers)
         self.trigger_asrs.append(round(max(rates.values(), default=0.0), 6))
+        removed = self.trigger_asrs[-1] <= c.early_stop_asr
+        better = self.best_epoch is None or self.accuracies[-1] > self.accuracies[self.best_epoch]
+        if c.select_epoch == "best-val" and removed and better:
+            self.best_epoch = len(self.accuracies) - 1
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         k = c.early_stop_patience
         if not stop or len(self.accuracies) <= k or self.trigger_asrs[-1] > c.early_stop_asr:
             return False
