@@ -337,13 +337,17 @@ def stratified_subset(
         )
     if size is None or size == len(data):
         return data
+    return data.subset(stratified_index(data.labels, size, num_classes, seed))
+
+
+def stratified_index(labels: Tensor, size: int, num_classes: int, seed: int) -> Tensor:
+    """The sorted positions of `stratified_subset`'s images, so a caller can also name the rest."""
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=gen)
-    labels = data.labels[order]
-    pools = [order[labels == c] for c in range(num_classes)]
+    order = torch.randperm(len(labels), generator=gen)
+    ordered = labels[order]
+    pools = [order[ordered == c] for c in range(num_classes)]
     quotas = _stratified_quotas([int(p.numel()) for p in pools], size)
-    index = torch.cat([p[:q] for p, q in zip(pools, quotas, strict=True)]).sort().values
-    return data.subset(index)
+    return torch.cat([p[:q] for p, q in zip(pools, quotas, strict=True)]).sort().values
 
 
 # --- splits ----------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default+known-target+lr0.002": {"target": 0, "lr": 0.002},
     "default+known-target+best-val": {"target": 0, "select_epoch": "best-val"},
     "default+known-target+lr0.005+best-val": {"target": 0, "lr": 0.005, "select_epoch": "best-val"},
+    "default+known-target+distill1": {"target": 0, "distill_weight": 1.0},
+    "default+known-target+distill5": {"target": 0, "distill_weight": 5.0},
+    "default+known-target+distill1+ce-clean": {"target": 0, "distill_weight": 1.0, "ce_on": "clean"},
 }
 
 

@@ -194,6 +194,31 @@ def test_loss_is_low_when_anchor_matches_positive() -> None:
     assert good.item() < math.log(2) < bad.item()
 
 
+def test_distillation_term_is_the_tempered_kl_to_the_frozen_model_on_clean_images() -> None:
+    torch.manual_seed(0)
+    theta = create_model("small-cnn", SPEC).eval()
+    frozen = FrozenReference(copy.deepcopy(theta))
+    clean, triggered = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    labels = torch.arange(6) % SPEC.num_classes
+
+    def added(model: ImageClassifier) -> float:
+        base = mcldef(distill_weight=0.0)._loss(model, frozen, clean, triggered, labels)
+        with_kl = mcldef(distill_weight=2.0, distill_temperature=3.0)._loss(
+            model, frozen, clean, triggered, labels
+        )
+        return float(with_kl - base)
+
+    # the trainable model still equals the frozen one: nothing to distil
+    assert added(theta) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        theta.fc.weight.add_(0.5 * torch.randn_like(theta.fc.weight))
+        teacher = torch.softmax(frozen.model(clean) / 3.0, 1)
+        student = torch.log_softmax(theta(clean) / 3.0, 1)
+        kl = float((teacher * (teacher.log() - student)).sum(1).mean())
+    assert kl > 1e-3
+    assert added(theta) == pytest.approx(2.0 * 9.0 * kl, rel=1e-4)
+
+
 def test_gradients_flow_only_into_the_trainable_model() -> None:
     torch.manual_seed(0)
     theta = create_model("small-cnn", SPEC)

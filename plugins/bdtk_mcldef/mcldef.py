@@ -118,6 +118,16 @@ class MCLDefConfig(StrictConfig):
         description="Inputs of the added cross-entropy term: clean ones, or clean and triggered ones (the "
         "triggered image keeps its true label, as in Neural Cleanse's unlearning)",
     )
+    distill_weight: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="Weight of an added distillation term on clean images: KL from the frozen backdoored "
+        "model's softened outputs to the trainable model's (0: off)",
+    )
+    distill_temperature: float = Field(
+        default=2.0, gt=0, le=100, description="Temperature of the distillation term (scaled by its square)"
+    )
     augment: bool = Field(default=True, description="Random crop (and flips where they fit) of each batch")
     stamp: Literal["after-augment", "before-augment"] = Field(
         default="before-augment",
@@ -518,15 +528,27 @@ class MCLDef(Purifier):
     ) -> Tensor:
         c = self.config
         positive, negative = frozen.positives_and_negatives(clean, triggered)
-        if c.ce_weight == 0:
+        if c.ce_weight == 0 and c.distill_weight == 0:
             return model_contrastive_loss(model.features(triggered), positive, negative, c.temperature)
         features = model.features(torch.cat([triggered, clean]))
         contrastive = model_contrastive_loss(features[: clean.shape[0]], positive, negative, c.temperature)
-        if c.ce_on == "clean":
-            features, targets = features[clean.shape[0] :], labels
-        else:  # the triggered images keep their true labels
-            targets = torch.cat([labels, labels])
-        return contrastive + c.ce_weight * F.cross_entropy(model.fc(features), targets)
+        loss = contrastive
+        if c.ce_weight:
+            if c.ce_on == "clean":
+                ce_features, targets = features[clean.shape[0] :], labels
+            else:  # the triggered images keep their true labels
+                ce_features, targets = features, torch.cat([labels, labels])
+            loss = loss + c.ce_weight * F.cross_entropy(model.fc(ce_features), targets)
+        if c.distill_weight:
+            # the backdoored model is right on clean images: keep its whole output there, not only
+            # the budget's hard labels, so that a few hundred images do not pull the rest of the
+            # decision boundaries along
+            t = c.distill_temperature
+            student = F.log_softmax(model.fc(features[clean.shape[0] :]) / t, dim=1)
+            teacher = F.log_softmax(frozen.model.fc(positive) / t, dim=1)
+            kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+            loss = loss + c.distill_weight * t * t * kl
+        return loss
 
     def _trigger_asr(
         self, model: ImageClassifier, val: ImageData, targets: list[int], triggers: list[MaskTrigger]
