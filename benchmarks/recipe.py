@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill0.5": {"distill_weight": 0.5},
     "distill1": {"distill_weight": 1.0},
     "distill2": {"distill_weight": 2.0},
+    "distill3": {"distill_weight": 3.0},
+    "distill5": {"distill_weight": 5.0},
     "lr0.005": {"lr": 0.005},
     "best-val": {"select_epoch": "best-val"},
 }

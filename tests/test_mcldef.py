@@ -468,6 +468,7 @@ def test_paper_preset_is_the_authors_recipe() -> None:
         False,
     )
     assert paper.inverter == "neural-cleanse" and paper.inverter_config == {}  # the full scan
+    assert (paper.distill_weight, paper.select_epoch) == (0.0, "last")  # bdtk's additions stay off
     default = resolve_config("purifier", "mcldef")
     assert isinstance(default, MCLDef.Config)
     assert default != paper and default.early_stop

@@ -252,6 +252,8 @@ class MCLDef(Purifier):
                 "inverter": "neural-cleanse",
                 "inverter_config": {},
                 "early_stop": False,
+                "select_epoch": "last",
+                "distill_weight": 0.0,
             },
             description="The authors' recipe (Yue et al. 2022): contrastive loss alone, lr 0.1 step "
             "schedule, 20 epochs, trigger stamped after augmentation, full Neural Cleanse scan",
