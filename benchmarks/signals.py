@@ -18,6 +18,11 @@ defender's clean **val** images (never test data):
 - `nearest_k`: share of triggered images whose nearest clean class centroid is k.
 - `top3`: share of the mean shift's energy in its three largest channels (a backdoor is often
   carried by few neurons, fine-pruning's premise).
+- `pattern_cos`, `pattern_auc` (pixel space, on the defender's clean **train** images): does the
+  recovered pattern look like class k? The cosine between the pattern minus the mean image and
+  class k's mean image minus the mean image, and the share of (class-k image, other image) pairs
+  in which the class-k image projects further onto that pattern direction. A natural feature is
+  made of what class k's images have; a backdoor trigger of what they lack.
 
 Per class the row also holds α's share of the median (`share`) and the trigger's val success.
 Inversions are cached (bdtk-results/inversions/, keyed by model, seed and inverter), so the signals
@@ -91,6 +96,20 @@ def class_signals(
     }
 
 
+def pattern_signals(m: BenchModel, pattern: Tensor, k: int) -> dict[str, Any]:
+    """`pattern_cos` and `pattern_auc` of the module docstring, on the defender's train images."""
+    x, y = m.data.train.float_images(), m.data.train.labels
+    mean = x.mean(0)
+    direction = (pattern - mean).flatten()
+    prototype = (x[y == k].mean(0) - mean).flatten()
+    projection = (x - mean).flatten(1) @ direction
+    inside, outside = projection[y == k], projection[y != k]
+    return {
+        "pattern_cos": round(float(torch.nn.functional.cosine_similarity(direction, prototype, dim=0)), 3),
+        "pattern_auc": round(float((inside[:, None] > outside[None, :]).float().mean()), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,6 +136,7 @@ def main() -> None:
         for i, k in enumerate(result.classes):
             row = {"k": k, "share": round(float(result.mask_norms[i]) / median, 3)}
             row.update(class_signals(m, result, k, centroids, spread))
+            row.update(pattern_signals(m, result.patterns[i], k))
             classes.append(row)
         record = {
             "model": m.name,
