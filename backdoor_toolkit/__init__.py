@@ -5,7 +5,7 @@ entry points for purifying or inspecting your own model from Python: `purify`, `
 `load_model`, `load_image_folder` (docs/purify.md).
 """
 
-from .config import StrictConfig, build_config
+from .config import ADDED_FIELD, StrictConfig, build_config
 from .data import DataSpec, DefenseData, ImageData, to_float
 from .errors import BdtkError, ConfigError, ModelRequirementError
 from .finetuning import FineTuneConfig, fine_tune
@@ -69,6 +69,7 @@ from .training import (
 from .triggers import MaskTrigger, Trigger
 
 __all__ = [
+    "ADDED_FIELD",
     "MAD_CONSISTENCY",
     "AdaptedClassifier",
     "Attack",

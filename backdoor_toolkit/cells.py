@@ -22,7 +22,7 @@ import torch
 
 from .artifacts import ArtifactCache
 from .backdoor import BackdooredModel, backdoored_model, bdtk_version, clean_model
-from .config import BenchmarkConfig, PluginChoice, config_hash
+from .config import BenchmarkConfig, PluginChoice, config_hash, hashed_config
 from .console import console
 from .data import (
     Dataset,
@@ -222,13 +222,21 @@ def plan_grid(config: BenchmarkConfig, resolved: ResolvedGrid | None = None) -> 
             for seed in config.seeds:
                 for attack in resolved.attacks:
                     plan = VictimPlan(dataset, model, seed, attack, ())
-                    base = {**plan.base(), "code": {"attack": code_version(attack)}}
+                    base = {
+                        **plan.base(),
+                        "attack_config": hashed_config(attack.config),
+                        "code": {"attack": code_version(attack)},
+                    }
                     cells = [CellPlan(None, config_hash({**base, "defense": UNDEFENDED, **setting}))]
                     if config.clean_reference:
                         reference = config_hash({**base, "defense": CLEAN_MODEL, **setting})
                         cells.append(CellPlan(None, reference, clean_reference=True))
                     for defense in resolved.defenses:
-                        cell = {**base, **_defense_fields(defense)}
+                        cell = {
+                            **base,
+                            **_defense_fields(defense),
+                            "defense_config": hashed_config(defense.config),
+                        }
                         cell["code"] = {**base["code"], "defense": code_version(defense)}
                         cells.append(CellPlan(defense, config_hash({**cell, **setting})))
                     plans.append(dataclasses.replace(plan, cells=tuple(cells)))

@@ -76,6 +76,24 @@ def config_hash(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: Marks a config field added after results were stored (`Field(..., json_schema_extra=
+#: ADDED_FIELD)`): at its default it is left out of a cell's hash, so grids stored before the field
+#: existed still resume. Its default must therefore do exactly what the code did without it.
+ADDED_FIELD: dict[str, Any] = {"hash_omits_default": True}
+
+
+def hashed_config(config: BaseModel) -> dict[str, Any]:
+    """`config.model_dump()` for a cell's hash: fields marked ADDED_FIELD are left out at their
+    default. Stored rows keep the full dump; only the hash, a cell's identity, omits them."""
+    dump = config.model_dump()
+    for name, field in type(config).model_fields.items():
+        extra = field.json_schema_extra
+        added = isinstance(extra, dict) and extra.get("hash_omits_default") is True
+        if added and name in dump and dump[name] == field.get_default(call_default_factory=True):
+            del dump[name]
+    return dump
+
+
 #: Separates a plugin's name from one of its presets: `mcldef:paper`.
 PRESET_SEPARATOR = ":"
 #: The largest seed: every generator bdtk seeds (torch, NumPy, Python) takes 32 bits, and a larger

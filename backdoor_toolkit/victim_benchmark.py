@@ -35,7 +35,7 @@ import torch
 
 from .backdoor import bdtk_version
 from .cells import failed_record
-from .config import BenchmarkConfig, config_hash
+from .config import BenchmarkConfig, config_hash, hashed_config
 from .console import console, progress
 from .errors import ConfigError
 from .metrics import Scores, der, measure
@@ -94,6 +94,8 @@ def plan_victim_cells(
     for seed in config.seeds:
         for defense in (None, *defenses):
             payload = {**_base(record, seed), **_defense_fields(defense), **setting}
+            if defense is not None:
+                payload["defense_config"] = hashed_config(defense.config)
             cells.append((seed, defense, config_hash(payload)))
     return cells
 

@@ -18,6 +18,7 @@ from test_store import cell
 from typer.testing import CliRunner
 
 from backdoor_toolkit import (
+    ADDED_FIELD,
     Attack,
     ConfigError,
     DefenseData,
@@ -42,7 +43,13 @@ from backdoor_toolkit.cells import plan_grid
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.cli.benchmark import apply_overrides, results_table
 from backdoor_toolkit.cli.common import parse_settings
-from backdoor_toolkit.config import BenchmarkConfig, PluginChoice, config_hash, load_config_file
+from backdoor_toolkit.config import (
+    BenchmarkConfig,
+    PluginChoice,
+    config_hash,
+    hashed_config,
+    load_config_file,
+)
 from backdoor_toolkit.data import Dataset
 from backdoor_toolkit.errors import BdtkError, UnknownPresetError
 from backdoor_toolkit.leaderboard import build_leaderboard
@@ -325,12 +332,12 @@ def test_a_cells_hash_covers_its_fields_code_and_setting_and_a_preset_is_its_own
         "dataset": "fashion-mnist",
         "model": "small-cnn",
         "attack": "badnets",
-        "attack_config": resolve_config("attack", "badnets").model_dump(),
+        "attack_config": hashed_config(resolve_config("attack", "badnets")),
         "seed": 0,
         "code": {"attack": attack_code},
     }
     assert none.config_hash == config_hash({**base, "defense": "none", **setting})
-    mcldef_config = resolve_config("purifier", "mcldef").model_dump()
+    mcldef_config = hashed_config(resolve_config("purifier", "mcldef"))
     defense_code = cells.code_version(resolve_plugin("purifier", "mcldef"))
     cell_fields = {
         **base,
@@ -341,6 +348,33 @@ def test_a_cells_hash_covers_its_fields_code_and_setting_and_a_preset_is_its_own
     assert plain.config_hash == config_hash({**cell_fields, **setting})
     assert paper.config_hash != plain.config_hash
     assert (paper.defense_name, paper.defense_label) == ("mcldef", "mcldef:paper")
+
+
+class _Before(StrictConfig):
+    rate: float = 0.1
+
+
+class _After(_Before):
+    """The same config after a release added an option whose default keeps the old behaviour."""
+
+    weight: float = Field(default=0.0, json_schema_extra=ADDED_FIELD)
+    mode: str = "a"  # added without the mark: it changes every hash
+
+
+def test_an_added_field_at_its_default_keeps_the_hash_of_stored_cells() -> None:
+    before = hashed_config(_Before())
+    assert "weight" not in hashed_config(_After())
+    assert config_hash(before) != config_hash(hashed_config(_After()))  # `mode` is unmarked
+    assert {k: v for k, v in hashed_config(_After()).items() if k != "mode"} == before
+    # set away from its default, the added field is part of the cell's identity
+    assert hashed_config(_After(weight=0.5))["weight"] == 0.5
+    # MCLDef's added options: a default cell hashes as before they existed, and stored rows
+    # still record them in full
+    mcldef = resolve_config("purifier", "mcldef")
+    assert not {"distill_weight", "distill_temperature", "select_epoch"} & set(hashed_config(mcldef))
+    assert {"distill_weight", "select_epoch"} <= set(mcldef.model_dump())
+    changed = resolve_config("purifier", "mcldef", overrides={"distill_weight": 1.0})
+    assert hashed_config(changed)["distill_weight"] == 1.0
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from backdoor_toolkit import (
+    ADDED_FIELD,
     BdtkError,
     Capability,
     ConfigError,
@@ -120,13 +121,18 @@ class MCLDefConfig(StrictConfig):
     )
     distill_weight: float = Field(
         default=0.0,
+        json_schema_extra=ADDED_FIELD,
         ge=0,
         le=100,
         description="Weight of an added distillation term on clean images: KL from the frozen backdoored "
         "model's softened outputs to the trainable model's (0: off)",
     )
     distill_temperature: float = Field(
-        default=2.0, gt=0, le=100, description="Temperature of the distillation term (scaled by its square)"
+        default=2.0,
+        gt=0,
+        le=100,
+        json_schema_extra=ADDED_FIELD,
+        description="Temperature of the distillation term (scaled by its square)",
     )
     augment: bool = Field(default=True, description="Random crop (and flips where they fit) of each batch")
     stamp: Literal["after-augment", "before-augment"] = Field(
@@ -164,6 +170,7 @@ class MCLDefConfig(StrictConfig):
     )
     select_epoch: Literal["last", "best-val"] = Field(
         default="last",
+        json_schema_extra=ADDED_FIELD,
         description="Model returned: that of the last epoch run, or of the epoch with the best val accuracy "
         "among those whose every recovered trigger's val success is at most early_stop_asr (the last epoch "
         "when none is)",
