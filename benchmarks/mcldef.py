@@ -75,8 +75,9 @@ def _label(row: CellResult) -> str:
     if row.defense != "mcldef":
         return row.defense
     defaults = get_purifier("mcldef").Config().model_dump()
+    stored = {**defaults, **row.defense_config}  # a row stored before a field existed has its default
     for name, cfg in VARIANTS.items():
-        if row.defense_config == {**defaults, **cfg}:
+        if stored == {**defaults, **cfg}:
             return f"mcldef ({name})"
     return "mcldef (custom)"
 
