@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill5": {"distill_weight": 5.0},
     "lr0.005": {"lr": 0.005},
     "best-val": {"select_epoch": "best-val"},
+    "stop-asr0.01": {"early_stop_asr": 0.01},
 }
 
 
