@@ -206,7 +206,7 @@ def test_distillation_term_is_the_tempered_kl_to_the_frozen_model_on_clean_image
         with_kl = mcldef(distill_weight=2.0, distill_temperature=3.0)._loss(
             model, frozen, clean, triggered, labels
         )
-        return float(with_kl - base)
+        return float((with_kl - base).detach())
 
     # the trainable model still equals the frozen one: nothing to distil
     assert added(theta) == pytest.approx(0.0, abs=1e-6)
