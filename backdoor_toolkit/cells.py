@@ -72,6 +72,11 @@ def validate(config: BenchmarkConfig) -> ResolvedGrid:
     return resolved
 
 
+#: Seeds of the class-stratified `train_size` / `test_size` subsets of a run's dataset, so a
+#: script can name the images a run leaves out (benchmarks/recipe.py's development split).
+TRAIN_SUBSET_SEED, TEST_SUBSET_SEED = 1, 2
+
+
 def load_run_dataset(config: BenchmarkConfig, name: str | None = None) -> Dataset:
     """The run's dataset (or grid dataset `name`), reduced to `train_size`/`test_size` subsets."""
     dataset = load_dataset(name or config.dataset, config.data_dir, config.download)
@@ -79,10 +84,20 @@ def load_run_dataset(config: BenchmarkConfig, name: str | None = None) -> Datase
     return Dataset(
         dataset.spec,
         stratified_subset(
-            dataset.train, config.train_size, k, seed=1, what="--train-size", split=f"training images of {of}"
+            dataset.train,
+            config.train_size,
+            k,
+            seed=TRAIN_SUBSET_SEED,
+            what="--train-size",
+            split=f"training images of {of}",
         ),
         stratified_subset(
-            dataset.test, config.test_size, k, seed=2, what="--test-size", split=f"test images of {of}"
+            dataset.test,
+            config.test_size,
+            k,
+            seed=TEST_SUBSET_SEED,
+            what="--test-size",
+            split=f"test images of {of}",
         ),
     )
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from backdoor_toolkit import create_purifier
+from backdoor_toolkit.cells import TRAIN_SUBSET_SEED
 from backdoor_toolkit.data import ImageData, load_dataset, stratified_index, stratified_subset
 from backdoor_toolkit.metrics import Scores, attack_scores
 from backdoor_toolkit.training import seed_everything
@@ -55,7 +56,7 @@ def development_split(size: int, seed: int) -> ImageData:
     k = full.spec.num_classes
     assert cfg.train_size is not None
     used = torch.zeros(len(full.train), dtype=torch.bool)
-    used[stratified_index(full.train.labels, cfg.train_size, k, seed=1)] = True  # as load_run_dataset
+    used[stratified_index(full.train.labels, cfg.train_size, k, seed=TRAIN_SUBSET_SEED)] = True
     rest = full.train.subset(torch.nonzero(~used).flatten())
     return stratified_subset(rest, size, k, seed=seed, what="--dev-size", split="unused training images")
 

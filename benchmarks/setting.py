@@ -113,13 +113,19 @@ def bench_models(
 
 
 def budget_trained_model(
-    m: BenchModel, seed: int, epochs: int, loss_fn: LossFn = cross_entropy_loss
+    m: BenchModel,
+    seed: int,
+    epochs: int,
+    loss_fn: LossFn = cross_entropy_loss,
+    model: ImageClassifier | None = None,
+    lr: float = 0.05,
 ) -> ImageClassifier:
     """A wrn-16-1 trained from scratch on `m`'s defender budget (train part) only: the reference a
-    defender could build from their own clean images (`loss_fn` e.g. distils the suspect instead)."""
-    model = create_model("wrn-16-1", m.data.spec)
+    defender could build from their own clean images (`loss_fn` e.g. distils the suspect instead).
+    `model` is trained in place instead of a fresh one (its parameters without grad stay frozen)."""
+    model = create_model("wrn-16-1", m.data.spec) if model is None else model
     settings = TrainingSettings(
-        epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4, augment=True, hflip=False, device=m.device
+        epochs=epochs, batch_size=64, lr=lr, weight_decay=5e-4, augment=True, hflip=False, device=m.device
     )
     seed_everything(seed)
     train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed, loss_fn=loss_fn)

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from backdoor_toolkit import ImageClassifier, InversionResult, anomaly_index, create_inverter, create_model
 from backdoor_toolkit.data import ImageData
 from backdoor_toolkit.metrics import accuracy, predict
-from backdoor_toolkit.training import TrainingSettings, seed_everything, train_classifier
+from backdoor_toolkit.training import seed_everything
 from benchmarks.setting import (
     BenchModel,
     append_record,
@@ -74,19 +74,7 @@ def reference(kind: str, m: BenchModel, seed: int, args: argparse.Namespace) -> 
             return ref.model.eval()
         raise SystemExit(f"the clean bench model of seed {other} is not cached; train it first")
     if kind == "finetuned":
-        tuned = copy.deepcopy(m.model)
-        settings = TrainingSettings(
-            epochs=args.ft_epochs,
-            batch_size=64,
-            lr=args.ft_lr,
-            weight_decay=5e-4,
-            augment=True,
-            hflip=False,
-            device=m.device,
-        )
-        seed_everything(seed)
-        train_classifier(tuned, m.data.train.images, m.data.train.labels, settings, seed)
-        return tuned.eval()
+        return budget_trained_model(m, seed, args.ft_epochs, model=copy.deepcopy(m.model), lr=args.ft_lr)
     if kind == "retrained-top":
         return retrained_top(m, seed, args.epochs)
     teacher = m.model.eval()
@@ -115,14 +103,8 @@ def retrained_top(m: BenchModel, seed: int, epochs: int) -> ImageClassifier:
     model.load_state_dict({**model.state_dict(), **state})
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(kept))
-    settings = TrainingSettings(
-        epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4, augment=True, hflip=False, device=m.device
-    )
-    seed_everything(seed)
-    train_classifier(model, m.data.train.images, m.data.train.labels, settings, seed)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model.eval()
+    budget_trained_model(m, seed, epochs, model=model)
+    return model.requires_grad_(True)
 
 
 def main() -> None:

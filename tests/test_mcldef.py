@@ -163,6 +163,12 @@ def mcldef(**values: object) -> MCLDef:
     return MCLDef(cfg, seed=0)
 
 
+def without_val(data: DefenseData) -> DefenseData:
+    """The same budget with an empty val split (val_fraction 0)."""
+    empty = ImageData(data.val.images[:0], data.val.labels[:0])
+    return DefenseData(data.spec, data.train, empty, data.index_train, data.index_val[:0])
+
+
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -430,8 +436,7 @@ def test_best_val_selection_without_a_val_split_is_a_clear_error(
     backdoored: tuple[ImageClassifier, DefenseData],
 ) -> None:
     model, data = copy.deepcopy(backdoored[0]), backdoored[1]
-    empty = ImageData(data.val.images[:0], data.val.labels[:0])
-    no_val = DefenseData(data.spec, data.train, empty, data.index_train, data.index_val[:0])
+    no_val = without_val(data)
     with pytest.raises(ConfigError, match="select_epoch=last"):
         mcldef(epochs=2, early_stop=False, select_epoch="best-val").purify(model, no_val)
 
@@ -447,8 +452,7 @@ def test_early_stop_without_a_val_split_is_a_clear_error(
     backdoored: tuple[ImageClassifier, DefenseData],
 ) -> None:
     model, data = copy.deepcopy(backdoored[0]), backdoored[1]
-    empty = ImageData(data.val.images[:0], data.val.labels[:0])
-    no_val = DefenseData(data.spec, data.train, empty, data.index_train, data.index_val[:0])
+    no_val = without_val(data)
     with pytest.raises(ConfigError, match="early_stop=false"):
         mcldef(epochs=4).purify(model, no_val)
     result = mcldef(epochs=2, early_stop=False).purify(copy.deepcopy(backdoored[0]), no_val)

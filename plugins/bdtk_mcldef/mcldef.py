@@ -628,6 +628,6 @@ class _ValWatch:
             self.best_epoch = len(self.accuracies) - 1
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         k = c.early_stop_patience
-        if not stop or len(self.accuracies) <= k or self.trigger_asrs[-1] > c.early_stop_asr:
+        if not stop or len(self.accuracies) <= k or not removed:
             return False
         return max(self.accuracies[-k:]) <= max(self.accuracies[:-k]) + c.early_stop_delta
