@@ -22,23 +22,50 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
-def build_config(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
-    """Validate `values` into `cls`, turning pydantic's error into a ConfigError naming `where`.
-
-    A value out of bounds is answered with the field's whole valid range, not only the bound it
-    crossed ("greater than 0" alone leaves the user guessing the upper end).
-    """
+def build_config(cls: type[C], values: Any, where: str) -> C:
+    """Validate `values` into `cls`, turning pydantic's error into a one-line ConfigError naming
+    `where` (`validation_message` says how each problem is worded)."""
     try:
         return cls.model_validate(values or {})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            hint = valid_range(cls, loc) if err["type"] in _BOUND_ERRORS else ""
-            message = str(err["msg"]).removeprefix("Value error, ")  # our validators' own words
-            where_in = ".".join(str(p) for p in loc)
-            lines.append(f"  {where_in}: {message}{hint}" if where_in else f"  {message}{hint}")
-        raise ConfigError(f"Invalid configuration for {where}:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"Invalid configuration for {where}: {validation_message(cls, exc)}") from None
+
+
+def validation_message(cls: type[BaseModel], exc: ValidationError) -> str:
+    """Every problem of `exc` as `FIELD: what is wrong`, joined by '; ' into one line.
+
+    A value out of bounds is answered with the field's whole valid range, not only the bound it
+    crossed ("greater than 0" alone leaves the user guessing the upper end); a field the config
+    does not have is answered with the closest one ("did you mean") or, failing that, the list
+    of fields, as an unknown plugin name is.
+    """
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")  # our validators' own words
+        if err["type"] in _BOUND_ERRORS:
+            message += valid_range(cls, loc)
+        elif err["type"] == "extra_forbidden" and loc:
+            message += _field_hint(cls, loc)
+        where_in = ".".join(str(p) for p in loc)
+        problems.append(f"{where_in}: {message}" if where_in else message)
+    return "; ".join(problems)
+
+
+def _field_hint(cls: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """' (did you mean 'epochs'?)' or ' (fields: a, b)' for an unknown field at `loc`, or ''."""
+    import difflib
+
+    model: Any = cls
+    for part in loc[:-1]:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return ""
+        model = model.model_fields[str(part)].annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    fields = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (fields: {', '.join(fields)})"
 
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}

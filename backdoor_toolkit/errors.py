@@ -69,18 +69,6 @@ class ModelRequirementError(BdtkError):
 class ConfigError(BdtkError):
     """A configuration that fails validation; the message names each bad field."""
 
-    @classmethod
-    def from_validation(cls, where: str, exc: Exception) -> ConfigError:
-        from pydantic import ValidationError
-
-        if not isinstance(exc, ValidationError):
-            return cls(f"{where}: {exc}")
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-            lines.append(f"  {loc}: {err['msg']}")
-        return cls(f"Invalid configuration for {where}:\n" + "\n".join(lines))
-
 
 class NonFiniteError(BdtkError):
     """A loss or a weight became NaN or infinite: that stage stops, and its cell fails.

@@ -27,6 +27,7 @@ hand.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import importlib.metadata as md
 import os
@@ -41,7 +42,14 @@ import torch
 from pydantic import ValidationError
 
 from . import hookspecs
-from .config import PRESET_SEPARATOR, StrictConfig, build_config, join_preset, split_preset
+from .config import (
+    PRESET_SEPARATOR,
+    StrictConfig,
+    build_config,
+    join_preset,
+    split_preset,
+    validation_message,
+)
 from .data import DataSpec
 from .errors import BdtkError, ConfigError, PluginUnavailableError, UnknownNameError, UnknownPresetError
 from .interfaces import (
@@ -396,17 +404,21 @@ def _invalidate() -> None:
 def get_registry() -> Registry:
     """Build (once) the registry of every plugin class, checking each as it registers.
 
-    A plugin's classes enter the registry only when its hook returns without error and every class
-    passes the checks; otherwise the plugin is listed under `failures`. Hooks run in load order
-    (not pluggy's call order, which `tryfirst` could change), so of two classes of one kind that
-    claim a name the first keeps it; the other is listed under `failures` too, naming both, and
-    stays reachable as `DIST/NAME`.
+    A plugin's classes enter the registry only when all its hooks return without error and every
+    class of every kind passes the checks; otherwise the whole plugin is listed under `failures`.
+    Hooks run in load order (not pluggy's call order, which `tryfirst` could change), so of two
+    classes of one kind that claim a name the first keeps it; the other is listed under `failures`
+    too, naming both, and stays reachable as `DIST/NAME`.
     """
     global _registry
     if _registry is None:
         pm = get_plugin_manager()
         rank = {key: i for i, key in enumerate(_sources)}  # load order, then in-process order
         registry = Registry(failures=list(_load_failures), skipped=list(_skipped), unmatched=list(_unmatched))
+        # every hook of every plugin runs and is checked first: a plugin with one malformed class
+        # (of any kind) is left out whole, so it is never half-installed
+        accepted: list[tuple[Kind, type[Any], Source]] = []
+        failed: set[tuple[str, str]] = set()  # (distribution, plugin)
         for kind, hook_name in _HOOKS.items():
             impls = getattr(pm.hook, hook_name).get_hookimpls()
             for impl in sorted(impls, key=lambda impl: rank.get(impl.plugin_name, len(rank))):
@@ -417,6 +429,7 @@ def get_registry() -> Registry:
                     for cls in offered:
                         check_plugin_class(cls, kind, source)
                 except Exception as exc:  # a broken plugin must not take the others down
+                    failed.add((source.distribution, source.plugin))
                     registry.failures.append(
                         LoadFailure(
                             source.plugin,
@@ -427,12 +440,25 @@ def get_registry() -> Registry:
                         )
                     )
                     continue
-                for cls in offered:
-                    clash = _add(registry, kind, cls, source)
-                    if clash:
-                        registry.failures.append(
-                            LoadFailure(source.plugin, source.distribution, clash, "", (cls.name,), True)
-                        )
+                accepted += [(kind, cls, source) for cls in offered]
+        left_out: dict[tuple[str, str], tuple[str, ...]] = {}
+        for kind, cls, source in accepted:
+            key = (source.distribution, source.plugin)
+            if key in failed:
+                left_out[key] = (*left_out.get(key, ()), *_offered_names([cls]))
+                continue
+            clash = _add(registry, kind, cls, source)
+            if clash:
+                registry.failures.append(
+                    LoadFailure(source.plugin, source.distribution, clash, "", (cls.name,), True)
+                )
+        # a lookup of a well-formed class left out with its plugin says why, as for the broken one
+        registry.failures = [
+            f
+            if f.clash
+            else dataclasses.replace(f, names=(*f.names, *left_out.pop((f.distribution, f.plugin), ())))
+            for f in registry.failures
+        ]
         _registry = registry
     return _registry
 
@@ -505,6 +531,21 @@ def check_plugin_class(cls: Any, kind: Kind, source: Source | str = "") -> None:
         raise PluginError(
             f"{where}: {cls.__qualname__}.Config fields lack a description: {', '.join(undocumented)}."
         )
+    # a plugin runs by name alone (`-d NAME`), so every field needs a default; without one the
+    # plugin would list, then fail at its first run with what reads like the user's error
+    no_default = [f for f, info in cls.Config.model_fields.items() if info.is_required()]
+    if no_default:
+        raise PluginError(
+            f"{where}: {cls.__qualname__}.Config fields have no default: {', '.join(no_default)} "
+            "(a plugin must run by name alone)."
+        )
+    try:
+        cls.Config()
+    except ValidationError as exc:
+        raise PluginError(
+            f"{where}: {cls.__qualname__}.Config does not validate with its defaults: "
+            f"{validation_message(cls.Config, exc)}."
+        ) from None
     _check_presets(cls, where)
 
 
@@ -533,11 +574,9 @@ def _check_presets(cls: type[Plugin], where: str) -> None:
         try:
             cls.Config.model_validate(copy.deepcopy(preset.values))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
-            )
             raise PluginError(
-                f"{where}: {owner}.presets[{key!r}] does not validate against {owner}.Config: {problems}."
+                f"{where}: {owner}.presets[{key!r}] does not validate against {owner}.Config: "
+                f"{validation_message(cls.Config, exc)}."
             ) from None
 
 

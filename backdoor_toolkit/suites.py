@@ -106,14 +106,14 @@ def load_suite(name_or_path: str) -> Suite:
     try:
         suite = Suite.model_validate(data)
     except ValidationError as exc:
-        lines = []
+        problems = []
         for err in exc.errors():
             loc = tuple(err["loc"])
             where = ".".join(str(p) for p in loc) or "(root)"
             line = field_line(text, loc)
             at = f" (line {line})" if line else ""
-            lines.append(f"  {where}{at}: {err['msg']}")
-        raise ConfigError(f"Invalid {source}:\n" + "\n".join(lines)) from None
+            problems.append(f"{where}{at}: {err['msg']}")
+        raise ConfigError(f"Invalid {source}: " + "; ".join(problems)) from None
     _check_plugins(suite, source, text)
     return suite
 
@@ -130,7 +130,8 @@ def _check_plugins(suite: Suite, source: str, text: str) -> None:
                 message = str(exc)
                 loc: tuple[int | str, ...] = (section, index)
                 for key in choice.config:
-                    if f"  {key}:" in message or f"  {key}." in message:
+                    # validation_message writes each problem as `FIELD: ...` after ': ' or '; '
+                    if re.search(rf"(?:: |; ){re.escape(str(key))}[:.]", message):
                         loc = (section, index, "config", key)
                         break
                 line = field_line(text, loc)

@@ -143,7 +143,7 @@ def test_config_contract() -> None:
     for config_cls, message in (
         (Loose, "declares no bounds"),
         (Undescribed, "lack a description: steps"),
-        (Required, "validate with its defaults"),
+        (Required, "have no default: steps"),
     ):
         cls = type("P", (GoodPurifier,), {"Config": config_cls, "name": "p"})
         with pytest.raises(ConformanceError, match=message):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from backdoor_toolkit import (
     Attack,
+    AttackConfig,
     DefenseData,
     ImageClassifier,
     PluginMeta,
@@ -234,12 +235,14 @@ def test_malformed_in_process_plugin_is_reported_not_fatal(malformed: None) -> N
     assert listing.exit_code == 0, listing.output
     payload = json.loads(listing.stdout)
     errors = [f["error"] for f in payload["failures"] if f["plugin"] == "test-malformed"]
-    assert len(errors) == 2
-    assert any("PlainConfigAttack.Config must subclass AttackConfig" in e for e in errors)
-    assert any(e.startswith("Duplicate purifier name 'finetune'") and "rename one" in e for e in errors)
+    # the malformed attack leaves the whole plugin out, its well-formed purifier too (so its name
+    # clash with the built-in finetune never arises): a plugin is never half-installed
+    assert len(errors) == 1
+    assert "PlainConfigAttack.Config must subclass AttackConfig" in errors[0]
     rows = {(p["kind"], p["name"]): p for p in payload["plugins"]}
-    assert rows[("purifier", "finetune")]["distribution"] == "backdoor-toolkit"  # the first one keeps it
+    assert rows[("purifier", "finetune")]["distribution"] == "backdoor-toolkit"
     assert ("attack", "plain-config-attack") not in rows
+    assert not [p for p in payload["plugins"] if p["plugin"] == "test-malformed"]
     result = runner.invoke(app, ["benchmark", "--attack", "plain-config-attack"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     message = " ".join(result.output.split())
@@ -251,6 +254,59 @@ def test_malformed_in_process_plugin_is_reported_not_fatal(malformed: None) -> N
     # the built-in finetune is what plain `finetune` selects: its Config has no `scale`
     result = runner.invoke(app, ["benchmark", "--defense", "finetune", "--set", "finetune.scale=0.5"])
     assert result.exit_code == 2 and "scale" in result.output and "Extra inputs" in result.output
+
+
+class NoDefaultConfig(StrictConfig):
+    smoothing: float = Field(ge=0, le=1, description="Label smoothing (no default: malformed)")
+
+
+class NoDefaultFinetune(ZeroHead):
+    name = "no-default-finetune"
+    Config = NoDefaultConfig  # type: ignore[assignment]
+
+
+class WellFormedAttack(PlainConfigAttack):
+    name = "well-formed-sibling"
+    Config = AttackConfig  # type: ignore[assignment]
+
+
+class _NoDefault:
+    @hookimpl
+    def register_attacks(self, register: Register) -> None:
+        register(WellFormedAttack)
+
+    @hookimpl
+    def register_purifiers(self, register: Register) -> None:
+        register(NoDefaultFinetune)
+
+
+def test_config_field_without_default_leaves_the_whole_plugin_out() -> None:
+    """A field without a default once registered, crashed `plugins show` and failed at the first
+    run with what read like the user's error; now the plugin fails to load, naming the field, and
+    its well-formed attack is left out with it."""
+    register_plugin(_NoDefault(), "test-no-default")
+    try:
+        listing = runner.invoke(app, ["plugins", "--json"])
+        payload = json.loads(listing.stdout)
+        errors = [f["error"] for f in payload["failures"] if f["plugin"] == "test-no-default"]
+        assert len(errors) == 1 and "fields have no default: smoothing" in errors[0], errors
+        names = {p["name"] for p in payload["plugins"]}
+        assert not names & {"no-default-finetune", "well-formed-sibling"}
+        shown = runner.invoke(app, ["plugins", "show", "no-default-finetune"])
+        assert shown.exit_code == 2 and "Traceback" not in shown.output
+        assert "fields have no default" in " ".join(shown.output.split())
+        sibling = runner.invoke(app, ["benchmark", "--attack", "well-formed-sibling"])
+        assert sibling.exit_code == 2 and "fields have no default" in " ".join(sibling.output.split())
+    finally:
+        unregister_plugin("test-no-default")
+
+
+def test_misspelt_config_field_is_one_line_with_did_you_mean() -> None:
+    result = runner.invoke(app, ["benchmark", "--defense", "finetune", "--set", "finetune.epoch=3"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert "epoch: Extra inputs are not permitted (did you mean 'epochs'?)" in message, message
+    assert message.count("Error:") == 1 and "finetune': epoch:" in message  # one line, not a list
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich import box
 from rich.markup import escape
 from rich.table import Table
@@ -61,10 +60,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
 
 def _choice(value: Any, where: str) -> dict[str, Any]:
     """One attack or defense as a PluginChoice dict; a malformed one (e.g. `mcldef:`) is a ConfigError."""
-    try:
-        return PluginChoice.model_validate(value).model_dump()
-    except ValidationError as exc:
-        raise ConfigError.from_validation(where, exc) from None
+    return build_config(PluginChoice, value, where).model_dump()
 
 
 def _choices(names: list[str], option: str) -> list[dict[str, Any]]:

@@ -148,7 +148,7 @@ def _print_plugin(info: PluginInfo) -> None:
             # type, default and bounds on one dim line above the description: four narrow columns
             # would each fold to a few characters on an 80-column terminal
             default = field.get_default(call_default_factory=True)
-            signature = f"{_type_name(field)} = {json.dumps(default)}"
+            signature = f"{_type_name(field)} = {json.dumps(default, default=str)}"
             if constraints := _constraints(field):
                 signature += f"  ({constraints})"
             table.add_row(name, f"[dim]{escape(signature)}[/]\n{escape(field.description or '')}")
