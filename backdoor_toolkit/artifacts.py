@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,19 +70,19 @@ def cache_disabled() -> bool:
     return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def check_writable_folder(folder: Path, what: str) -> None:
+def check_writable_folder(folder: Path, what: str, hint: str = "") -> None:
     """Create `folder` if needed and prove a file can be written in it, before any work: a result
     that took minutes to compute must not be lost to an output path that was never writable."""
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
-        raise BdtkError(f"{folder} is a file; {what} needs a folder there.")
+        raise BdtkError(f"{folder} is a file; {what} needs a folder there{hint}.")
     probe = folder / f".bdtk-write-test-{secrets.token_hex(4)}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise BdtkError(f"Cannot write {what} in {folder}: {exc.strerror or exc}.") from None
+        raise BdtkError(f"Cannot write {what} in {folder}: {exc.strerror or exc}{hint}.") from None
 
 
 def non_finite(tensors: Mapping[str, Tensor]) -> str | None:
@@ -156,6 +157,24 @@ def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> None:
     _write_replace(path, text.encode(encoding))
 
 
+def json_text(value: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> str:
+    """`value` as strict JSON: NaN and ±inf become null (Python's json would write bare `NaN`,
+    which is not JSON and which other readers reject), the rest as `json.dumps` writes it."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+
+    # a round trip through json first, so `default`'s conversions are cleaned as well
+    plain = json.loads(json.dumps(value, default=default))
+    return json.dumps(finite(plain), indent=indent, allow_nan=False)
+
+
 class CorruptEntry(ValueError):
     """A cache entry that cannot be trusted; the message says why."""
 
@@ -205,6 +224,9 @@ class ArtifactCache:
         if self.root.exists() and not self.root.is_dir():  # else a model is trained, then lost
             raise BdtkError(f"The artifact cache {self.root} is a file; give a folder (--cache-dir).")
         self.enabled = not cache_disabled() if enabled is None else enabled
+        if self.enabled:  # an unwritable cache is found now, not after the training it would keep
+            hint = "; give another --cache-dir, or set BDTK_NO_CACHE=1 to train without caching"
+            check_writable_folder(self.root, "the artifact cache", hint)
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.safetensors", self.root / f"{key}.json"

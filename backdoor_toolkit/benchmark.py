@@ -111,7 +111,8 @@ def run_benchmark(
     total = sum(len(plan.cells) for plan in todo)
     if rows:
         console.print(
-            f"{len(rows)} cells already in {store.path if store else ''}; skipping them (--force reruns)."
+            f"{len(rows)} {'cell' if len(rows) == 1 else 'cells'} already in {store.path if store else ''}; "
+            "skipping them (--force reruns)."
         )
 
     def finish(row: CellResult) -> None:

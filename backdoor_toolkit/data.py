@@ -197,7 +197,9 @@ def _mnist_like(
         if train is not None and test is not None:
             return train, test
     if root is None:
-        looked = ", ".join(str(f) for f in folders) or "nowhere"
+        if not folders:
+            raise DatasetNotFoundError("no --data-dir given, and bdtk has no built-in copy of it")
+        looked = ", ".join(str(f) for f in folders)
         raise DatasetNotFoundError(f"no IDX files in {looked}, and no --data-dir given")
     import torchvision.datasets as tvd
 

@@ -21,6 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,21 @@ FOLDER_PREFIX = "folder:"
 #: torchvision's `IMG_EXTENSIONS`, compared case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+#: 16-bit greyscale modes: PIL's convert("L") clips their values at 255 instead of rescaling
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_mode(img: Any, mode: str) -> Any:
+    """PIL image `img` in `mode`, a 16-bit greyscale image rescaled to 8 bits first (PIL would clip
+    every value above 255 to white: a 16-bit scan would load as a nearly white image, silently).
+    Mode "I" (32-bit, how PIL opens some 16-bit PNGs) is rescaled when it holds values above 255."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT or img.mode == "I":
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode in _SIXTEEN_BIT or wide.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(wide * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    return img.convert(mode)
 
 
 @dataclass
@@ -206,7 +222,7 @@ def load_image_folder(
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as img:
                     img.load()
-                    picture = img.convert(_MODES[channels])
+                    picture = _to_mode(img, _MODES[channels])
         except (
             OSError,
             UnidentifiedImageError,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .artifacts import check_writable_folder
+from .artifacts import check_writable_folder, json_text
 from .data import (
     Dataset,
     DataSpec,
@@ -291,6 +290,25 @@ def fit_model(model: ImageClassifier, clean: CleanData) -> None:
         ) from None
     if logits.dim() != 2:
         raise BdtkError(f"The model outputs {tuple(logits.shape)} for a batch, not (images, classes) logits.")
+    if not bool(torch.isfinite(logits).all()):
+        # finite weights can still compute NaN: a negative BatchNorm variance, weights that overflow
+        # float32 on the way; every number after this would be NaN, reported as if it were a result
+        broken = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+            and module.running_var is not None
+            and bool((module.running_var < 0).any())
+        ]
+        why = (
+            f"BatchNorm layer {broken[0]!r} has a negative running variance"
+            if broken
+            else "its weights overflow or its normalisation divides by zero"
+        )
+        raise BdtkError(
+            f"The model outputs NaN or inf on {clean.source}'s images ({why}): the model file is broken; "
+            "check how it was saved."
+        )
     if logits.shape[1] != clean.spec.num_classes:
         names = clean.classes or []
         shown = f" ({', '.join(names[:12])}{', …' if len(names) > 12 else ''})" if names else ""
@@ -436,7 +454,7 @@ class PurifyReport:
         assert isinstance(model, ImageClassifier)
         save_model(model, paths.weights, self.metadata(extra))
         report = {**self.to_dict(), "outputs": paths.written(self.inversion is not None)}
-        paths.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        paths.report.write_text(json_text(report) + "\n", encoding="utf-8")
         if self.inversion is not None:
             trigger_sheet(self.inversion).save(paths.triggers)
         else:

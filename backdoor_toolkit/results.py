@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from .artifacts import atomic_write_text
+from .artifacts import atomic_write_text, json_text
 from .config import BenchmarkConfig, join_preset
 
 # the reference rows' names, re-exported: rows are read by them
@@ -115,4 +115,4 @@ def write_results(path: Path, config: BenchmarkConfig, rows: list[CellResult]) -
     """Write (atomically) the run's config and rows as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"config": config.model_dump(), "results": [r.model_dump() for r in rows]}
-    atomic_write_text(path, json.dumps(payload, indent=2))
+    atomic_write_text(path, json_text(payload))

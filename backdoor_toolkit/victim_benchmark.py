@@ -213,7 +213,10 @@ def run_victim_benchmark(
             if cell_hash in stored and (row := store.get(cell_hash)) is not None:
                 rows[cell_hash] = row
         if rows:
-            console.print(f"{len(rows)} cells already in {store.path}; skipping them (--force reruns).")
+            console.print(
+                f"{len(rows)} {'cell' if len(rows) == 1 else 'cells'} already in {store.path}; "
+                "skipping them (--force reruns)."
+            )
     todo = [cell for cell in cells if cell[2] not in rows]
     if todo:
         runner = _Runner(load_victim(path), record, config)

@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr0.005": {"lr": 0.005},
     "best-val": {"select_epoch": "best-val"},
     "stop-asr0.01": {"early_stop_asr": 0.01},
+    "recalibrate-bn": {"recalibrate_bn": True},
 }
 
 

@@ -15,7 +15,7 @@ from bdtk_attacks.wanet import WaNet
 from safetensors.torch import save as save_bytes
 
 from backdoor_toolkit import Attack, BdtkError, artifacts, backdoor
-from backdoor_toolkit.artifacts import ArtifactCache, atomic_write_text
+from backdoor_toolkit.artifacts import ArtifactCache, atomic_write_text, json_text
 from backdoor_toolkit.backdoor import BackdooredModel, backdoored_model
 from backdoor_toolkit.config import TrainingConfig
 from backdoor_toolkit.data import Dataset
@@ -443,3 +443,27 @@ def test_no_cache_env_trains_every_time(
     assert not _victim(tiny_data, ArtifactCache(tmp_path)).from_cache
     assert len(fits) == 2
     assert not tmp_path.exists() or _files(tmp_path) == []
+
+
+def test_json_text_writes_nan_and_inf_as_null() -> None:
+    """Python's json writes bare NaN, which is not JSON: leaderboard, results and report files
+    holding one could not be read by other tools."""
+    text = json_text({"a": float("nan"), "b": [float("inf"), 1.5, {"c": float("-inf")}], "d": "x"})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5, {"c": None}], "d": "x"}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_an_unwritable_cache_is_refused_before_anything_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = tmp_path / "ro"
+    blocked.mkdir()
+    monkeypatch.delenv("BDTK_NO_CACHE", raising=False)
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "touch", refuse)  # as root, chmod alone would not stop the write
+    with pytest.raises(BdtkError, match=r"Cannot write the artifact cache in .*ro: Permission denied; give"):
+        ArtifactCache(blocked)
+    assert ArtifactCache(blocked, enabled=False).enabled is False  # a disabled cache is never written

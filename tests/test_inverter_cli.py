@@ -65,13 +65,30 @@ def test_inspect_a_model_file_writes_png_triggers_and_json(model_file: Path, tmp
     assert Image.open(tmp_path / "triggers.png").size[0] > 10 * 28
 
 
+def test_trigger_files_alone_are_not_overwritten_and_target_with_classes_is_refused(
+    model_file: Path, tmp_path: Path
+) -> None:
+    base = ["inspect", "--model-file", str(model_file), "--model", "small-cnn", *TINY, *FAST]
+    sheet = tmp_path / "triggers-blend-inversion.png"
+    sheet.write_bytes(b"someone's result")
+    refused = runner.invoke(app, [*base, "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and "triggers-blend-inversion.png" in one_line(refused.output)
+    assert sheet.read_bytes() == b"someone's result"
+    both = runner.invoke(app, [*base, "--target", "0", "--class", "1", "--out", str(tmp_path / "new")])
+    assert both.exit_code == 2 and "contradict each other" in one_line(both.output), both.output
+    setting = runner.invoke(
+        app, [*base, "--set", "target=0", "--set", "classes=[1]", "--out", str(tmp_path / "n2")]
+    )
+    assert setting.exit_code == 2 and "contradict each other" in one_line(setting.output), setting.output
+
+
 def test_known_target_and_class_subset(model_file: Path, tmp_path: Path) -> None:
     base = ["inspect", "--model-file", str(model_file), "--model", "small-cnn", *TINY, *FAST]
     result = runner.invoke(app, [*base, "--class", "3", "--class", "7", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "inspect.json").read_text())["classes"] == [3, 7]
     refused = runner.invoke(app, [*base, "--target", "4", "--out", str(tmp_path)])
-    assert refused.exit_code == 2 and "exists (an earlier scan); pass --force" in one_line(refused.output)
+    assert refused.exit_code == 2 and "holds a scan's results (inspect.json" in one_line(refused.output)
     assert json.loads((tmp_path / "inspect.json").read_text())["classes"] == [3, 7]  # kept
     result = runner.invoke(app, [*base, "--target", "4", "--out", str(tmp_path), "--force"])
     assert result.exit_code == 0, result.output
@@ -80,7 +97,7 @@ def test_known_target_and_class_subset(model_file: Path, tmp_path: Path) -> None
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
     result = runner.invoke(app, [*base, "--out", str(blocked / "scan")])  # checked before scanning
-    assert result.exit_code == 2 and "Cannot write the scan's results" in one_line(result.output)
+    assert result.exit_code == 2 and "Cannot write the scan's output" in one_line(result.output)
 
 
 @pytest.mark.parametrize(

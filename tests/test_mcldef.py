@@ -13,7 +13,7 @@ import pytest
 import torch
 from bdtk_mcldef import mcldef as mcldef_module
 from bdtk_mcldef.loss import FrozenReference, model_contrastive_loss
-from bdtk_mcldef.mcldef import DegenerateTriggerWarning, MCLDef, step_lr
+from bdtk_mcldef.mcldef import DegenerateTriggerWarning, MCLDef, recalibrate_batchnorm, step_lr
 from pydantic import Field
 
 from backdoor_toolkit import (
@@ -198,6 +198,28 @@ def test_loss_is_low_when_anchor_matches_positive() -> None:
     good = model_contrastive_loss(feats, feats, other, 0.5)
     bad = model_contrastive_loss(other, feats, other, 0.5)
     assert good.item() < math.log(2) < bad.item()
+
+
+def test_batchnorm_recalibration_takes_the_statistics_of_the_given_images_alone() -> None:
+    torch.manual_seed(0)
+    model = create_model("small-cnn", SPEC).eval()
+    first = model.batchnorms()[0]
+    bright = (torch.rand(40, 1, 28, 28) * 255).to(torch.uint8)
+    seen: list[torch.Tensor] = []
+    handle = first.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    with torch.no_grad():
+        model(bright.float() / 255)  # eval mode: running statistics untouched
+    handle.remove()
+    inputs = seen[0]
+    momentum = first.momentum
+    recalibrate_batchnorm(model, bright, 16, torch.device("cpu"))  # three batches: 16, 16, 8
+    assert not model.training and first.momentum == momentum
+    # a cumulative average of per-batch means over equal-weighted batches, as BatchNorm computes it
+    batch_means = [inputs[i : i + 16].mean(dim=(0, 2, 3)) for i in (0, 16, 32)]
+    assert torch.allclose(first.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
+    again = copy.deepcopy(model)
+    recalibrate_batchnorm(again, bright, 16, torch.device("cpu"))
+    assert torch.equal(again.batchnorms()[0].running_var, first.running_var)  # no memory of before
 
 
 def test_distillation_term_is_the_tempered_kl_to_the_frozen_model_on_clean_images() -> None:
@@ -472,7 +494,7 @@ def test_paper_preset_is_the_authors_recipe() -> None:
         False,
     )
     assert paper.inverter == "neural-cleanse" and paper.inverter_config == {}  # the full scan
-    assert (paper.distill_weight, paper.select_epoch) == (0.0, "last")  # bdtk's additions stay off
+    assert (paper.distill_weight, paper.select_epoch, paper.recalibrate_bn) == (0.0, "last", False)
     default = resolve_config("purifier", "mcldef")
     assert isinstance(default, MCLDef.Config)
     assert default != paper and default.early_stop

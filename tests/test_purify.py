@@ -429,9 +429,18 @@ def _bad_files(work: Path, zoo_file: Path) -> dict[str, Path]:
     state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
     nan = work / "bad" / "nan.safetensors"
     save_file(state, str(nan))
+    state = load_file(str(zoo_file))
+    for key in [k for k in state if k.endswith("running_var")]:
+        state[key] = torch.full_like(state[key], -1.0)  # finite weights, NaN outputs
+    negvar = work / "bad" / "negvar.safetensors"
+    save_file(state, str(negvar))
+    badmeta = work / "bad" / "badmeta.safetensors"
+    badmeta.write_bytes(zoo_file.read_bytes())
+    badmeta.with_suffix(".json").write_text(json.dumps({"format": "bdtk-model/1", "architecture": 5}))
     return {
         "text": text, "pickle": pickle, "reshaped": reshaped, "empty": empty, "broken": broken, "nan": nan,
         "three": write_folder(work / "bad" / "three", classes=3, per_class=2, mode="L"),
+        "negvar": negvar, "badmeta": badmeta,
     }  # fmt: skip
 
 
@@ -461,6 +470,9 @@ def _bad_files(work: Path, zoo_file: Path) -> dict[str, Path]:
         ("zoo", ["--mean", "a,b"], "--mean expects comma-separated numbers"),
         ("zoo", ["--mean", "nan"], "--mean must be finite numbers"),
         ("nan", [], "tensor 'fc.weight' holds NaN or infinite values"),
+        ("negvar", [], "outputs NaN or inf on"),
+        ("badmeta", [], "'architecture' must be a model name (text), got 5"),
+        ("zoo", ["--clean-ratio", "nan"], "--clean-ratio must be above 0 and at most 1"),
         ("zoo", ["--image-size", "0"], "--image-size 0x0 is out of range"),
         ("zoo", ["--out-name", "x.pt"], "give a .safetensors path"),
         ("zoo", ["--out-name", "exists.safetensors"], "exists; pass --force to overwrite it"),
@@ -598,3 +610,28 @@ def test_every_registered_purifier_writes_weights_that_reproduce_its_model(
     x = torch.rand(8, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(again(x), purified.model.eval()(x))
+
+
+def test_sixteen_bit_greyscale_images_are_rescaled_not_clipped(tmp_path: Path) -> None:
+    """PIL's convert("L") clips 16-bit values at 255: a 16-bit scan once loaded nearly all white."""
+    import numpy as np
+    from PIL import Image
+
+    for k in range(2):
+        (tmp_path / f"c{k}").mkdir()
+        ramp = np.linspace(0, 65535, 16, dtype=np.uint16).reshape(4, 4)
+        Image.fromarray(ramp).save(tmp_path / f"c{k}" / "x.png")
+    data = load_image_folder(tmp_path, channels=1)
+    row = data.data.images[0, 0].flatten().tolist()
+    assert row[0] == 0 and row[-1] == 255 and row == sorted(row) and len(set(row)) == 16
+
+
+def test_out_never_overwrites_the_model_being_purified(
+    zoo_file: Path, gray_folder: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(zoo_file.read_bytes())
+    args = ["purify", str(model), "--model", "small-cnn", "--data", f"folder:{gray_folder}", "-d", "finetune"]
+    result = runner.invoke(app, [*args, "--out", str(model), "--force"])
+    assert result.exit_code == 2 and "which is the input model's" in one_line(result.output)
+    assert model.read_bytes() == zoo_file.read_bytes()

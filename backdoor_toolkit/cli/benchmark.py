@@ -311,11 +311,19 @@ def failure_summary(failed: list[CellResult], total: int) -> str:
     """One line: how many cells failed, grouped by cell and first line of the error."""
     groups: dict[str, int] = {}
     for row in failed:
-        key = f"{row.defense_label} vs {row.attack_label}: {row.error_line[:120]}"
+        key = f"{row.defense_label} vs {row.attack_label}: {_clip(row.error_line.rstrip('.'), 160)}"
         groups[key] = groups.get(key, 0) + 1
     parts = [f"{key}" + (f" (×{n})" if n > 1 else "") for key, n in groups.items()]
     shown = "; ".join(parts[:3]) + (f"; and {len(parts) - 3} more" if len(parts) > 3 else "")
-    return f"{len(failed)} of {total} cells failed: {shown}."
+    cells = "cell" if total == 1 else "cells"
+    return f"{len(failed)} of {total} {cells} failed: {shown}."
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut at a word boundary with '…' when longer than `limit` (the full error is stored)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
 
 
 def _pct(value: float | None) -> str:

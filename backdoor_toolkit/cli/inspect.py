@@ -13,7 +13,6 @@ prints as fully as Neural Cleanse does.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +24,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from ..artifacts import check_writable_folder
+from ..artifacts import check_writable_folder, json_text
 from ..config import split_preset
 from ..console import console
 from ..data import budget_exclusions, draw_defense_data
@@ -297,6 +296,12 @@ def inspect(
         inv_values = settings[choice]
         inv_values.update({k: v for k, v in extra.items() if v is not None})
         chosen.append(resolve_plugin("inverter", choice, overrides=inv_values))
+        known = getattr(chosen[-1].config, "target", None)
+        if class_ and known is not None:
+            raise ConfigError(
+                f"--class {' --class '.join(map(str, class_))} (scan these classes) and target {known} "
+                "(a known target, no scan) contradict each other; give one."
+            )
     run_device = resolve_device(cfg.device)
     true_target: int | None = None
     if model_file is not None:
@@ -447,12 +452,20 @@ SHEET_ROWS = "top: mask, middle: mask·pattern, bottom: pattern; flagged framed 
 def _check_out(out: Path, force: bool) -> None:
     """Before any scanning: an earlier scan's results are not overwritten without --force, and
     --out must be a folder bdtk can write (a scan can take an hour)."""
-    earlier = out / "inspect.json"
-    if earlier.exists() and not force:
-        raise BdtkError(
-            f"{earlier} exists (an earlier scan); pass --force to overwrite it, or give another --out."
+    if out.is_dir() and not force:
+        # every file a scan writes, not only its JSON: a trigger sheet alone is someone's result too
+        earlier = sorted(
+            p
+            for pattern in ("inspect.json", "triggers*.png", "triggers*.safetensors")
+            for p in out.glob(pattern)
         )
-    check_writable_folder(out, "the scan's results")
+        if earlier:
+            shown = ", ".join(p.name for p in earlier[:3]) + (", …" if len(earlier) > 3 else "")
+            raise BdtkError(
+                f"{out} already holds a scan's results ({shown}); pass --force to overwrite them, or "
+                "give another --out."
+            )
+    check_writable_folder(out, "the scan's output")
 
 
 def _save_triggers(out: Path, stem: str, result: InversionResult) -> tuple[Path, Path]:
@@ -476,7 +489,7 @@ def _write(out: Path, inv: ResolvedPlugin, result: InversionResult, info: dict[s
     out.mkdir(parents=True, exist_ok=True)
     png, tensors = _save_triggers(out, "triggers", result)
     payload = {**info, **_inverter_info(inv), **_result_fields(result)}
-    (out / "inspect.json").write_text(json.dumps(payload, indent=2, default=str))
+    (out / "inspect.json").write_text(json_text(payload, default=str))
     console.print(f"Wrote {png} ({SHEET_ROWS}), {tensors} and {out / 'inspect.json'}.")
 
 
@@ -505,7 +518,7 @@ def _write_several(
         "flagged_by": {str(cls): by for cls, by in flagged.items()},
         "detected": bool(flagged),
     }
-    (out / "inspect.json").write_text(json.dumps(payload, indent=2, default=str))
+    (out / "inspect.json").write_text(json_text(payload, default=str))
     console.print(f"Wrote {out / 'inspect.json'}.")
 
 

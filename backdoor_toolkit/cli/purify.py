@@ -88,6 +88,16 @@ class ModelOptions:
     test_size: int | None = None
     test_data: str | None = None
 
+    def __post_init__(self) -> None:
+        # NaN fails every comparison, so these also refuse nan and (with the upper bounds) inf
+        if not 0 < self.clean_ratio <= 1:
+            raise ConfigError(
+                f"--clean-ratio must be above 0 and at most 1 (a share of the clean training images), "
+                f"got {self.clean_ratio}."
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}.")
+
     def data_kwargs(self) -> dict[str, Any]:
         """The options `load_clean_data` takes unchanged, whatever the model."""
         return {
@@ -291,6 +301,13 @@ def numbers_table(report: PurifyReport) -> Table:
     return table
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
 @app.command()
 @user_errors
 @with_threads
@@ -343,12 +360,15 @@ def purify(
     also the attack's ASR and RA on its backdoored test images. `--set FIELD=VALUE` sets the defense.
     """
     outputs = PurifyOutputs.beside(out.expanduser())
+    given = model_path.expanduser()
+    inputs = {given, given.with_suffix(".json")} if given.is_file() else set(given.glob("*"))
+    clash = [p for p in outputs.all() if p.exists() and any(_same_file(p, q) for q in inputs)]
+    if clash:  # even with --force: the model being purified would be lost if anything failed later
+        raise BdtkError(f"--out would overwrite {clash[0]}, which is the input model's; give another --out.")
     outputs.check(force)
     get_plugin("purifier", split_preset(defense)[0])  # an unknown defense says so before --set does
     settings = split_settings(list(set_ or []), [defense], default=defense)
     chosen = resolve_plugin("purifier", defense, overrides=settings[defense])
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}.")
     run_device = resolve_device(device or "auto")
     options = ModelOptions(
         architecture=model,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
+from ..artifacts import json_text
 from .aggregation import (
     CLEAN_MODEL,
     COLUMNS,
@@ -257,7 +257,7 @@ def to_json(board: Leaderboard) -> str:
             for g in board.gaps
         ],
     }
-    return json.dumps(payload, indent=2)
+    return json_text(payload)
 
 
 _CSS = """

@@ -79,7 +79,37 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"{beside} beside the model is not readable JSON ({' '.join(str(exc).split())[:120]}); "
             "fix or remove it."
         ) from None
-    return data if isinstance(data, dict) and data.get("format") == METADATA_FORMAT else {}
+    if not (isinstance(data, dict) and data.get("format") == METADATA_FORMAT):
+        return {}
+    _check_metadata_types(data, beside)
+    return data
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)
+
+
+#: The fields of bdtk's model JSON that loading reads, and what each must be.
+_METADATA_FIELDS: dict[str, tuple[str, Any]] = {
+    "architecture": ("a model name (text)", lambda v: isinstance(v, str) and bool(v)),
+    "feature_layer": ("a module name (text) or null", lambda v: v is None or isinstance(v, str)),
+    "channels": ("a positive whole number", _is_count),
+    "image_size": ("[height, width], two positive whole numbers", _is_size),
+}
+
+
+def _check_metadata_types(data: dict[str, Any], beside: Path) -> None:
+    """A hand-edited model JSON with a field of the wrong type is named here, in one line, rather
+    than failing later inside the loader."""
+    for key, (expected, valid) in _METADATA_FIELDS.items():
+        if key in data and not valid(data[key]):
+            raise BdtkError(
+                f"{beside}: {key!r} must be {expected}, got {json.dumps(data[key])[:60]}; fix or remove it."
+            )
 
 
 def file_sha256(path: Path) -> str:

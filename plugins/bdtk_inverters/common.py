@@ -10,7 +10,7 @@ inverters.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from backdoor_toolkit import BdtkError, DefenseData, StrictConfig, stamp_all, to_float
@@ -81,6 +81,17 @@ class TriggerSearchConfig(StrictConfig):
         le=1_000_000,
         description="Clean images (val part) on which attack success is measured",
     )
+
+    @model_validator(mode="after")
+    def _target_or_classes(self) -> TriggerSearchConfig:
+        """One of them decides which classes are inverted; silently preferring one would run a
+        different scan from the one asked for."""
+        if self.target is not None and self.classes is not None:
+            raise ValueError(
+                f"target={self.target} (a known target, no scan) and classes={self.classes} (scan these) "
+                "contradict each other; give one"
+            )
+        return self
 
 
 def model_device(model: nn.Module) -> torch.device:

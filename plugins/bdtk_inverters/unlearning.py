@@ -21,6 +21,7 @@ from backdoor_toolkit import (
     PluginMeta,
     PurificationResult,
     Purifier,
+    StrictConfig,
     accuracy,
     create_inverter,
     fine_tune,
@@ -58,13 +59,19 @@ class NCUnlearning(Purifier):
         "epochs": 1,
     }
 
+    def __init__(self, config: StrictConfig, seed: int = 0, device: torch.device | None = None) -> None:
+        """Resolves the inverter now: a misspelt name or setting fails when the runner checks the
+        grid, before anything trains, not in the cell after the victim's training."""
+        super().__init__(config, seed, device)
+        c = self.config
+        self.inverter = create_inverter(
+            c.inverter, c.inverter_config, seed=seed, where=f"nc-unlearning inverter {c.inverter!r}"
+        )
+
     def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
         c = self.config
-        inverter = create_inverter(
-            c.inverter, c.inverter_config, seed=self.seed, where=f"nc-unlearning inverter {c.inverter!r}"
-        )
         model.to(self.device)
-        result = inverter.invert(model, data)
+        result = self.inverter.invert(model, data)
         # recorded under the same keys as every purifier that runs an inverter (InversionKeys)
         diagnostics: dict[str, Any] = result.summary()
         stages = {"inversion": result.seconds}

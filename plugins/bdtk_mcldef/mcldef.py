@@ -46,6 +46,7 @@ from backdoor_toolkit import (
     preferred_layout,
     preferred_memory_format,
     stamp,
+    to_float,
 )
 
 from .inverters import FLAGGED_BY, INVERTERS_SKIPPED, MERGE_KEYS, TRIGGER_FROM, combine
@@ -64,6 +65,30 @@ class InverterFailedError(BdtkError):
 
 #: One inverter of a list: NAME or NAME:PRESET.
 Choice = Annotated[str, Field(min_length=1)]
+
+
+def recalibrate_batchnorm(
+    model: ImageClassifier, images: Tensor, batch_size: int, device: torch.device
+) -> None:
+    """Replace every BatchNorm's running statistics by their plain average over `images` (one pass
+    in train mode, no gradient): what the model normalises with at test time then comes from clean
+    images only, not from the clean/triggered mixture of the purification batches."""
+    bns = model.batchnorms()
+    if not bns:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the pass
+    model.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                model(to_float(images[start : start + batch_size]).to(device))
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+        model.eval()
 
 
 class MCLDefConfig(StrictConfig):
@@ -168,6 +193,12 @@ class MCLDefConfig(StrictConfig):
     early_stop_delta: float = Field(
         default=0.005, ge=0, le=1, description="Val accuracy gain (absolute) that still counts as moving"
     )
+    recalibrate_bn: bool = Field(
+        default=False,
+        json_schema_extra=ADDED_FIELD,
+        description="After purifying, re-estimate BatchNorm running statistics on the clean budget alone "
+        "(purification batches mix triggered and clean images, and the statistics follow that mixture)",
+    )
     select_epoch: Literal["last", "best-val"] = Field(
         default="last",
         json_schema_extra=ADDED_FIELD,
@@ -261,6 +292,7 @@ class MCLDef(Purifier):
                 "early_stop": False,
                 "select_epoch": "last",
                 "distill_weight": 0.0,
+                "recalibrate_bn": False,
             },
             description="The authors' recipe (Yue et al. 2022): contrastive loss alone, lr 0.1 step "
             "schedule, 20 epochs, trigger stamped after augmentation, full Neural Cleanse scan",
@@ -480,6 +512,8 @@ class MCLDef(Purifier):
                 model.train(c.bn_mode == "train")
             if c.select_epoch == "best-val" and watch.best_state is not None:
                 model.load_state_dict(watch.best_state)
+            if c.recalibrate_bn:
+                recalibrate_batchnorm(model, data.train.images, c.batch_size, self.device)
         model.eval()
         return epoch_losses
 
