@@ -127,6 +127,12 @@ class ResultStore:
 
     def _check_writable(self) -> None:
         """SQLite needs the file and its folder (journal files) writable; say so before any work."""
+        blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise StoreError(
+                f"The result database {self.path} cannot be created: {blocker} is a file, not a folder. "
+                "Pass --db (or set BDTK_DB) to use another location."
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -163,6 +169,8 @@ class ResultStore:
             return
         if tables:
             raise StoreError(f"{self.path} is an SQLite database, but not a bdtk result store.")
+        if not self._write:  # a reader never changes the file: an empty one holds no results
+            raise StoreError(f"No stored results in {self.path} (an empty file); run `bdtk benchmark` first.")
         with self._transaction():
             self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};")
 

@@ -151,3 +151,17 @@ def test_a_reader_never_creates_a_missing_database(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"^No result database at .*absent\.sqlite"):
         ResultStore(tmp_path / "absent.sqlite", write=False)
     assert not (tmp_path / "absent.sqlite").exists()
+
+
+def test_a_reader_never_writes_a_schema_into_an_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    with pytest.raises(StoreError, match=r"No stored results in .*empty\.sqlite"):
+        ResultStore(empty, write=False)
+    assert empty.stat().st_size == 0
+
+
+def test_a_database_path_under_a_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StoreError, match=r"afile is a file, not a folder"):
+        ResultStore(tmp_path / "afile" / "x.sqlite")

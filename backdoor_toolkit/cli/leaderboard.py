@@ -12,6 +12,7 @@ from ..console import console
 from ..errors import BdtkError
 from ..leaderboard import (
     COLUMNS,
+    EXPORTS,
     INSTALL_HINT,
     OPTIONAL,
     build_leaderboard,
@@ -66,6 +67,8 @@ def leaderboard(
             check_output_file(target, option)
     if out is not None:
         check_output_folder(out, "--out")
+        for name in [f"leaderboard.{suffix}" for suffix in EXPORTS] + ["leaderboard.png"]:
+            check_output_file(out / name, "--out", default=out / name)  # none of them blocked by a folder
     path = db or default_db_path()
     if not path.exists():
         raise BdtkError(f"No result database at {path}; run `bdtk benchmark` first (or pass --db).")
