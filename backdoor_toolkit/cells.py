@@ -198,9 +198,12 @@ class VictimPlan:
         return base
 
 
-def _defense_fields(defense: ResolvedPlugin) -> dict[str, Any]:
-    """A defense cell's own fields: name, resolved config and (when chosen) preset."""
-    fields: dict[str, Any] = {"defense": defense.name, "defense_config": defense.config.model_dump()}
+def defense_fields(defense: ResolvedPlugin, for_hash: bool = False) -> dict[str, Any]:
+    """A defense cell's own fields: name, resolved config and (when chosen) preset. `for_hash`:
+    the config as a cell's identity sees it (`hashed_config`: added fields at their default left
+    out), for grids and stored victims alike; a stored row keeps the full config."""
+    config = hashed_config(defense.config) if for_hash else defense.config.model_dump()
+    fields: dict[str, Any] = {"defense": defense.name, "defense_config": config}
     if defense.preset is not None:
         fields["defense_preset"] = defense.preset
     return fields
@@ -247,11 +250,7 @@ def plan_grid(config: BenchmarkConfig, resolved: ResolvedGrid | None = None) -> 
                         reference = config_hash({**base, "defense": CLEAN_MODEL, **setting})
                         cells.append(CellPlan(None, reference, clean_reference=True))
                     for defense in resolved.defenses:
-                        cell = {
-                            **base,
-                            **_defense_fields(defense),
-                            "defense_config": hashed_config(defense.config),
-                        }
+                        cell = {**base, **defense_fields(defense, for_hash=True)}
                         cell["code"] = {**base["code"], "defense": code_version(defense)}
                         cells.append(CellPlan(defense, config_hash({**cell, **setting})))
                     plans.append(dataclasses.replace(plan, cells=tuple(cells)))
@@ -328,7 +327,7 @@ def _cell_fields(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan) -> d
         "config_hash": cell.config_hash,
     }
     if cell.defense is not None:
-        fields.update(_defense_fields(cell.defense))
+        fields.update(defense_fields(cell.defense))
     device = resolve_device(config.device)
     fields["provenance"] = _provenance(
         device, plan.attack.info, None if cell.defense is None else cell.defense.info

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from .backdoor import bdtk_version
-from .cells import failed_record
-from .config import BenchmarkConfig, config_hash, hashed_config
+from .cells import defense_fields, failed_record
+from .config import BenchmarkConfig, config_hash
 from .console import console, progress
 from .errors import ConfigError
 from .metrics import Scores, der, measure
@@ -76,13 +76,8 @@ def _base(record: dict[str, Any], seed: int) -> dict[str, Any]:
     }
 
 
-def _defense_fields(defense: ResolvedPlugin | None) -> dict[str, Any]:
-    if defense is None:
-        return {"defense": "none"}
-    fields: dict[str, Any] = {"defense": defense.name, "defense_config": defense.config.model_dump()}
-    if defense.preset is not None:
-        fields["defense_preset"] = defense.preset
-    return fields
+def _defense_fields(defense: ResolvedPlugin | None, for_hash: bool = False) -> dict[str, Any]:
+    return {"defense": "none"} if defense is None else defense_fields(defense, for_hash)
 
 
 def plan_victim_cells(
@@ -93,9 +88,7 @@ def plan_victim_cells(
     cells = []
     for seed in config.seeds:
         for defense in (None, *defenses):
-            payload = {**_base(record, seed), **_defense_fields(defense), **setting}
-            if defense is not None:
-                payload["defense_config"] = hashed_config(defense.config)
+            payload = {**_base(record, seed), **_defense_fields(defense, for_hash=True), **setting}
             cells.append((seed, defense, config_hash(payload)))
     return cells
 
