@@ -511,6 +511,8 @@ class PurifyOutputs:
         for path in self.all():
             if path.is_dir():
                 raise BdtkError(f"{path} is a folder; --out must name a file.")
+            if path.exists() and not path.is_file():
+                raise BdtkError(f"{path} is not a regular file (a device or a pipe); --out must name a file.")
             if path.exists() and not force:
                 raise BdtkError(f"{path} exists; pass --force to overwrite it.")
         check_writable_folder(self.weights.parent, "the purified model")

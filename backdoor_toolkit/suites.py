@@ -50,6 +50,10 @@ def available_suites() -> list[str]:
 
 def _suite_text(name_or_path: str) -> tuple[str, str]:
     """The suite's (source label, TOML text): a built-in name, or a path to a TOML file."""
+    if not name_or_path.strip():
+        raise ConfigError(
+            f"--suite is empty; give a suite name ({', '.join(available_suites())}) or a TOML file."
+        )
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         return str(path), read_text_file(path, "Suite file")
@@ -114,6 +118,9 @@ def load_suite(name_or_path: str) -> Suite:
             at = f" (line {line})" if line else ""
             problems.append(f"{where}{at}: {err['msg']}")
         raise ConfigError(f"Invalid {source}: " + "; ".join(problems)) from None
+    if not suite.benchmark_values():
+        # an empty file would otherwise run the full default grid: hours nobody asked for
+        raise ConfigError(f"{source} sets nothing; a suite names at least its attacks and defenses.")
     _check_plugins(suite, source, text)
     return suite
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -359,3 +360,22 @@ def test_an_interrupted_benchmark_counts_this_runs_cells_apart_from_the_stored_o
     assert result.exit_code == 130, result.output
     text = " ".join(result.output.split())
     assert f"Interrupted: 1 cell finished in this run, stored in {db}; it holds 3 in all" in text
+
+
+def test_an_empty_suite_is_refused_not_run_as_the_default_grid(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing here\n")
+    for suite in ("", str(empty)):
+        result = runner.invoke(app, ["benchmark", "--suite", suite, "--db", str(tmp_path / "r.sqlite")])
+        assert result.exit_code == 2 and "Training" not in result.output, result.output
+        assert "empty" in result.output or "sets nothing" in _one_line_error(result.output)
+
+
+def test_an_output_that_is_a_device_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = runner.invoke(
+        app, ["benchmark", "--suite", "quick", "--output", str(fifo), "--db", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "not a regular file" in _one_line_error(result.output), result.output
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

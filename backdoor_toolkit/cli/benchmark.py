@@ -205,10 +205,10 @@ def benchmark(
             "--clean-reference": clean_reference,
         }
         victim_options(grid_only, config)
-    if suite and config:
+    if suite is not None and config:
         raise ConfigError("Give either --suite or --config, not both.")
     values: dict[str, Any] = load_config_file(config) if config else {}
-    if suite:
+    if suite is not None:  # `--suite ""` is a mistake to report, not "no suite"
         values = load_suite(suite).benchmark_values()
     values.setdefault("attacks", ["badnets"])
     values.setdefault("defenses", ["finetune"])

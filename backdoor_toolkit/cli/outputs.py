@@ -36,7 +36,10 @@ def _check_folder_of(path: Path, option: str, may_create: bool) -> None:
 
 
 def _refuse_read_only(path: Path, what: str) -> None:
-    """`path` and its folder, where they exist, must be writable."""
+    """`path` and its folder, where they exist, must be writable, and `path` a regular file: the
+    atomic write would replace a device or pipe (`/dev/null`, even) by a plain file."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise BdtkError(f"{what} {path} is not a regular file (a device or a pipe); give a file path.")
     for target in (path.parent, path):
         if target.exists() and not os.access(target, os.W_OK):
             raise BdtkError(f"Cannot write {what} {path}: {target} is read-only; choose another path.")
