@@ -32,6 +32,7 @@ import importlib
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -335,13 +336,21 @@ def _read_png(path: Path, spec: DataSpec, what: str) -> Tensor:
             "bd_test_dataset/ beside it)."
         )
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB" if spec.channels == 3 else "L")
-            if image.size != (spec.width, spec.height):
-                image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        with warnings.catch_warnings():
+            # past MAX_IMAGE_PIXELS PIL only warns; decoding such an image could exhaust memory
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _open_png(path, spec)
             array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise BdtkError(f"{what}: cannot read {path} as an image ({exc}).") from None
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise BdtkError(
+            f"{what}: cannot read {path} as an image ({' '.join(str(exc).split())[:160]})."
+        ) from None
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
@@ -384,6 +393,17 @@ def _bd_test_v2(state: Mapping[str, Any], run_dir: Path, spec: DataSpec) -> tupl
     return bd, int(indicator.size)
 
 
+def _open_png(path: Path, spec: DataSpec) -> Any:
+    """The image at `path` in the spec's mode and size (a PIL image, decoded)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB" if spec.channels == 3 else "L")
+        if image.size != (spec.width, spec.height):
+            image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        return image
+
+
 def _bd_test_v1(state: Mapping[str, Any], spec: DataSpec) -> BackdoorTestSet:
     """The inline backdoored test set of early releases: float images in 0..255 and their labels."""
     x, y = state.get("x"), state.get("y")
@@ -394,6 +414,11 @@ def _bd_test_v1(state: Mapping[str, Any], spec: DataSpec) -> BackdoorTestSet:
             f"bd_test.x is {tuple(x.shape)} with {tuple(y.shape)} labels; expected (N, "
             f"{', '.join(map(str, spec.image_shape))}) images with N labels."
         )
+    if x.shape[0] == 0:
+        raise BdtkError("bd_test holds no backdoored test images.")
+    if 0 in x.stride() or 0 in y.stride():
+        # an expanded tensor: a few stored numbers posing as many images (and gigabytes once copied)
+        raise BdtkError("bd_test.x or bd_test.y is an expanded view of fewer stored values, not real images.")
     values = x.float()
     if not bool(torch.isfinite(values).all()) or float(values.min()) < 0 or float(values.max()) > 255:
         raise BdtkError("bd_test.x holds values outside 0..255.")

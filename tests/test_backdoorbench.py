@@ -323,6 +323,30 @@ def test_early_layout_with_inline_images_imports_without_ra(
     assert torch.isnan(torch.tensor(victim.scores(victim.model, torch.device("cpu")).ra))
 
 
+@pytest.mark.parametrize(
+    ("bd_test", "says"),
+    [
+        (
+            {"x": torch.zeros(0, 1, 28, 28), "y": torch.zeros(0, dtype=torch.long)},
+            "holds no backdoored test images",
+        ),
+        (
+            {
+                "x": torch.zeros(1, 1, 28, 28).expand(100_000, 1, 28, 28),
+                "y": torch.zeros(100_000, dtype=torch.long),
+            },
+            "an expanded view of fewer stored values",
+        ),
+    ],
+)
+def test_an_early_layout_test_set_that_is_empty_or_expanded_is_one_line(
+    tmp_path: Path, reference: nn.Module, mnist_dir: Path, bd_test: dict[str, Any], says: str
+) -> None:
+    source = make_run(tmp_path, reference, layout="v1", bd_test=bd_test)
+    result = import_(source, tmp_path / "victim", mnist_dir)
+    assert result.exit_code == 2 and says in message(result), result.output
+
+
 def test_an_edited_victim_is_refused(tmp_path: Path, reference: nn.Module, mnist_dir: Path) -> None:
     assert import_(make_run(tmp_path, reference), tmp_path / "victim", mnist_dir).exit_code == 0
     data = tmp_path / "victim" / "data.safetensors"
