@@ -332,3 +332,10 @@ def test_config_files_and_suites_refuse_repeats_wrapping_seeds_and_nan(
         build_config(BenchmarkConfig, values, "a config file")
     # the same config without the repeat is fine: two different configs of one plugin are not repeats
     build_config(BenchmarkConfig, {"defenses": ["mcldef", "mcldef:paper"]}, "a config file")
+
+
+def test_plugins_show_takes_name_and_preset_as_everywhere_else() -> None:
+    shown = runner.invoke(app, ["plugins", "show", "mcldef:paper"])
+    assert shown.exit_code == 0 and "mcldef" in shown.output
+    wrong = runner.invoke(app, ["plugins", "show", "mcldef:papr"])
+    assert wrong.exit_code == 2 and "Did you mean 'paper'?" in " ".join(wrong.output.split())

@@ -11,8 +11,9 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 
+from ..config import split_preset
 from ..console import console
-from ..plugins import PluginInfo, find_plugins, get_plugin, get_registry
+from ..plugins import PluginInfo, find_plugins, get_plugin, get_preset, get_registry
 from .common import app, user_errors
 from .listing import listing_table
 
@@ -173,7 +174,12 @@ def _print_plugin(info: PluginInfo) -> None:
 @plugins_app.command("show")
 @user_errors
 def plugins_show(
-    name: Annotated[str, typer.Argument(help="Plugin name, or DIST/NAME for one distribution's")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Plugin name, or DIST/NAME for one distribution's; NAME:PRESET checks the preset"
+        ),
+    ],
     kind: Annotated[
         Literal["attack", "inverter", "purifier"] | None,
         typer.Option(help="Only the plugin of this kind (when a name is shared by several kinds)"),
@@ -182,7 +188,11 @@ def plugins_show(
 ) -> None:
     """Print a plugin's metadata, config fields and presets (every kind using NAME, unless --kind);
     --json adds the config's JSON schema."""
+    name, preset = split_preset(name)  # NAME:PRESET, as everywhere else: the plugin, its preset checked
     matches = [get_plugin(kind, name)] if kind else find_plugins(name)
+    if preset is not None:
+        for info in matches:
+            get_preset(info.kind, info.qualified_name, preset)  # unknown: "did you mean" and the list
     if as_json:
         typer.echo(json.dumps([describe(info) for info in matches], indent=2))
         return
