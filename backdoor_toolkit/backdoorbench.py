@@ -32,7 +32,6 @@ import importlib
 import os
 import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from .data import DataSpec, ImageData, dataset_spec, load_dataset
 from .errors import BdtkError, DatasetNotFoundError
+from .image_folders import UnreadableImage, decode_image
 from .models import ImageClassifier
 from .models.adapter import TORCHVISION_PREFIX, input_channels
 from .victims import BackdoorTestSet, check_output_dir, save_victim, victim_model
@@ -328,7 +328,7 @@ def _inside(run_dir: Path, stored: str, folder: str | None, what: str) -> Path:
 def _read_png(path: Path, spec: DataSpec, what: str) -> Tensor:
     """One image as uint8 (C, H, W). Resized, as BackdoorBench's test transform does, when stored
     at another size (bilinear, like torchvision's Resize on a PIL image)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not path.is_file():
         raise BdtkError(
@@ -336,21 +336,12 @@ def _read_png(path: Path, spec: DataSpec, what: str) -> Tensor:
             "bd_test_dataset/ beside it)."
         )
     try:
-        with warnings.catch_warnings():
-            # past MAX_IMAGE_PIXELS PIL only warns; decoding such an image could exhaust memory
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open_png(path, spec)
-            array = np.asarray(image, dtype=np.uint8)
-    except (
-        OSError,
-        UnidentifiedImageError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
-        raise BdtkError(
-            f"{what}: cannot read {path} as an image ({' '.join(str(exc).split())[:160]})."
-        ) from None
+        image = decode_image(path, "RGB" if spec.channels == 3 else "L")
+    except UnreadableImage as exc:
+        raise BdtkError(f"{what}: cannot read {path} as an image ({exc}).") from None
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
@@ -391,17 +382,6 @@ def _bd_test_v2(state: Mapping[str, Any], run_dir: Path, spec: DataSpec) -> tupl
         torch.stack(images), torch.tensor(targets), torch.tensor(labels), torch.from_numpy(index.copy())
     )
     return bd, int(indicator.size)
-
-
-def _open_png(path: Path, spec: DataSpec) -> Any:
-    """The image at `path` in the spec's mode and size (a PIL image, decoded)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB" if spec.channels == 3 else "L")
-        if image.size != (spec.width, spec.height):
-            image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-        return image
 
 
 def _bd_test_v1(state: Mapping[str, Any], spec: DataSpec) -> BackdoorTestSet:

@@ -38,17 +38,41 @@ _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _to_mode(img: Any, mode: str) -> Any:
-    """PIL image `img` in `mode`, a 16-bit greyscale image rescaled to 8 bits first (PIL would clip
-    every value above 255 to white: a 16-bit scan would load as a nearly white image, silently).
-    Mode "I" (32-bit, how PIL opens some 16-bit PNGs) is rescaled when it holds values above 255."""
-    from PIL import Image
+class UnreadableImage(ValueError):
+    """A file that cannot be decoded as an image (the message says why)."""
 
-    if img.mode in _SIXTEEN_BIT or img.mode == "I":
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode in _SIXTEEN_BIT or wide.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(np.rint(wide * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
-    return img.convert(mode)
+
+def decode_image(path: Path, mode: str) -> Any:
+    """The image at `path`, decoded, as a PIL image in `mode` ("L", "RGB", "RGBA").
+
+    Every reader of user or third-party images goes through here, so all refuse the same files:
+    past PIL's MAX_IMAGE_PIXELS (a decompression bomb, which PIL only warns about and whose decoding
+    could exhaust memory) and anything PIL cannot read raise `UnreadableImage`. A 16-bit greyscale
+    image is rescaled to 8 bits (PIL's convert would clip every value above 255 to white), as is
+    mode "I" (32-bit, how PIL opens some 16-bit PNGs) when it holds values above 255.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                if img.mode in _SIXTEEN_BIT or img.mode == "I":
+                    wide = np.asarray(img, dtype=np.float64)
+                    top = 65535.0 if img.mode in _SIXTEEN_BIT or wide.max(initial=0) > 255 else 255.0
+                    scaled = np.clip(np.rint(wide * 255.0 / top), 0, 255).astype(np.uint8)
+                    return Image.fromarray(scaled, mode="L").convert(mode)
+                return img.convert(mode)
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise UnreadableImage(" ".join(str(exc).split())[:160]) from None
 
 
 @dataclass
@@ -187,7 +211,7 @@ def load_image_folder(
     unreadable files are skipped and listed in `skipped`, among them images over PIL's
     decompression-bomb limit: one hostile file must cost a skip, not the run (or the memory).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = Path(root).expanduser()
     if channels not in _MODES:
@@ -217,20 +241,8 @@ def load_image_folder(
     sizes: dict[tuple[int, int], Path] = {}
     for path, label in files:
         try:
-            with warnings.catch_warnings():
-                # past MAX_IMAGE_PIXELS PIL only warns; decoding such an image could exhaust memory
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    img.load()
-                    picture = _to_mode(img, _MODES[channels])
-        except (
-            OSError,
-            UnidentifiedImageError,
-            ValueError,
-            SyntaxError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ):
+            picture = decode_image(path, _MODES[channels])
+        except UnreadableImage:
             skipped.append(path)
             continue
         size = (picture.height, picture.width)
