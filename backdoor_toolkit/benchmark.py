@@ -19,6 +19,7 @@ from rich.progress import Progress
 from .cells import grid_dataset, plan_grid, validate
 from .config import BenchmarkConfig
 from .console import console, progress
+from .data import check_budget_size
 from .executors import get_executor
 from .results import CellResult
 from .store import ResultStore
@@ -90,7 +91,9 @@ def run_benchmark(
     runner = get_executor(executor, ray_address)
     resolved = validate(config)
     for name in config.grid_datasets:  # missing data is an error now, not a failed cell per model
-        grid_dataset(config, name)
+        dataset = grid_dataset(config, name)
+        # so is a budget too small to defend with, before any model trains
+        check_budget_size(dataset.spec, len(dataset.train), config.clean_ratio, config.val_fraction)
     plans = plan_grid(config, resolved)
     rows: dict[str, CellResult] = {}
     if store is not None and (recovered := store.import_unsaved()):

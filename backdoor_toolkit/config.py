@@ -40,6 +40,17 @@ def validation_message(cls: type[BaseModel], exc: ValidationError) -> str:
     of fields, as an unknown plugin name is.
     """
     problems = []
+    for loc, message in validation_problems(cls, exc):
+        where_in = ".".join(str(p) for p in loc)
+        problems.append(f"{where_in}: {message}" if where_in else message)
+    return "; ".join(problems)
+
+
+def validation_problems(
+    cls: type[BaseModel], exc: ValidationError
+) -> list[tuple[tuple[int | str, ...], str]]:
+    """Each problem of `exc` as (location, what is wrong, with the valid range or a field hint)."""
+    problems = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         message = str(err["msg"]).removeprefix("Value error, ")  # our validators' own words
@@ -47,9 +58,8 @@ def validation_message(cls: type[BaseModel], exc: ValidationError) -> str:
             message += valid_range(cls, loc)
         elif err["type"] == "extra_forbidden" and loc:
             message += _field_hint(cls, loc)
-        where_in = ".".join(str(p) for p in loc)
-        problems.append(f"{where_in}: {message}" if where_in else message)
-    return "; ".join(problems)
+        problems.append((loc, message))
+    return problems
 
 
 def _field_hint(cls: type[BaseModel], loc: tuple[int | str, ...]) -> str:

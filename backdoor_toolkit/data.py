@@ -138,7 +138,54 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
                 f"{tuple(part.images.shape)}, {part.labels.numel()} labels; expected images of "
                 f"{spec.image_shape} with labels 0..{spec.num_classes - 1}). {entry.how_to_get}"
             )
+    _check_identity(spec, train, root)
     return Dataset(spec, train, test)
+
+
+#: Below this many training images the mean brightness says too little to name a dataset.
+_IDENTITY_MIN_IMAGES = 1000
+#: A dataset's training images sit within this of its registered per-channel mean (in [0, 1]) ...
+_IDENTITY_OWN_TOLERANCE = 0.05
+#: ... and "looks like" another registered dataset of the same shape within this of its mean.
+_IDENTITY_MATCH_TOLERANCE = 0.02
+
+
+def _check_identity(spec: DataSpec, train: ImageData, root: Path | None) -> None:
+    """Refuse one dataset's files loaded under another's name.
+
+    MNIST and Fashion-MNIST share the IDX format, the sizes and the file names, so
+    `--dataset mnist --data-dir <fashion-mnist files>` would otherwise train and report on the
+    wrong data under the right name. The training images' mean brightness tells them apart
+    (0.131 against 0.286): when it is far from the requested dataset's registered mean and close
+    to another registered dataset of the same image shape, the load fails and names that dataset.
+    """
+    if len(train) < _IDENTITY_MIN_IMAGES:
+        return
+    sample = train.images[:5000]
+    dims = [0, 2, 3] if sample.dim() == 4 else [0]
+    mean = to_float(sample).mean(dim=dims).tolist()
+
+    def distance(other: DataSpec) -> float:
+        return max(abs(a - b) for a, b in zip(mean, other.mean, strict=True))
+
+    if distance(spec) <= _IDENTITY_OWN_TOLERANCE:
+        return
+    lookalikes = [
+        entry.spec.name
+        for entry in _DATASETS.values()
+        if entry.spec.name != spec.name
+        and entry.spec.image_shape == spec.image_shape
+        and distance(entry.spec) <= _IDENTITY_MATCH_TOLERANCE
+    ]
+    if lookalikes:
+        where = f" under {root}" if root else ""
+        shown = ", ".join(f"{v:.3f}" for v in mean)
+        expected = ", ".join(f"{v:.3f}" for v in spec.mean)
+        raise DatasetCorruptError(
+            f"Dataset {spec.name!r}: the files found{where} look like {lookalikes[0]!r}, not "
+            f"{spec.name!r} (mean brightness {shown}; {spec.name}'s is {expected}). Pass "
+            f"--dataset {lookalikes[0]}, or point --data-dir at {spec.name}'s own files."
+        )
 
 
 # --- readers ---------------------------------------------------------------------------------
@@ -383,6 +430,39 @@ def budget_exclusions(poisoned_index: Tensor, clean_label: bool) -> Tensor:
     if clean_label:
         return torch.empty(0, dtype=torch.long)
     return poisoned_index
+
+
+def budget_split(n: int, clean_ratio: float, val_fraction: float) -> tuple[int, int]:
+    """(train, val) sizes of the defender's clean budget drawn from `n` training images."""
+    budget = round(clean_ratio * n)
+    n_val = max(1, round(val_fraction * budget)) if val_fraction > 0 else 0
+    return budget - n_val, n_val
+
+
+def check_budget_size(spec: DataSpec, n: int, clean_ratio: float, val_fraction: float) -> None:
+    """Refuse, before anything trains, a clean budget with fewer training images than classes.
+
+    Such a budget still "works" — every defense runs — but fine-tuning on one or two images
+    collapses the model to one class, which then reads as ASR 100 % and a meaningless DER. The
+    message gives the smallest --clean-ratio that leaves one training image per class.
+    """
+    n_train, n_val = budget_split(n, clean_ratio, val_fraction)
+    k = spec.num_classes
+    if n_train >= k:
+        return
+    needed = next(
+        (r / 10_000 for r in range(1, 5001) if budget_split(n, r / 10_000, val_fraction)[0] >= k), None
+    )
+    hint = (
+        f"raise --clean-ratio to at least {needed:g}"
+        if needed is not None
+        else "use more training images (--train-size) or a smaller --val-fraction"
+    )
+    raise BdtkError(
+        f"clean_ratio={clean_ratio:g} gives the defender {n_train + n_val} clean image(s) of {n:,} "
+        f"({n_train} to train, {n_val} to validate), fewer training images than {spec.name}'s {k} "
+        f"classes: a defense cannot learn from that; {hint}."
+    )
 
 
 def draw_defense_data(

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from .config import BenchmarkConfig, read_text_file
+from .config import BenchmarkConfig, read_text_file, validation_problems
 from .errors import BdtkError, ConfigError, UnknownNameError
 from .interfaces import Kind
 from .plugins import resolve_config
@@ -108,15 +108,16 @@ def load_suite(name_or_path: str) -> Suite:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Cannot parse {source}: {exc}") from None
     try:
-        suite = Suite.model_validate(data)
+        # strict: TOML has types, so a quoted number or a boolean where a number belongs is a
+        # mistake to report, not a value to convert (`seeds = [true, "1"]` would be seed 1 twice)
+        suite = Suite.model_validate(data, strict=True)
     except ValidationError as exc:
         problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
+        for loc, message in validation_problems(Suite, exc):
             where = ".".join(str(p) for p in loc) or "(root)"
             line = field_line(text, loc)
             at = f" (line {line})" if line else ""
-            problems.append(f"{where}{at}: {err['msg']}")
+            problems.append(f"{where}{at}: {message}")
         raise ConfigError(f"Invalid {source}: " + "; ".join(problems)) from None
     if not suite.benchmark_values():
         # an empty file would otherwise run the full default grid: hours nobody asked for

@@ -37,6 +37,7 @@ from .backdoor import bdtk_version
 from .cells import defense_fields, failed_record
 from .config import BenchmarkConfig, config_hash
 from .console import console, progress
+from .data import check_budget_size
 from .errors import ConfigError
 from .metrics import Scores, der, measure
 from .models import check_capabilities
@@ -212,7 +213,10 @@ def run_victim_benchmark(
             )
     todo = [cell for cell in cells if cell[2] not in rows]
     if todo:
-        runner = _Runner(load_victim(path), record, config)
+        victim = load_victim(path)
+        if any(defense is not None for _, defense, _ in todo):
+            check_budget_size(victim.spec, len(victim.clean_train), config.clean_ratio, config.val_fraction)
+        runner = _Runner(victim, record, config)
         with progress() as bar:
             task = bar.add_task(f"victim {record['name']}", total=len(todo), status="")
             for seed, defense, cell_hash in todo:

@@ -233,6 +233,24 @@ def test_malformed_suite_names_field_and_line(tmp_path: Path) -> None:
         load_suite("quik")
 
 
+def test_a_suite_is_typed_as_toml_is(tmp_path: Path) -> None:
+    """A quoted number or a boolean where a number belongs is reported, not converted: lax
+    conversion would make `seeds = [true, "1"]` seed 1 twice."""
+    path = tmp_path / "typed.toml"
+    path.write_text(
+        'attacks = ["badnets"]\nseeds = [true, "1"]\nclean_ratio = "0.1"\n[training]\nepochs = 2\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_suite(str(path))
+    message = str(info.value)
+    assert "seeds.0 (line 2): Input should be a valid integer" in message
+    assert "seeds.1 (line 2)" in message and "clean_ratio (line 3)" in message
+    assert "training.epochs" not in message  # a real integer passes
+    path.write_text('attacks = ["badnets"]\nclean_ratio = 0.9\n')
+    with pytest.raises(ConfigError, match=r"clean_ratio \(line 2\).*\(valid: 0 < clean_ratio ≤ 0\.5\)"):
+        load_suite(str(path))
+
+
 TINY_SUITE = """\
 description = "the tiny grid of these tests"
 model = "small-cnn"

@@ -153,6 +153,9 @@ def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
     assert {r["attack"] for r in exported} == {"blended", "all"}
     empty = runner.invoke(app, ["leaderboard", "--db", str(db), "--dataset", "cifar10"])
     assert empty.exit_code == 2 and "No stored results" in empty.output
+    # a filter that matches nothing says what the store holds, so the user can correct it
+    said = " ".join(empty.output.split())
+    assert "--dataset fashion-mnist" in said and "--attack badnets, blended" in said
     missing = runner.invoke(app, ["leaderboard", "--db", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 2 and "No result database" in missing.output
     assert not (tmp_path / "none.sqlite").exists()

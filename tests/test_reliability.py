@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -227,6 +228,43 @@ def test_a_corrupt_dataset_file_is_named(tmp_path: Path) -> None:
         app, ["benchmark", "--data-dir", str(tmp_path), "--db", str(tmp_path / "r.sqlite")]
     )
     assert result.exit_code == 2 and "does not look like fashion-mnist" in _one_line_error(result.output)
+
+
+@pytest.mark.parametrize(("files_of", "requested"), [("fashion-mnist", "mnist"), ("mnist", "fashion-mnist")])
+def test_one_datasets_files_under_anothers_name_are_refused(
+    tmp_path: Path, files_of: str, requested: str
+) -> None:
+    """MNIST and Fashion-MNIST share format, sizes and file names: the brightness tells them apart."""
+    mean = data_module.dataset_spec(files_of).mean[0]
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 1200), ("t10k", 100)):
+        # binary images whose mean brightness is the named dataset's
+        images = (rng.random((n, 28, 28)) < mean).astype(np.uint8) * 255
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", [n, 28, 28], images.tobytes())
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", [n], bytes(i % 10 for i in range(n)))
+    assert len(load_dataset(files_of, tmp_path).train) == 1200
+    with pytest.raises(DatasetCorruptError, match=f"look like '{files_of}', not '{requested}'"):
+        load_dataset(requested, tmp_path)
+    db = str(tmp_path / "r.sqlite")
+    result = runner.invoke(
+        app, ["benchmark", "--dataset", requested, "--data-dir", str(tmp_path), "--db", db]
+    )
+    assert result.exit_code == 2 and f"--dataset {files_of}" in _one_line_error(result.output)
+
+
+def test_a_budget_smaller_than_the_classes_is_refused_before_training(tmp_path: Path) -> None:
+    """One or two clean images 'work' (every defense runs) but collapse the model to one class."""
+    db = tmp_path / "r.sqlite"
+    args = ["benchmark", "-a", "badnets", "-d", "finetune", "--model", "small-cnn", "--epochs", "1"]
+    args += ["--train-size", "200", "--test-size", "100", "--db", str(db)]
+    args += ["--output", str(tmp_path / "r.json")]
+    result = runner.invoke(app, [*args, "--clean-ratio", "0.02"])
+    line = _one_line_error(result.output)
+    assert result.exit_code == 2 and "3 to train, 1 to validate" in line
+    suggested = float(line.split("at least ")[1].rstrip("."))
+    split = data_module.budget_split
+    assert split(200, suggested, 0.2)[0] >= 10 > split(200, 0.02, 0.2)[0]
+    assert not (tmp_path / "r.json").exists()  # refused before any cell ran
 
 
 def test_without_the_embedded_dataset_the_message_names_the_fix(

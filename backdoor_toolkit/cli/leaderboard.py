@@ -27,6 +27,7 @@ from ..leaderboard import (
     to_rich,
     write_png,
 )
+from ..results import CellResult
 from ..store import ResultStore, default_db_path
 from .common import app, user_errors
 from .outputs import check_output_file, check_output_folder
@@ -75,8 +76,12 @@ def leaderboard(
     with ResultStore(path, write=False) as store:
         rows = store.rows(dataset=dataset, model=model, attacks=attack)
         where = store.path
+        if not rows and (dataset or model or attack):
+            raise BdtkError(
+                f"No stored results in {where} match these filters; it holds {_stored_choices(store.rows())}."
+            )
     if not rows:
-        raise BdtkError(f"No stored results in {where} match these filters; run `bdtk benchmark` first.")
+        raise BdtkError(f"No stored results in {where}; run `bdtk benchmark` first.")
     if rank_by in OPTIONAL and all(getattr(row, rank_by, None) is None for row in rows):
         raise BdtkError(
             f"No stored row has {rank_by} (the re-tuning attack was off in these grids), so nothing can "
@@ -103,3 +108,13 @@ def leaderboard(
             )
     for path in written:
         console.print(f"Wrote {path}")
+
+
+def _stored_choices(rows: list[CellResult]) -> str:
+    """What a filter could have matched: the store's datasets, models and attacks (with presets)."""
+    if not rows:
+        return "no results yet (run `bdtk benchmark` first)"
+    datasets = sorted({r.dataset for r in rows})
+    models = sorted({r.model for r in rows})
+    attacks = sorted({r.attack if r.attack_preset is None else f"{r.attack}:{r.attack_preset}" for r in rows})
+    return f"--dataset {', '.join(datasets)}; --model {', '.join(models)}; --attack {', '.join(attacks)}"
