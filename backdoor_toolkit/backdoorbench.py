@@ -361,6 +361,9 @@ def _bd_test_v2(state: Mapping[str, Any], run_dir: Path, spec: DataSpec) -> tupl
         raise BdtkError("bd_test holds no backdoored test images.")
     if index.min() < 0 or index.max() >= indicator.size:
         raise BdtkError("bd_test.original_index_array points outside bd_test.poison_indicator.")
+    if np.unique(index).size != index.size:
+        # a test image counted twice would weigh twice in ASR and RA
+        raise BdtkError("bd_test.original_index_array lists a test image more than once.")
     images, targets, labels = [], [], []
     for i in index.tolist():
         entry = entries.get(i)
@@ -600,6 +603,12 @@ def import_backdoorbench(
         raise BdtkError(
             f"bd_test.poison_indicator covers {n_test} test images, but the dataset loaded from --data-dir "
             f"has {len(test)}: not the data the attack used."
+        )
+    if len(bd_test.targets) > len(test):
+        # early releases keep no test indices, but the backdoored images are a subset of the test set
+        raise BdtkError(
+            f"bd_test holds {len(bd_test.targets)} backdoored images, more than the {len(test)} test images "
+            "of the dataset loaded from --data-dir: not the data the attack used."
         )
     excluded, excluded_note = _excluded(raw["bd_train"], len(train))
     digest = hashlib.sha256()

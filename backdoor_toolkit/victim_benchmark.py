@@ -197,6 +197,8 @@ def run_victim_benchmark(
     for resolved in defenses:  # resolves what a defense's config names (MCLDef's inverters)
         create_purifier(resolved, seed=config.seeds[0])
     resolve_device(config.device)  # a bad device fails before the victim is read
+    # verified even when every cell is stored: a victim edited since must not have its old rows shown
+    victim = load_victim(path)
     cells = plan_victim_cells(record, config, defenses)
     rows: dict[str, CellResult] = {}
     if store is not None and (recovered := store.import_unsaved()):
@@ -213,7 +215,6 @@ def run_victim_benchmark(
             )
     todo = [cell for cell in cells if cell[2] not in rows]
     if todo:
-        victim = load_victim(path)
         if any(defense is not None for _, defense, _ in todo):
             check_budget_size(victim.spec, len(victim.clean_train), config.clean_ratio, config.val_fraction)
         runner = _Runner(victim, record, config)

@@ -337,6 +337,10 @@ def test_early_layout_with_inline_images_imports_without_ra(
             },
             "an expanded view of fewer stored values",
         ),
+        (
+            {"x": torch.zeros(N_TEST + 1, 1, 28, 28), "y": torch.zeros(N_TEST + 1, dtype=torch.long)},
+            f"more than the {N_TEST} test images",
+        ),
     ],
 )
 def test_an_early_layout_test_set_that_is_empty_or_expanded_is_one_line(
@@ -471,12 +475,20 @@ def test_other_bad_input(tmp_path: Path, reference: nn.Module, mnist_dir: Path) 
     assert result.exit_code == 2 and "already exists; pass --force" in message(result)
     assert import_(source, tmp_path / "v2", mnist_dir, "--force").exit_code == 0
     # a PNG path that leaves the run folder
+    original = safe_load(source)
     state = safe_load(source)
     entry = next(iter(state["bd_test"]["bd_data_container"]["data_dict"].values()))
     entry["path"] = "./record/bb-badnet/../../../../etc/passwd"
     torch.save(state, source)
     result = import_(source, tmp_path / "v3", mnist_dir)
     assert result.exit_code == 2 and "outside the run folder" in message(result)
+    # a test image listed twice would count twice in ASR
+    state = original
+    index = state["bd_test"]["original_index_array"]
+    index[1] = index[0]
+    torch.save(state, source)
+    result = import_(source, tmp_path / "v4", mnist_dir)
+    assert result.exit_code == 2 and "lists a test image more than once" in message(result)
 
 
 # --- purifying and inspecting the imported victim ----------------------------------------------
@@ -574,6 +586,13 @@ def test_benchmark_runs_defenses_on_an_imported_victim(
     assert "2 cells already in" in message(again)
     with ResultStore(db) as store:
         assert len(store.rows()) == 2
+    # a victim damaged since is refused, even though every one of its cells is stored
+    data = tmp_path / "victim" / "data.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    damaged = runner.invoke(app, args)
+    assert damaged.exit_code == 2 and "does not match" in message(damaged)
 
 
 def test_benchmark_victim_refuses_grid_options(tmp_path: Path) -> None:
