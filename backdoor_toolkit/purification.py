@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .artifacts import check_writable_folder, json_text
+from .artifacts import json_text
 from .data import (
     Dataset,
     DataSpec,
@@ -48,6 +48,7 @@ from .metrics import accuracy, measure, predict
 from .models import AdaptedClassifier, ImageClassifier, adapt, check_capabilities, save_model
 from .models.adapter import input_channels
 from .models.loading import normalization_values
+from .output_paths import check_output_file
 from .plugins import ResolvedPlugin, create_inverter, create_purifier, resolve_plugin
 from .training import check_finite, resolve_device, seed_everything
 from .triggers import MaskTrigger
@@ -509,13 +510,9 @@ class PurifyOutputs:
     def check(self, force: bool) -> None:
         """Refuse to overwrite without `force`, and a folder that cannot be written, before any work."""
         for path in self.all():
-            if path.is_dir():
-                raise BdtkError(f"{path} is a folder; --out must name a file.")
-            if path.exists() and not path.is_file():
-                raise BdtkError(f"{path} is not a regular file (a device or a pipe); --out must name a file.")
+            check_output_file(path, "--out")  # a folder, a device, a missing or read-only folder
             if path.exists() and not force:
                 raise BdtkError(f"{path} exists; pass --force to overwrite it.")
-        check_writable_folder(self.weights.parent, "the purified model")
 
     def written(self, triggers: bool) -> list[str]:
         return [str(p) for p in self.all() if triggers or p != self.triggers]

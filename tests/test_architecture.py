@@ -17,7 +17,7 @@ PACKAGE = "backdoor_toolkit"
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "console", "hookspecs"),
-    ("config",),
+    ("config", "output_paths"),
     ("data", "triggers", "artifacts"),
     ("models", "image_folders"),
     ("training", "metrics", "inversion"),

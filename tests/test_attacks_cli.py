@@ -78,7 +78,7 @@ def test_bad_attack_settings_fail_before_training(args: list[str], message: str)
         ("gn.txt", "has extension '.txt'; give one of .png"),
         ("grid", "has no extension"),
         ("a_folder", "is a folder; give a file path"),
-        ("missing/g.png", "does not exist; create it first"),
+        ("missing/deeper/g.png", "does not exist; create it first"),
         ("export:missing/victim", "does not exist; create it first"),
     ],
 )

@@ -97,7 +97,7 @@ def test_known_target_and_class_subset(model_file: Path, tmp_path: Path) -> None
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
     result = runner.invoke(app, [*base, "--out", str(blocked / "scan")])  # checked before scanning
-    assert result.exit_code == 2 and "Cannot write the scan's output" in one_line(result.output)
+    assert result.exit_code == 2 and "a-file is a file, not a folder" in one_line(result.output)
 
 
 @pytest.mark.parametrize(

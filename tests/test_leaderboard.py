@@ -165,7 +165,7 @@ def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("option", ["--markdown", "--csv", "--json", "--html", "--out"])
 def test_cli_leaderboard_exports_create_no_missing_parents(tmp_path: Path, option: str) -> None:
-    """`--csv /nonexistdir/a.csv` once created /nonexistdir; a missing parent is now one line and
+    """`--csv /nonexistdir/x/a.csv` once created /nonexistdir/x; two missing folders are now one line and
     nothing is written. `--out` may still create its own folder inside an existing one."""
     db = tmp_path / "r.sqlite"
     with ResultStore(db) as store:

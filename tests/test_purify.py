@@ -509,7 +509,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
     args = ["purify", str(zoo_file), "--model", "small-cnn", "--data", f"folder:{gray_folder}"]
     result = runner.invoke(app, [*args, "--defense", "finetune", "--out", str(blocker / "p.safetensors")])
     assert result.exit_code == 2, result.output
-    assert "is a file; the purified model needs a folder there" in one_line(result.output)
+    assert "a-file is a file, not a folder" in one_line(result.output)
     assert "purified the model" not in result.output  # refused before the defense ran
 
 

@@ -30,7 +30,7 @@ from backdoor_toolkit import data as data_module
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.cli.common import user_errors
 from backdoor_toolkit.data import load_dataset
-from backdoor_toolkit.errors import DatasetCorruptError, DatasetNotFoundError, NonFiniteError
+from backdoor_toolkit.errors import BdtkError, DatasetCorruptError, DatasetNotFoundError, NonFiniteError
 from backdoor_toolkit.results import CellResult
 from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.testing import TINY_SPEC, tiny_images, tiny_model
@@ -265,6 +265,21 @@ def test_a_budget_smaller_than_the_classes_is_refused_before_training(tmp_path: 
     split = data_module.budget_split
     assert split(200, suggested, 0.2)[0] >= 10 > split(200, 0.02, 0.2)[0]
     assert not (tmp_path / "r.json").exists()  # refused before any cell ran
+
+
+def test_every_output_makes_at_most_one_new_folder(tmp_path: Path) -> None:
+    """One rule (output_paths): a file's own missing folder is made, as `mkdir` would; a path two
+    missing folders deep is a typo to report before any work, for purify's files and benchmark's
+    results JSON alike."""
+    from backdoor_toolkit.purification import PurifyOutputs
+
+    PurifyOutputs.beside(tmp_path / "new" / "m.safetensors").check(force=False)
+    with pytest.raises(BdtkError, match="does not exist; create it first"):
+        PurifyOutputs.beside(tmp_path / "nope" / "deeper" / "m.safetensors").check(force=False)
+    deep = tmp_path / "nope" / "deeper" / "r.json"
+    result = runner.invoke(app, ["benchmark", "--db", str(tmp_path / "r.sqlite"), "--output", str(deep)])
+    assert result.exit_code == 2 and "does not exist; create it first" in _one_line_error(result.output)
+    assert not (tmp_path / "nope").exists()
 
 
 def test_without_the_embedded_dataset_the_message_names_the_fix(

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from ..console import console
 from ..data import ImageData, to_float
 from ..metrics import attack_scores
+from ..output_paths import GRID_EXTENSIONS, check_output_file, check_output_folder
 from ..training import resolve_device
 from ..victims import check_output_dir
 from .common import (
@@ -30,7 +31,6 @@ from .common import (
     user_errors,
     with_threads,
 )
-from .outputs import GRID_EXTENSIONS, check_output_file, check_output_folder
 from .victim import export_victim, load_victim, victim_config
 
 #: Where the trigger grid goes by default; the only folder `--grid` creates when it is missing.
@@ -62,7 +62,7 @@ def trigger_grid(clean: Tensor, triggered: Tensor, scale: int) -> Tensor:
 def write_grid(path: Path, clean: Tensor, triggered: Tensor, scale: int = 4) -> None:
     from torchvision.utils import save_image
 
-    path.parent.mkdir(exist_ok=True)  # only the default folder can be missing (checked first)
+    path.parent.mkdir(exist_ok=True)  # at most this one folder can be missing (checked first)
     save_image(
         trigger_grid(clean, triggered, scale), str(path), nrow=clean.shape[0], padding=2, pad_value=1.0
     )
@@ -101,7 +101,7 @@ def attack(
 ) -> None:
     """Train (or load from the cache) a backdoored model, print BA/ASR/RA and write a trigger grid."""
     # before training: an output that cannot be written wastes no compute
-    check_output_file(grid, "--grid", default=DEFAULT_GRID, extensions=GRID_EXTENSIONS)
+    check_output_file(grid, "--grid", extensions=GRID_EXTENSIONS)
     if export is not None:
         check_output_dir(export, force)
         check_output_folder(export, "--export")

@@ -15,6 +15,7 @@ from ..config import BenchmarkConfig, PluginChoice, build_config, join_preset, l
 from ..console import console
 from ..errors import ConfigError
 from ..executors import EXECUTORS, get_executor
+from ..output_paths import check_output_file
 from ..results import CellResult, write_results
 from ..store import ResultStore, StoreError
 from ..suites import available_suites, load_suite
@@ -33,7 +34,6 @@ from .common import (
     terminate_as_interrupt,
     user_errors,
 )
-from .outputs import check_writable
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
@@ -250,7 +250,7 @@ def benchmark(
         values.update(dataset=record["spec"]["name"], model=record["model"], attacks=[record["name"]])
     cfg = build_config(BenchmarkConfig, values, "benchmark")
     out = Path(cfg.output)
-    check_writable(out, "--output (the results JSON)")
+    check_output_file(out, "--output")
     rows: list[CellResult] = []
 
     def save(row: CellResult) -> None:

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from ..artifacts import check_writable_folder, json_text
+from ..artifacts import json_text
 from ..config import split_preset
 from ..console import console
 from ..data import budget_exclusions, draw_defense_data
@@ -32,6 +32,7 @@ from ..errors import BdtkError, ConfigError
 from ..interfaces import InversionResult, Kind
 from ..inversion import InversionKeys, split_diagnostics
 from ..models.loading import DEFAULT_ARCHITECTURE
+from ..output_paths import check_output_folder
 from ..plugins import ResolvedPlugin, get_plugin, resolve_plugin
 from ..purification import run_inspection, trigger_sheet
 from ..training import resolve_device
@@ -58,6 +59,9 @@ from .common import (
 )
 from .purify import ModelOptions, describe_model, load_user_model
 from .victim import load_victim, victim_config
+
+#: Where `bdtk inspect` writes when --out is not given (created with its parents).
+DEFAULT_INSPECT_OUT = Path("bdtk-results/inspect")
 
 #: Column headers of per-class diagnostics that read better as a symbol; others show their key.
 HEADERS = {InversionKeys.LAMBDA: "λ"}
@@ -229,7 +233,7 @@ def inspect(
             help="Folder for triggers.png, triggers.safetensors, inspect.json (with several inverters "
             "triggers-INVERTER.png and .safetensors for each)"
         ),
-    ] = Path("bdtk-results/inspect"),
+    ] = DEFAULT_INSPECT_OUT,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite the results of an earlier scan in --out")
     ] = False,
@@ -465,7 +469,7 @@ def _check_out(out: Path, force: bool) -> None:
                 f"{out} already holds a scan's results ({shown}); pass --force to overwrite them, or "
                 "give another --out."
             )
-    check_writable_folder(out, "the scan's output")
+    check_output_folder(out, "--out", default=DEFAULT_INSPECT_OUT)
 
 
 def _save_triggers(out: Path, stem: str, result: InversionResult) -> tuple[Path, Path]:

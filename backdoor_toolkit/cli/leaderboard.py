@@ -27,10 +27,10 @@ from ..leaderboard import (
     to_rich,
     write_png,
 )
+from ..output_paths import check_output_file, check_output_folder
 from ..results import CellResult
 from ..store import ResultStore, default_db_path
 from .common import app, user_errors
-from .outputs import check_output_file, check_output_folder
 
 
 @app.command()
@@ -69,7 +69,7 @@ def leaderboard(
     if out is not None:
         check_output_folder(out, "--out")
         for name in [f"leaderboard.{suffix}" for suffix in EXPORTS] + ["leaderboard.png"]:
-            check_output_file(out / name, "--out", default=out / name)  # none of them blocked by a folder
+            check_output_file(out / name, "--out")  # none of them blocked by a folder
     path = db or default_db_path()
     if not path.exists():
         raise BdtkError(f"No result database at {path}; run `bdtk benchmark` first (or pass --db).")
@@ -95,6 +95,7 @@ def leaderboard(
     written: list[Path] = []
     for target, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
         if target is not None:  # its folder exists: checked above
+            target.parent.mkdir(exist_ok=True)  # at most this one folder can be missing (checked first)
             target.write_text(render(board))
             written.append(target)
     if png is not None:

@@ -65,7 +65,6 @@ from .common import (
     user_errors,
     with_threads,
 )
-from .outputs import check_writable
 
 
 @dataclass(frozen=True)
@@ -389,8 +388,6 @@ def purify(
     loaded, clean, victim = load_user_model(model_path, options)
     # a defense that needs what the model lacks refuses now, in one line, before anything is printed
     check_capabilities(loaded.model, chosen.info.cls.meta.requires, f"Defense {chosen.label!r}")
-    for path in outputs.all():
-        check_writable(path, "output file")
     describe_model(loaded, clean, victim)
     console.print(
         f"Purifying with {escape(chosen.label)} on {escape(clean.source)} ({clean.spec.num_classes} classes; "

@@ -1,10 +1,13 @@
-"""Checks on the paths a command writes to, run before any work.
+"""Checks on the paths a command writes to, run before any work: one rule for every output.
 
 A path written at the end of a long run must be known to work before the run starts: a bad one
-otherwise costs the training (and, with several outputs, the ones after it). A missing folder is
-not created, beyond a command's own default folder (`bdtk-results/`) or the folder an option names
-itself (`--out DIR`): a typo such as `/nonexistdir/a.csv` would otherwise leave new directory trees
-in arbitrary places.
+otherwise costs the training (and, with several outputs, the ones after it). At most one new
+folder is made, as `mkdir` without `-p` would: a file's own folder (`--out purified/m.safetensors`)
+or the folder an option names (`--out DIR`), inside a folder that exists. A typo such as
+`/nonexistdir/sub/a.csv` would otherwise leave new directory trees in arbitrary places; only a
+command's own default folder (`bdtk-results/inspect`) may bring its parent along. Every command
+(`benchmark --output`, `purify --out`, `inspect --out`, `leaderboard`, `attack`) and the library's
+own writers (`PurifyResult.write`) check through here.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-from ..errors import BdtkError
+from .errors import BdtkError
 
 #: Image formats a trigger grid may be written as (PIL picks the format from the extension).
 GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -45,31 +48,10 @@ def _refuse_read_only(path: Path, what: str) -> None:
             raise BdtkError(f"Cannot write {what} {path}: {target} is read-only; choose another path.")
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Fail now, before any work, if file `path` cannot be written; unlike `check_output_file`, its
-    folder is created if needed (the results JSON and purify's outputs, whose folders the user
-    names as part of the path)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BdtkError(f"Cannot create the folder for {what} {path}: {exc.strerror or exc}.") from None
-    if path.is_dir():
-        raise BdtkError(f"{what} {path} is a folder; give a file path.")
-    _refuse_read_only(path, what)
-
-
-def check_output_file(
-    path: Path,
-    option: str,
-    *,
-    default: Path | str | None = None,
-    extensions: Collection[str] | None = None,
-) -> None:
+def check_output_file(path: Path, option: str, *, extensions: Collection[str] | None = None) -> None:
     """Refuse a file output that could not be written: a folder, an extension the writer does not
-    know (`extensions`, compared case-insensitively), a missing or read-only folder.
-
-    The folder of the command's `default` path is created when missing; any other folder must exist.
-    """
+    know (`extensions`, compared case-insensitively), a read-only folder, or a folder that is
+    missing and whose own parent is missing too (the writer creates one missing folder)."""
     if path.is_dir():
         raise BdtkError(f"{option} {path} is a folder; give a file path.")
     if extensions is not None and path.suffix.lower() not in extensions:
@@ -77,12 +59,16 @@ def check_output_file(
         raise BdtkError(
             f"{option} {path} has {what}; give one of {', '.join(extensions)} (e.g. {path.stem}.png)."
         )
-    _check_folder_of(path, option, may_create=default is not None and path == Path(default))
+    _check_folder_of(path, option, may_create=True)
 
 
-def check_output_folder(path: Path, option: str) -> None:
+def check_output_folder(path: Path, option: str, *, default: Path | str | None = None) -> None:
     """Refuse a folder output that could not be written: a file, or a folder whose parent is
-    missing or read-only. The folder itself may be new (the command creates it)."""
+    missing or read-only. The folder itself may be new (the command creates it), and so may its
+    parents when it is the command's `default`."""
     if path.exists() and not path.is_dir():
         raise BdtkError(f"{option} {path} is a file; give a folder.")
-    _check_folder_of(path, option, may_create=False)
+    if path.is_dir():
+        _refuse_read_only(path, option)
+        return
+    _check_folder_of(path, option, may_create=default is not None and path == Path(default))
