@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "best-val": {"select_epoch": "best-val"},
     "stop-asr0.01": {"early_stop_asr": 0.01},
     "recalibrate-bn": {"recalibrate_bn": True},
+    "refine-blend": {"refine_inverter": "blend-inversion"},
 }
 
 

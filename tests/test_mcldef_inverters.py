@@ -351,3 +351,51 @@ def test_a_benchmark_cell_whose_inverter_fails_is_failed_with_its_message(
     assert failed.error is not None
     assert "inverter 'test-failing-inv' (2 of 2) failed: RuntimeError: scan crashed at step 7" in failed.error
     assert "scan crashed at step 7" in (failed.notes or "")  # the inverter's traceback is kept
+
+
+# --- refine_inverter: a second trigger for the classes the detector chose -----------------------
+
+
+def test_refine_inverter_adds_its_trigger_for_the_chosen_classes_only(
+    bdtk_register: Callable[..., str],
+) -> None:
+    """Detection stays with `inverter`; the refiner is asked about the chosen classes alone, and
+    its flags (it flags class 3 here) are ignored."""
+    detector, refiner = _fixed("test-first-inv", 0.05, 0.6), _fixed("test-second-inv", 0.3, 0.9)
+    bdtk_register(detector, refiner)
+    cfg = {
+        "inverter": "test-first-inv",
+        "inverter_config": {"flag": 1},
+        "refine_inverter": "test-second-inv",
+        "refine_config": {"flag": 3},
+        "epochs": 1,
+        "early_stop": False,
+        "batch_size": 16,
+    }
+    result = MCLDef(_config(cfg), seed=0).purify(copy.deepcopy(tiny_model()), tiny_defense_data())
+    d = result.diagnostics
+    assert result.modified and d["purified_targets"] == [1] and d["refined_targets"] == [1]
+    assert refiner.calls == [[1]]  # type: ignore[attr-defined]
+    assert set(d["val_trigger_asr_after"]) == {"1", "1 (trigger 2)"}  # both triggers watched
+    assert "Also unlearned the trigger of 'test-second-inv' for class(es) [1]" in result.notes
+    # a refiner whose trigger does not fire is not used, and says so
+    weak = _fixed("test-weak-inv", 0.3, 0.1)
+    bdtk_register(weak)
+    cfg["refine_inverter"], cfg["refine_config"] = "test-weak-inv", {}
+    result = MCLDef(_config(cfg), seed=0).purify(copy.deepcopy(tiny_model()), tiny_defense_data())
+    assert result.diagnostics["refined_targets"] == [] and "fires below min_attack_success" in result.notes
+
+
+def test_a_failing_refine_inverter_fails_the_purification_naming_it(
+    bdtk_register: Callable[..., str],
+) -> None:
+    bdtk_register(_fixed("test-first-inv", 0.05, 0.6), _Failing)
+    cfg = {**_mcldef_with_a_failing_second_inverter(), "inverter": "test-first-inv"}
+    cfg.update(inverter_config={"flag": 1}, refine_inverter="test-failing-inv")
+    model = copy.deepcopy(tiny_model())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InverterFailedError, match="refine_inverter 'test-failing-inv' failed: RuntimeError"):
+        create_purifier("mcldef", cfg).purify(model, tiny_defense_data())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(UnknownNameError, match="Did you mean 'blend-inversion'"):
+        create_purifier("mcldef", {"refine_inverter": "blend-inversoin"})
