@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.progress import Progress
 
+from .artifacts import ArtifactCache
 from .cells import grid_dataset, plan_grid, validate
 from .config import BenchmarkConfig
 from .console import console, progress
@@ -130,6 +132,9 @@ def run_benchmark(
             on_result(row)
 
     if todo:
+        # an unusable cache (BDTK_CACHE_DIR a file, a read-only folder) is one error now, not a
+        # failed row per cell, which with --force would replace the stored results of those cells
+        ArtifactCache(Path(config.cache_dir) if config.cache_dir else None)
         with progress() as bar:
             runner.run(config, todo, GridProgress(bar, total, len(rows), finish))
     return [rows[c.config_hash] for plan in plans for c in plan.cells if c.config_hash in rows]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 
 from .artifacts import ArtifactCache
 from .backdoor import BackdooredModel, backdoored_model, bdtk_version, clean_model
@@ -404,7 +405,16 @@ def _retuned(
 def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:
     """Evaluate one cell on the shared backdoored model; a failing defense gives a failed record."""
     with torch_threads(config.threads):
-        return _run_cell(config, plan, cell, state)
+        try:
+            return _run_cell(config, plan, cell, state)
+        except ValidationError as exc:  # a NaN or out-of-range metric: an error, not a result
+            return failed_cell(config, plan, cell, invalid_result(exc))
+
+
+def invalid_result(exc: ValidationError) -> BdtkError:
+    """The error of a cell whose numbers do not make a valid record (a NaN, a rate outside [0, 1])."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return BdtkError(f"the cell computed an invalid result ({problems})")
 
 
 def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:

@@ -45,7 +45,8 @@ class CellResult(BaseModel):
     are the resolved ones (defaults ⊕ preset ⊕ explicit values).
     """
 
-    schema_version: int = SCHEMA_VERSION
+    # a record of a later bdtk is refused rather than read as if its fields meant the same
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     dataset: str
     model: str
     attack: str
@@ -57,17 +58,22 @@ class CellResult(BaseModel):
     seed: int
     status: Literal["ok", "failed"] = "ok"
     error: str = ""
-    ba: float | None = None
-    asr: float | None = None
-    ra: float | None = None
-    der: float | None = None
+    # rates are shares in [0, 1] and never NaN (a NaN is an error, not a result): a stored record
+    # outside that is damaged, and the store skips it (and a resume recomputes it)
+    ba: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    asr: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    ra: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    der: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     asr_retuned: float | None = Field(
         default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
         description="ASR after the re-tuning attack (`BenchmarkConfig.retune`); None when it was off, "
         "skipped, or the row predates it",
     )
-    seconds: float | None = None
-    peak_mb: float | None = None
+    seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    peak_mb: float | None = Field(default=None, allow_inf_nan=False)
     modified: bool | None = None
     detected: bool | None = None
     notes: str = ""

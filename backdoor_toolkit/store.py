@@ -159,6 +159,15 @@ class ResultStore:
         except sqlite3.Error as exc:
             raise _explain(self.path, exc) from None
         if "cells" in tables:
+            try:
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(cells)")}
+            except sqlite3.Error as exc:
+                raise _explain(self.path, exc) from None
+            if not {"config_hash", "status", "record"} <= columns:  # before any migration touches it
+                raise StoreError(
+                    f"{self.path} is an SQLite database with a `cells` table, but not a bdtk result "
+                    "store; nothing was changed. Pass --db (or set BDTK_DB) to use another file."
+                )
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"The result database {self.path} has schema version {version}, newer than this "
@@ -205,8 +214,10 @@ class ResultStore:
                 self._db.execute("ROLLBACK")
             raise
 
-    def put(self, row: CellResult) -> None:
-        """Write one cell at once (its own transaction), replacing a stored cell with its hash."""
+    def put(self, row: CellResult) -> bool:
+        """Write one cell at once (its own transaction), replacing a stored cell with its hash;
+        False (nothing written) when the row is failed and the stored one is ok: a re-run that
+        failed (a broken environment, say, under --force) must not lose a computed result."""
         values = (
             row.config_hash,
             row.status,
@@ -228,15 +239,26 @@ class ResultStore:
             row.asr_retuned,
         )
 
+        written = True
+
         def write() -> None:
+            nonlocal written
             with self._transaction():
                 self._db.execute("BEGIN IMMEDIATE")
+                if row.status != "ok":
+                    stored = self._db.execute(
+                        "SELECT status FROM cells WHERE config_hash = ?", (row.config_hash,)
+                    ).fetchone()
+                    if stored is not None and stored[0] == "ok":
+                        written = False  # a failed re-run never replaces a result (e.g. with --force)
+                        return
                 self._db.execute(
                     f"INSERT OR REPLACE INTO cells ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})",
                     values,
                 )
 
         self._retrying(write)
+        return written
 
     def _retrying(self, action: Callable[[], None]) -> None:
         """Run `action`, retrying with back-off (0.25 s doubling to 8 s) while the database is
@@ -260,11 +282,17 @@ class ResultStore:
         on); `import_unsaved` moves such rows into the database on the next run.
         """
         try:
-            self.put(row)
+            written = self.put(row)
         except StoreError as exc:
             with self.unsaved_path.open("a") as fh:
                 fh.write(row.model_dump_json() + "\n")
             return exc
+        if not written:
+            console.print(
+                f"[yellow]{row.defense_label} vs {row.attack_label} seed {row.seed} failed this time; "
+                f"its stored result in {self.path} was kept.[/]",
+                highlight=False,
+            )
         return None
 
     def import_unsaved(self) -> int:

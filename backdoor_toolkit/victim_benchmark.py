@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from .backdoor import bdtk_version
-from .cells import defense_fields, failed_record
+from .cells import defense_fields, failed_record, invalid_result
 from .config import BenchmarkConfig, config_hash
 from .console import console, progress
 from .data import check_budget_size
@@ -138,6 +139,13 @@ class _Runner:
         }
 
     def run(self, seed: int, defense: ResolvedPlugin | None, cell_hash: str) -> CellResult:
+        try:
+            return self._run(seed, defense, cell_hash)
+        except ValidationError as exc:  # a NaN or out-of-range metric: an error, not a result
+            fields = self.fields(seed, defense, cell_hash)
+            return CellResult(**fields, status="failed", error=str(invalid_result(exc)))
+
+    def _run(self, seed: int, defense: ResolvedPlugin | None, cell_hash: str) -> CellResult:
         with torch_threads(self.config.threads):
             fields = self.fields(seed, defense, cell_hash)
             if defense is None:

@@ -282,6 +282,23 @@ def test_every_output_makes_at_most_one_new_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "nope").exists()
 
 
+def test_an_unusable_cache_from_the_environment_is_one_line_before_any_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BDTK_CACHE_DIR naming a file once failed every cell, and under --force those failed rows
+    replaced the stored results."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("BDTK_CACHE_DIR", str(blocker))
+    monkeypatch.delenv("BDTK_NO_CACHE", raising=False)
+    db = tmp_path / "r.sqlite"
+    args = ["benchmark", "-a", "badnets", "-d", "finetune", "--model", "small-cnn", "--train-size", "600"]
+    args += ["--test-size", "200", "--epochs", "1", "--db", str(db), "--output", str(tmp_path / "r.json")]
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 2 and "artifact cache" in _one_line_error(result.output)
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_without_the_embedded_dataset_the_message_names_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -165,3 +165,49 @@ def test_a_database_path_under_a_file_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     with pytest.raises(StoreError, match=r"afile is a file, not a folder"):
         ResultStore(tmp_path / "afile" / "x.sqlite")
+
+
+def test_a_failed_rerun_never_replaces_a_stored_result(tmp_path: Path) -> None:
+    """With --force, a cell that fails for a reason of the moment (a broken cache folder, say)
+    would otherwise overwrite the result an earlier run computed."""
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        assert store.put(cell("finetune"))
+        assert not store.put(cell("finetune", status="failed", error="the cache is a file"))
+        kept = store.get("finetune-0")
+        assert kept is not None and kept.status == "ok" and kept.ba == 0.9
+        store.put(cell("broken", status="failed", error="first"))
+        assert store.put(cell("broken", status="failed", error="second"))  # failed over failed: latest
+        assert store.put(cell("broken"))  # and a result replaces a failure
+        assert {r.config_hash: r.status for r in store.rows()} == {"finetune-0": "ok", "broken-0": "ok"}
+
+
+def test_another_programs_cells_table_is_refused_and_left_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "theirs.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE cells (id INTEGER, name TEXT)")
+    with pytest.raises(StoreError, match="not a bdtk result store; nothing was changed"):
+        ResultStore(path)
+    with sqlite3.connect(path) as db:
+        assert [r[1] for r in db.execute("PRAGMA table_info(cells)")] == ["id", "name"]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"ba": float("nan")}, {"ba": 5.0}, {"der": float("inf")}, {"seconds": -5}, {"schema_version": 99}],
+    ids=["nan", "ba-500%", "inf", "negative-seconds", "future-schema"],
+)
+def test_a_stored_record_that_is_not_a_valid_result_is_skipped(tmp_path: Path, damage: dict[str, object]) -> None:
+    """A NaN, a share outside [0, 1] or a record of a later bdtk is never shown or reused as a
+    result: the store skips it with a warning, and a resume recomputes the cell."""
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        store.put(cell("finetune"))
+        store.put(cell("nad"))
+    record = json.loads(cell("nad").model_dump_json())
+    record.update(damage)
+    with sqlite3.connect(tmp_path / "r.sqlite") as db:
+        db.execute("UPDATE cells SET record = ? WHERE config_hash = 'nad-0'", (json.dumps(record),))
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        assert [r.defense for r in store.rows()] == ["finetune"]
+        assert store.get("nad-0") is None
+        assert store.hashes() == {"finetune-0", "nad-0"}  # still in the file, for a resume to replace
