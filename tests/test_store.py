@@ -197,7 +197,9 @@ def test_another_programs_cells_table_is_refused_and_left_unchanged(tmp_path: Pa
     [{"ba": float("nan")}, {"ba": 5.0}, {"der": float("inf")}, {"seconds": -5}, {"schema_version": 99}],
     ids=["nan", "ba-500%", "inf", "negative-seconds", "future-schema"],
 )
-def test_a_stored_record_that_is_not_a_valid_result_is_skipped(tmp_path: Path, damage: dict[str, object]) -> None:
+def test_a_stored_record_that_is_not_a_valid_result_is_skipped(
+    tmp_path: Path, damage: dict[str, object]
+) -> None:
     """A NaN, a share outside [0, 1] or a record of a later bdtk is never shown or reused as a
     result: the store skips it with a warning, and a resume recomputes the cell."""
     with ResultStore(tmp_path / "r.sqlite") as store:
