@@ -153,7 +153,7 @@ def _inside(path: str, root: str) -> bool:
 
 def image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]], list[Path]]:
     """Every image file under each class folder (recursively, sorted) with its label, and the links
-    not followed.
+    not followed (and the paths that are not regular files: a FIFO, a device, a broken link).
 
     A link is followed only when it leads out of the image folder to something not yet read:
     following `cat/up -> ..` would walk forever (and label every class's images `cat`), and a link
@@ -188,7 +188,8 @@ def image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]],
                 # a file inside the image folder belongs to the class folder it really lies in
                 inside = _inside(real, real_root)
                 owner = os.path.relpath(real, real_root).split(os.sep)[0] if inside else name
-                if real in seen_files or owner != name:
+                # a FIFO or device named like an image would block the read forever: not an image
+                if real in seen_files or owner != name or not os.path.isfile(real):
                     ignored.append(Path(path))
                     continue
                 seen_files.add(real)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -47,6 +48,7 @@ from .errors import BdtkError
 from .metrics import Scores, predict
 from .models import AdaptedClassifier, ImageClassifier, create_model
 from .models.adapter import TORCHVISION_PREFIX, torchvision_network
+from .models.loading import check_weight_tensors
 
 #: The layout of victim.json; another value is refused with a message rather than misread.
 VICTIM_FORMAT = 1
@@ -284,9 +286,20 @@ def _spec(record: Mapping[str, Any], where: str) -> DataSpec:
     try:
         for field in ("mean", "std"):
             raw[field] = tuple(float(v) for v in raw[field])
-        return DataSpec(**raw)
-    except (KeyError, TypeError, ValueError) as exc:
+        spec = DataSpec(**raw)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise VictimError(f"{where}: its data spec is malformed ({exc}).") from None
+    # typed as written, not coerced: "10" classes or a NaN mean would break later, far from here
+    sizes = (spec.num_classes, spec.channels, spec.height, spec.width)
+    if not all(type(v) is int and v > 0 for v in sizes) or spec.num_classes < 2:
+        raise VictimError(f"{where}: its data spec's sizes {sizes} are not positive integers (2+ classes).")
+    if not isinstance(spec.name, str) or type(spec.hflip) is not bool:
+        raise VictimError(f"{where}: its data spec's name or hflip has the wrong type.")
+    if len(spec.mean) != len(spec.std) or not all(math.isfinite(v) for v in (*spec.mean, *spec.std)):
+        raise VictimError(f"{where}: its data spec's mean and std must be finite, one pair per channel.")
+    if not all(v > 0 for v in spec.std):
+        raise VictimError(f"{where}: its data spec's std must be positive, got {list(spec.std)}.")
+    return spec
 
 
 def _check_data(data: Mapping[str, Tensor], spec: DataSpec, where: str) -> None:
@@ -317,15 +330,36 @@ def _check_data(data: Mapping[str, Tensor], spec: DataSpec, where: str) -> None:
             values = data.get(f"{split}.{key}")
             if values is None:
                 continue
+            if values.dtype != torch.int64:
+                raise VictimError(f"{where}: {split}.{key} is {values.dtype}, not int64 class indices.")
             if values.dim() != 1 or values.shape[0] != images.shape[0]:
                 raise VictimError(f"{where}: {split}.{key} does not have one entry per image.")
             if not 0 <= int(values.min()) <= int(values.max()) < spec.num_classes:
                 raise VictimError(f"{where}: {split}.{key} holds classes outside 0..{spec.num_classes - 1}.")
     excluded, n_train = data["clean_train.excluded"], data["clean_train.images"].shape[0]
+    if excluded.dtype != torch.int64 or excluded.dim() != 1:
+        raise VictimError(
+            f"{where}: clean_train.excluded is {excluded.dtype} {tuple(excluded.shape)}, not int64 indices."
+        )
+    if excluded.unique().numel() != excluded.numel():
+        raise VictimError(f"{where}: clean_train.excluded lists a training image more than once.")
     if excluded.numel() and not 0 <= int(excluded.min()) <= int(excluded.max()) < n_train:
         raise VictimError(
             f"{where}: clean_train.excluded holds indices outside the {n_train} training images."
         )
+    index = data.get("bd_test.index")
+    if index is not None:
+        n_test = data["clean_test.images"].shape[0]
+        if (
+            index.dtype != torch.int64
+            or index.dim() != 1
+            or index.shape[0] != data["bd_test.images"].shape[0]
+        ):
+            raise VictimError(
+                f"{where}: bd_test.index is not one int64 test-image index per backdoored image."
+            )
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < n_test:
+            raise VictimError(f"{where}: bd_test.index holds indices outside the {n_test} test images.")
     if "bd_test.labels" in data and not bool((data["bd_test.targets"] != data["bd_test.labels"]).any()):
         raise VictimError(
             f"{where}: every backdoored test image already has its target class; ASR is undefined."
@@ -352,6 +386,10 @@ def load_victim(path: Path | str) -> Victim:
     except (SafetensorError, OSError, ValueError) as exc:
         raise VictimError(f"{where}: unreadable tensors ({exc}).") from None
     _check_data(data, spec, where)
+    try:
+        check_weight_tensors(state, path / MODEL_FILE)
+    except BdtkError as exc:
+        raise VictimError(f"{where}: {exc}") from None
     bad = non_finite(state)
     if bad is not None:
         raise VictimError(

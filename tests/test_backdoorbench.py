@@ -385,6 +385,31 @@ def test_a_victim_whose_weights_hold_nan_is_refused(
     meta.write_text(json.dumps(record))
     with pytest.raises(VictimError, match="holds NaN or infinite values"):
         load_victim(tmp_path / "victim")
+
+    def rehash(file: str) -> None:
+        record["files"][file] = hashlib.sha256((tmp_path / "victim" / file).read_bytes()).hexdigest()
+        record["content_hash"] = _content_hash(record)
+        meta.write_text(json.dumps(record))
+
+    # loosely typed data, its hashes made to match: refused by name, not a crash or a wrong count
+    data_file = tmp_path / "victim" / "data.safetensors"
+    pristine = load_file(str(data_file))
+    for key, value, says in (
+        ("clean_train.labels", pristine["clean_train.labels"].int(), "clean_train.labels is torch.int32"),
+        ("clean_train.excluded", pristine["clean_train.excluded"].float(), "not int64 indices"),
+        ("clean_train.excluded", torch.zeros(3, dtype=torch.long), "more than once"),
+    ):
+        save_file({**pristine, key: value}, str(data_file))
+        rehash("data.safetensors")
+        with pytest.raises(VictimError, match=says):
+            load_victim(tmp_path / "victim")
+    save_file(pristine, str(data_file))
+    rehash("data.safetensors")
+    record["spec"]["num_classes"] = "10"
+    rehash("data.safetensors")
+    with pytest.raises(VictimError, match="not positive integers"):
+        load_victim(tmp_path / "victim")
+    record["spec"]["num_classes"] = 10
     with pytest.raises(VictimError, match="does not exist"):
         load_victim(tmp_path / "nowhere")
     record["name"] = "evil\x1b[2J\nname"  # would clear a terminal and break a Markdown table

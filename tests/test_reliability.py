@@ -299,6 +299,58 @@ def test_an_unusable_cache_from_the_environment_is_one_line_before_any_cell(
     assert not (tmp_path / "r.json").exists()
 
 
+def test_a_fifo_named_like_an_image_is_ignored_not_read(tmp_path: Path) -> None:
+    """Reading a FIFO blocks until someone writes to it: an image folder holding one hung forever."""
+    from PIL import Image
+
+    from backdoor_toolkit.image_folders import load_image_folder
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (8, 8), 128).save(tmp_path / name / "x.png")
+    os.mkfifo(tmp_path / "a" / "fifo.png")
+    folder = load_image_folder(tmp_path, channels=1)
+    assert len(folder.data) == 2 and folder.ignored == [tmp_path / "a" / "fifo.png"]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda t: t.long() * 100, "is int64, not a float weight"),
+        (lambda t: t > 0, "is bool, not a float weight"),
+        (lambda t: t.to(torch.float8_e4m3fn), "is float8_e4m3fn, not a float weight"),
+    ],
+    ids=["int64", "bool", "float8"],
+)
+def test_weights_that_are_not_floats_are_refused_by_name(tmp_path: Path, change: Any, says: str) -> None:
+    """They were cast to float silently (int, bool) or crashed the NaN check (float8)."""
+    from safetensors.torch import save_file
+
+    from backdoor_toolkit.models import load_model
+
+    state = {k: v.contiguous() for k, v in tiny_model().state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+    save_file({**state, name: change(state[name]).contiguous()}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(BdtkError, match=f"tensor {name!r} {says}"):
+        load_model(tmp_path / "m.safetensors", "small-cnn")
+
+
+def test_a_tensor_with_no_values_or_a_negative_std_is_refused(tmp_path: Path) -> None:
+    """A (2**31, 0) head holds no bytes but made the model built from its shape allocate a terabyte."""
+    from safetensors.torch import save_file
+
+    from backdoor_toolkit.models import load_model
+
+    state = {k: v.contiguous() for k, v in tiny_model().state_dict().items()}
+    head = next(k for k, v in state.items() if v.dim() == 2)
+    save_file({**state, head: torch.empty(2**31, 0)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(BdtkError, match=r"has shape \(2147483648, 0\), with no values"):
+        load_model(tmp_path / "m.safetensors", "small-cnn")
+    save_file({**state, "normalize.std": -state["normalize.std"]}, str(tmp_path / "s.safetensors"))
+    with pytest.raises(BdtkError, match=r"normalize\.std must be positive"):
+        load_model(tmp_path / "s.safetensors", "small-cnn")
+
+
 def test_without_the_embedded_dataset_the_message_names_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,10 +16,12 @@ import json
 import math
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..artifacts import non_finite
@@ -142,7 +144,35 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         raise BdtkError(f"{path} is not a safetensors file ({' '.join(str(exc).split())[:160]}).") from None
     if not state:
         raise BdtkError(f"{path} holds no tensors.")
+    check_weight_tensors(state, path)
     return state
+
+
+#: Weight dtypes a model file may hold; integer tensors only as BatchNorm's step counters.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_weight_tensors(state: Mapping[str, Tensor], path: Path | str) -> None:
+    """Refuse tensors no trained classifier holds, by name, before anything is built from them.
+
+    Integer or boolean weights would be cast to float silently (and measured as if they meant
+    something); float8 and complex ones break the checks that follow; a tensor with a zero-sized
+    dimension can claim a huge class count while holding no bytes, and the model built from that
+    shape would try to allocate terabytes; a non-positive normalisation std divides by zero.
+    """
+    for name, tensor in state.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise BdtkError(
+                f"{path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, not a float "
+                "weight (float16, bfloat16, float32 or float64); convert the model's weights to float32."
+            )
+        if tensor.dim() and 0 in tensor.shape:
+            raise BdtkError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, with no values.")
+    std = state.get("normalize.std")
+    if std is not None and not bool((std > 0).all()):
+        raise BdtkError(f"{path}: normalize.std must be positive, got {std.flatten().tolist()[:6]}.")
 
 
 def load_weights(target: nn.Module, state: dict[str, Tensor], path: Path, architecture: str) -> None:
