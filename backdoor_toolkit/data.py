@@ -447,6 +447,7 @@ def check_budget_size(spec: DataSpec, n: int, clean_ratio: float, val_fraction: 
     message gives the smallest --clean-ratio that leaves one training image per class.
     """
     n_train, n_val = budget_split(n, clean_ratio, val_fraction)
+    n_train = max(n_train, 0)  # a ratio rounding to no image at all is "0 to train"
     k = spec.num_classes
     if n_train >= k:
         return

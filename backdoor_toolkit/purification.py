@@ -36,6 +36,7 @@ from .data import (
     DataSpec,
     DefenseData,
     ImageData,
+    check_budget_size,
     draw_defense_data,
     load_dataset,
     stratified_subset,
@@ -207,6 +208,7 @@ def load_clean_data(
             split=f"test images of {source}",
         )
         test_source = f"{source} (test split)"
+        check_budget_size(spec, len(train), clean_ratio, val_fraction)  # as `bdtk benchmark` does
         budget = draw_defense_data(
             Dataset(spec, train, test), torch.empty(0, dtype=torch.long), clean_ratio, val_fraction, seed
         )
@@ -216,6 +218,7 @@ def load_clean_data(
         )
     if test_data is not None:
         test, test_source, test_skipped = _test_data(test_data, spec, classes)
+        _check_unseen(test, budget, test_source)
     return CleanData(spec, budget, test, label, test_source, classes, skipped, test_skipped, ignored)
 
 
@@ -225,6 +228,23 @@ def _check_classes(folder: FolderImages, num_classes: int) -> None:
         raise BdtkError(
             f"Image folder {folder.root} has {len(folder.classes)} classes ({shown}), but the model "
             f"outputs {num_classes}."
+        )
+
+
+def _check_unseen(test: ImageData, budget: DefenseData, test_source: str) -> None:
+    """Refuse test images the defense sees: the test accuracy is the one measurement it must not
+    have trained or tuned on (`--test-data` naming the clean folder itself, or a copy of part of it)."""
+    import hashlib
+
+    def digests(images: Tensor) -> list[bytes]:
+        return [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in images.cpu()]
+
+    seen = set(digests(budget.train.images)) | set(digests(budget.val.images))
+    shared = sum(digest in seen for digest in digests(test.images))
+    if shared:
+        raise BdtkError(
+            f"{shared} of the {len(test)} test images ({test_source}) are also in the clean data the "
+            "defense purifies and validates on (identical pixels); give test images it never sees."
         )
 
 
@@ -255,11 +275,13 @@ def victim_clean_data(
     """A stored victim's own clean data, drawn as `bdtk benchmark --victim` draws it: the budget
     is `clean_ratio` of its clean training images (stratified, never one the attacker poisoned)
     with `val_fraction` held out; the test set is its clean test set, or `test_data` when given."""
+    check_budget_size(victim.spec, len(victim.clean_train), clean_ratio, val_fraction)
     budget = victim.defense_data(clean_ratio, val_fraction, seed)
     if test_data is None:
         test, test_source = victim.clean_test, f"victim {victim.name}'s clean test set"
     else:
         test, test_source, _ = _test_data(test_data, victim.spec, None)
+        _check_unseen(test, budget, test_source)
     return CleanData(
         victim.spec,
         budget,

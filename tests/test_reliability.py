@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -349,6 +350,52 @@ def test_a_tensor_with_no_values_or_a_negative_std_is_refused(tmp_path: Path) ->
     save_file({**state, "normalize.std": -state["normalize.std"]}, str(tmp_path / "s.safetensors"))
     with pytest.raises(BdtkError, match=r"normalize\.std must be positive"):
         load_model(tmp_path / "s.safetensors", "small-cnn")
+
+
+def test_test_images_the_defense_sees_are_refused(tmp_path: Path) -> None:
+    """`--test-data` naming the clean folder itself reported accuracy on the training images."""
+    from PIL import Image
+
+    from backdoor_toolkit.purification import load_clean_data
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "clean" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "clean" / name / f"{i}.png")
+    clean = f"folder:{tmp_path / 'clean'}"
+    with pytest.raises(BdtkError, match=r"12 of the 12 test images .* are also in the clean data"):
+        load_clean_data(clean, channels=1, num_classes=2, test_data=clean)
+    (tmp_path / "test").mkdir()
+    shutil.copytree(tmp_path / "clean" / "a", tmp_path / "test" / "a")  # a copy of one class
+    (tmp_path / "test" / "b").mkdir()
+    Image.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(tmp_path / "test" / "b" / "new.png")
+    with pytest.raises(BdtkError, match="6 of the 7 test images"):
+        load_clean_data(clean, channels=1, num_classes=2, test_data=f"folder:{tmp_path / 'test'}")
+
+
+def test_purify_refuses_a_dataset_budget_smaller_than_the_classes() -> None:
+    from backdoor_toolkit.purification import load_clean_data
+
+    with pytest.raises(BdtkError, match="fewer training images than fashion-mnist's 10 classes"):
+        load_clean_data("fashion-mnist", channels=1, num_classes=10, train_size=100)
+
+
+@pytest.mark.parametrize("mean", ['"5"', "[true]", "[1e999]", f"[{10**400}]"])
+def test_a_model_json_mean_is_a_list_of_finite_numbers_as_written(tmp_path: Path, mean: str) -> None:
+    """A string was read character by character, a boolean as 1.0, and 10**400 overflowed."""
+    from safetensors.torch import save_file
+
+    from backdoor_toolkit.models import load_model
+
+    save_file(
+        {k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(tmp_path / "m.safetensors")
+    )
+    meta = f'{{"format": "bdtk-model/1", "architecture": "small-cnn", "mean": {mean}, "std": [0.5]}}'
+    (tmp_path / "m.json").write_text(meta)
+    with pytest.raises(BdtkError, match=r"mean must be (a list of numbers|finite numbers)"):
+        load_model(tmp_path / "m.safetensors", "small-cnn")
 
 
 def test_without_the_embedded_dataset_the_message_names_the_fix(

@@ -228,10 +228,16 @@ def _zoo_normalization(state: dict[str, Tensor], channels: int) -> tuple[float, 
 def _checked_values(values: Any, name: str) -> tuple[float, ...] | None:
     if values is None:
         return None
+    # a list of real numbers as written: a string ("5" is not [5]) or a boolean is a mistake
+    numbers = isinstance(values, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    )
     try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise BdtkError(f"{name} must be a list of numbers, got {values!r}.") from None
+        out = tuple(float(v) for v in values) if numbers else None
+    except OverflowError:  # an integer beyond float range (10**400)
+        out = (math.inf,)
+    if out is None:
+        raise BdtkError(f"{name} must be a list of numbers, got {str(values)[:80]}.")
     if not out:
         raise BdtkError(f"{name} is empty; give one value per channel (or one for all).")
     if not all(math.isfinite(v) for v in out):
