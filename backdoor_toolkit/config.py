@@ -31,6 +31,16 @@ def build_config(cls: type[C], values: Any, where: str) -> C:
         raise ConfigError(f"Invalid configuration for {where}: {validation_message(cls, exc)}") from None
 
 
+def check_typed(cls: type[BaseModel], values: dict[str, Any], where: str) -> None:
+    """Validate a file's `values` strictly: TOML and JSON have types, so a quoted number or a
+    boolean where a number belongs is a mistake to report (`seeds = [true]` would run seed 1),
+    not a value to convert. Values typed on the command line are converted by the CLI instead."""
+    try:
+        cls.model_validate(values, strict=True)
+    except ValidationError as exc:
+        raise ConfigError(f"Invalid {where}: {validation_message(cls, exc)}") from None
+
+
 def validation_message(cls: type[BaseModel], exc: ValidationError) -> str:
     """Every problem of `exc` as `FIELD: what is wrong`, joined by '; ' into one line.
 

@@ -233,6 +233,15 @@ def test_malformed_suite_names_field_and_line(tmp_path: Path) -> None:
         load_suite("quik")
 
 
+def test_a_benchmark_config_file_is_typed_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('seeds = [true]\nthreads = true\nclean_ratio = "0.1"\n')
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(path), "--db", str(tmp_path / "r.sqlite")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "seeds.0: Input should be a valid integer" in said
+    assert "threads: Input should be a valid integer" in said and "clean_ratio" in said
+
+
 def test_a_suite_is_typed_as_toml_is(tmp_path: Path) -> None:
     """A quoted number or a boolean where a number belongs is reported, not converted: lax
     conversion would make `seeds = [true, "1"]` seed 1 twice."""

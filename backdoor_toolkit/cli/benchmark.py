@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..benchmark import run_benchmark
-from ..config import BenchmarkConfig, PluginChoice, build_config, join_preset, load_config_file
+from ..config import BenchmarkConfig, PluginChoice, build_config, check_typed, join_preset, load_config_file
 from ..console import console
 from ..errors import ConfigError
 from ..executors import EXECUTORS, get_executor
@@ -208,6 +208,8 @@ def benchmark(
     if suite is not None and config:
         raise ConfigError("Give either --suite or --config, not both.")
     values: dict[str, Any] = load_config_file(config) if config else {}
+    if config:
+        check_typed(BenchmarkConfig, values, str(config))
     if suite is not None:  # `--suite ""` is a mistake to report, not "no suite"
         values = load_suite(suite).benchmark_values()
     values.setdefault("attacks", ["badnets"])
