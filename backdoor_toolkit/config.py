@@ -7,9 +7,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -20,6 +29,32 @@ class StrictConfig(BaseModel):
     """Base of every bdtk config: unknown or misspelt fields are errors, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`--set epochs=true` parses to a boolean, which pydantic would take as 1: a mistake to
+        report, whatever path (CLI, file, Python) the value came by, on a field (or list) of numbers."""
+        field = cls.model_fields.get(info.field_name or "")
+        values = value if isinstance(value, list | tuple) else [value]
+        if field is not None and _numeric(field.annotation) and any(isinstance(v, bool) for v in values):
+            raise ValueError(f"{json.dumps(value)} is a boolean, not a number")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field typed `annotation` holds numbers: int or float, optional, or a list of them."""
+    if annotation in (int, float):
+        return True
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _numeric(args[0])
+    return (
+        bool(args)
+        and origin in (list, tuple, Union, UnionType)
+        and all(_numeric(a) for a in args if a is not ...)
+    )
 
 
 def build_config(cls: type[C], values: Any, where: str) -> C:

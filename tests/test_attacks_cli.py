@@ -181,7 +181,19 @@ def test_attack_exports_a_victim_that_purify_measures(tmp_path: Path) -> None:
 
     purified = tmp_path / "p.safetensors"
     purify = runner.invoke(
-        app, ["purify", str(out), "-d", "finetune", "--set", "epochs=1", "--out", str(purified)]
+        app,
+        [
+            "purify",
+            str(out),
+            "-d",
+            "finetune",
+            "--set",
+            "epochs=1",
+            "--clean-ratio",
+            "0.2",
+            "--out",
+            str(purified),
+        ],
     )
     assert purify.exit_code == 0, purify.output
     report = json.loads((tmp_path / "p.report.json").read_text())

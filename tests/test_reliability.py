@@ -398,6 +398,18 @@ def test_a_model_json_mean_is_a_list_of_finite_numbers_as_written(tmp_path: Path
         load_model(tmp_path / "m.safetensors", "small-cnn")
 
 
+def test_a_boolean_is_never_taken_as_a_number() -> None:
+    """pydantic takes true as 1: `--set epochs=true` trained one epoch, `seeds = [true]` seed 1."""
+    from backdoor_toolkit import create_purifier
+    from backdoor_toolkit.config import BenchmarkConfig, ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="epochs: true is a boolean, not a number"):
+        create_purifier("finetune", {"epochs": True})
+    with pytest.raises(ConfigError, match=r"seeds: \[true\] is a boolean, not a number"):
+        build_config(BenchmarkConfig, {"seeds": [True]}, "benchmark")
+    assert create_purifier("mcldef", {"augment": False}).config.augment is False  # a real boolean field
+
+
 def test_without_the_embedded_dataset_the_message_names_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
