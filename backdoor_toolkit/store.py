@@ -271,6 +271,12 @@ class ResultStore:
             except StoreError as exc:
                 if not _busy(exc) or waited >= self.retry_seconds:
                     raise
+            if waited == 0:  # a silent wait of a minute reads as a hang
+                console.print(
+                    f"[yellow]{self.path} is locked by another process; waiting up to "
+                    f"{self.retry_seconds:.0f} s for it…[/]",
+                    highlight=False,
+                )
             time.sleep(delay)
             waited += delay
             delay = min(2 * delay, 8.0)
