@@ -399,3 +399,21 @@ def test_a_failing_refine_inverter_fails_the_purification_naming_it(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(UnknownNameError, match="Did you mean 'blend-inversion'"):
         create_purifier("mcldef", {"refine_inverter": "blend-inversoin"})
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"target": 0, "inverter_config": {"target": 5}},
+        {
+            "inverter": ["neural-cleanse", "blend-inversion"],
+            "inverter_config": {"blend-inversion": {"classes": [1]}},
+        },
+        {"refine_inverter": "blend-inversion", "refine_config": {"target": 2}},
+    ],
+    ids=["flat", "per-inverter", "refine"],
+)
+def test_an_inverters_own_target_or_classes_is_a_config_error(values: dict[str, object]) -> None:
+    """MCLDef passes the classes to scan; an inverter's own target was silently overridden."""
+    with pytest.raises(ConfigError, match="MCLDef chooses the classes its inverters scan"):
+        create_purifier("mcldef", values)

@@ -243,6 +243,23 @@ class MCLDefConfig(StrictConfig):
         return self
 
     @model_validator(mode="after")
+    def _classes_are_mcldefs_to_choose(self) -> MCLDefConfig:
+        """MCLDef tells its inverters which classes to scan (all, or `target`): an inverter's own
+        `target` or `classes` would be overridden without a word, so setting one is an error."""
+        if isinstance(self.inverter, list):
+            settings = [v for v in self.inverter_config.values() if isinstance(v, dict)]
+        else:
+            settings = [self.inverter_config]
+        for values in [*settings, self.refine_config]:
+            for key in ("target", "classes"):
+                if key in values:
+                    raise ValueError(
+                        f"an inverter's {key!r} is set in mcldef's inverter settings, but MCLDef chooses "
+                        "the classes its inverters scan; give the known target as mcldef.target"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _ce_on_needs_a_weight(self) -> MCLDefConfig:
         if self.ce_on != "clean" and self.ce_weight == 0:
             raise ValueError(f"ce_on={self.ce_on!r} has no effect with ce_weight=0; set ce_weight > 0")
