@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from backdoor_toolkit import ImageClassifier, anomaly_index
 from backdoor_toolkit.data import to_float
-from benchmarks.setting import append_record, bench_config, bench_models
+from benchmarks.setting import append_record, named_bench_models
 
 
 def dct_matrix(n: int) -> Tensor:
@@ -150,46 +150,41 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for spec in args.model:
-        name, _, seed_text = spec.partition(":")
-        seed = int(seed_text or 0)
-        for m in bench_models(bench_config(), [name], seed):
-            model = m.model.eval().requires_grad_(False)
-            train = to_float(m.data.train.images)
-            val = (to_float(m.data.val.images), m.data.val.labels)
-            started = time.perf_counter()
-            stats = scan(
-                model, train, val, args.norm, args.steps, args.batch, args.lr, args.threshold,
-                args.patience, args.lambda_init, seed,
-            )  # fmt: skip
-            norms = torch.tensor(stats["norm"])
-            finite = torch.isfinite(norms)
-            index = torch.zeros_like(norms)
-            index[finite] = anomaly_index(norms[finite], log=True)
-            median = float(norms[finite].median()) if bool(finite.any()) else math.nan
-            order = sorted(range(len(norms)), key=lambda k: float(norms[k]))
-            target = m.true_target
-            record = {
-                "model": m.name,
-                "seed": seed,
-                "target": target,
-                "norm_kind": args.norm,
-                "steps": args.steps,
-                "norm": [round(v, 3) for v in stats["norm"]],
-                "share_of_median": [round(float(v) / median, 3) for v in norms],
-                "index_low_side": [
-                    round(float(i), 2) if float(v) < median else 0.0
-                    for i, v in zip(index, norms, strict=True)
-                ],
-                "val_success": [round(v, 3) for v in stats["val_success"]],
-                "l2": [round(v, 3) for v in stats["l2"]],
-                "top4_share": [round(v, 3) for v in stats["top4_share"]],
-                "smallest_first": order,
-                "target_rank": None if target is None else order.index(target) + 1,
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-            append_record(out, record)
-            print(record, flush=True)
+    for m, seed in named_bench_models(args.model):
+        model = m.model.eval().requires_grad_(False)
+        train = to_float(m.data.train.images)
+        val = (to_float(m.data.val.images), m.data.val.labels)
+        started = time.perf_counter()
+        stats = scan(
+            model, train, val, args.norm, args.steps, args.batch, args.lr, args.threshold,
+            args.patience, args.lambda_init, seed,
+        )  # fmt: skip
+        norms = torch.tensor(stats["norm"])
+        finite = torch.isfinite(norms)
+        index = torch.zeros_like(norms)
+        index[finite] = anomaly_index(norms[finite], log=True)
+        median = float(norms[finite].median()) if bool(finite.any()) else math.nan
+        order = sorted(range(len(norms)), key=lambda k: float(norms[k]))
+        target = m.true_target
+        record = {
+            "model": m.name,
+            "seed": seed,
+            "target": target,
+            "norm_kind": args.norm,
+            "steps": args.steps,
+            "norm": [round(v, 3) for v in stats["norm"]],
+            "share_of_median": [round(float(v) / median, 3) for v in norms],
+            "index_low_side": [
+                round(float(i), 2) if float(v) < median else 0.0 for i, v in zip(index, norms, strict=True)
+            ],
+            "val_success": [round(v, 3) for v in stats["val_success"]],
+            "l2": [round(v, 3) for v in stats["l2"]],
+            "top4_share": [round(v, 3) for v in stats["top4_share"]],
+            "smallest_first": order,
+            "target_rank": None if target is None else order.index(target) + 1,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        append_record(out, record)
 
 
 if __name__ == "__main__":

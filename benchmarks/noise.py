@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from backdoor_toolkit import ImageClassifier, anomaly_index
 from backdoor_toolkit.data import to_float
-from benchmarks.setting import append_record, bench_config, bench_models
+from benchmarks.setting import append_record, named_bench_models
 
 
 class ScaledBatchNorm:
@@ -102,45 +102,42 @@ def main() -> None:
     eps_values = args.eps or [0.05, 0.1, 0.2, 0.4]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for spec in args.model:
-        name, _, seed_text = spec.partition(":")
-        seed = int(seed_text or 0)
-        for m in bench_models(bench_config(), [name], seed):
-            model = m.model.eval().requires_grad_(False)
-            fit = (to_float(m.data.train.images), m.data.train.labels)
-            probe, labels = to_float(m.data.val.images), m.data.val.labels
-            k_classes = m.data.spec.num_classes
-            for eps in eps_values:
-                started = time.perf_counter()
-                preds, loss = noisy_predictions(model, fit, probe, eps, args.steps, seed)
-                share = []
-                for k in range(k_classes):
-                    others = labels != k
-                    share.append(float((preds[others] == k).float().mean()))
-                shares = torch.tensor(share)
-                index = anomaly_index(shares)
-                above = shares > shares.median()
-                order = sorted(range(k_classes), key=lambda k: -share[k])
-                target = m.true_target
-                append_record(
-                    out,
-                    {
-                        "model": m.name,
-                        "seed": seed,
-                        "target": target,
-                        "eps": eps,
-                        "steps": args.steps,
-                        "fit_loss": round(loss, 3),
-                        "val_accuracy": round(float((preds == labels).float().mean()), 4),
-                        "sink_share": [round(v, 3) for v in share],
-                        "index": [
-                            round(float(v), 2) if bool(a) else 0.0 for v, a in zip(index, above, strict=True)
-                        ],
-                        "largest_first": order,
-                        "target_rank": None if target is None else order.index(target) + 1,
-                        "seconds": round(time.perf_counter() - started, 1),
-                    },
-                )
+    for m, seed in named_bench_models(args.model):
+        model = m.model.eval().requires_grad_(False)
+        fit = (to_float(m.data.train.images), m.data.train.labels)
+        probe, labels = to_float(m.data.val.images), m.data.val.labels
+        k_classes = m.data.spec.num_classes
+        for eps in eps_values:
+            started = time.perf_counter()
+            preds, loss = noisy_predictions(model, fit, probe, eps, args.steps, seed)
+            share = []
+            for k in range(k_classes):
+                others = labels != k
+                share.append(float((preds[others] == k).float().mean()))
+            shares = torch.tensor(share)
+            index = anomaly_index(shares)
+            above = shares > shares.median()
+            order = sorted(range(k_classes), key=lambda k: -share[k])
+            target = m.true_target
+            append_record(
+                out,
+                {
+                    "model": m.name,
+                    "seed": seed,
+                    "target": target,
+                    "eps": eps,
+                    "steps": args.steps,
+                    "fit_loss": round(loss, 3),
+                    "val_accuracy": round(float((preds == labels).float().mean()), 4),
+                    "sink_share": [round(v, 3) for v in share],
+                    "index": [
+                        round(float(v), 2) if bool(a) else 0.0 for v, a in zip(index, above, strict=True)
+                    ],
+                    "largest_first": order,
+                    "target_rank": None if target is None else order.index(target) + 1,
+                    "seconds": round(time.perf_counter() - started, 1),
+                },
+            )
 
 
 if __name__ == "__main__":

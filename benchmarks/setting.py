@@ -132,14 +132,19 @@ def budget_trained_model(
     return model.eval()
 
 
-def cached_bench_models(specs: list[str]) -> Iterator[tuple[BenchModel, int]]:
-    """The cached bench models named `ATTACK:SEED` (or `clean:SEED`; seed 0 when left out), each
-    with its seed; a model not in the cache is skipped with a note, nothing is trained."""
+def named_bench_models(specs: list[str], cached_only: bool = False) -> Iterator[tuple[BenchModel, int]]:
+    """The bench models named `ATTACK:SEED` (or `clean:SEED`; seed 0 when left out), each with its
+    seed, trained on a cache miss, or (`cached_only`) skipped with a note."""
     for spec in specs:
         name, _, seed_text = spec.partition(":")
         seed = int(seed_text or 0)
-        for m in bench_models(bench_config(), [name], seed, cached_only=True):
+        for m in bench_models(bench_config(), [name], seed, cached_only=cached_only):
             yield m, seed
+
+
+def cached_bench_models(specs: list[str]) -> Iterator[tuple[BenchModel, int]]:
+    """`named_bench_models` from the cache only: nothing is trained."""
+    return named_bench_models(specs, cached_only=True)
 
 
 def append_record(out: Path, record: dict[str, Any]) -> None:
