@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from .artifacts import ArtifactCache
 from .backdoor import BackdooredModel, backdoored_model, bdtk_version, clean_model
-from .config import BenchmarkConfig, PluginChoice, config_hash, hashed_config
+from .config import BenchmarkConfig, PluginChoice, config_hash, hashed_config, validation_message
 from .console import console
 from .data import (
     Dataset,
@@ -413,8 +413,7 @@ def run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: V
 
 def invalid_result(exc: ValidationError) -> BdtkError:
     """The error of a cell whose numbers do not make a valid record (a NaN, a rate outside [0, 1])."""
-    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    return BdtkError(f"the cell computed an invalid result ({problems})")
+    return BdtkError(f"the cell computed an invalid result ({validation_message(CellResult, exc)})")
 
 
 def _run_cell(config: BenchmarkConfig, plan: VictimPlan, cell: CellPlan, state: VictimState) -> CellResult:

@@ -7,7 +7,7 @@ or the folder an option names (`--out DIR`), inside a folder that exists. A typo
 `/nonexistdir/sub/a.csv` would otherwise leave new directory trees in arbitrary places; only a
 command's own default folder (`bdtk-results/inspect`) may bring its parent along. Every command
 (`benchmark --output`, `purify --out`, `inspect --out`, `leaderboard`, `attack`) and the library's
-own writers (`PurifyResult.write`) check through here.
+own writers (`PurifyReport.save`) check through here.
 """
 
 from __future__ import annotations

@@ -142,8 +142,8 @@ class _Runner:
         try:
             return self._run(seed, defense, cell_hash)
         except ValidationError as exc:  # a NaN or out-of-range metric: an error, not a result
-            fields = self.fields(seed, defense, cell_hash)
-            return CellResult(**fields, status="failed", error=str(invalid_result(exc)))
+            what = f"{'none' if defense is None else defense.label} on the victim"
+            return failed_record(self.fields(seed, defense, cell_hash), what, invalid_result(exc))
 
     def _run(self, seed: int, defense: ResolvedPlugin | None, cell_hash: str) -> CellResult:
         with torch_threads(self.config.threads):

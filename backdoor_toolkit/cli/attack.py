@@ -33,7 +33,7 @@ from .common import (
 )
 from .victim import export_victim, load_victim, victim_config
 
-#: Where the trigger grid goes by default; the only folder `--grid` creates when it is missing.
+#: Where the trigger grid goes by default (its folder is created when missing, as any --grid's one folder).
 DEFAULT_GRID = Path("bdtk-results/trigger.png")
 
 

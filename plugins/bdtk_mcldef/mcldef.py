@@ -57,6 +57,11 @@ class DegenerateTriggerWarning(UserWarning):
     """A recovered trigger is empty or does not fire; MCLDef refuses to purify with it."""
 
 
+def _error_detail(exc: Exception) -> str:
+    """An inverter's error in words: bdtk's own message as it stands, anything else with its type."""
+    return str(exc) if isinstance(exc, BdtkError) else f"{type(exc).__name__}: {exc}"
+
+
 class InverterFailedError(BdtkError):
     """An inverter of stage 1 raised: the purification fails, naming it, and never goes on with the
     other inverters' results as if the scan were complete (the failed one may have been the only one
@@ -474,9 +479,8 @@ class MCLDef(Purifier):
         try:
             result = self.refiner.invert(model, data, list(classes))
         except Exception as exc:  # the cell fails naming it, as a failed detecting inverter does
-            detail = str(exc) if isinstance(exc, BdtkError) else f"{type(exc).__name__}: {exc}"
             raise InverterFailedError(
-                f"mcldef: refine_inverter {c.refine_inverter!r} failed: {detail}"
+                f"mcldef: refine_inverter {c.refine_inverter!r} failed: {_error_detail(exc)}"
             ) from exc
         kept = [
             cls
@@ -492,7 +496,7 @@ class MCLDef(Purifier):
     def _failed(self, choice: str, i: int, exc: Exception) -> InverterFailedError:
         """The error of inverter `choice` (the `i`-th), naming it; with a list, also that the other
         inverters' results are not used on their own."""
-        detail = str(exc) if isinstance(exc, BdtkError) else f"{type(exc).__name__}: {exc}"
+        detail = _error_detail(exc)
         message = f"mcldef: inverter {choice!r} failed: {detail}"
         if len(self.inverters) > 1:
             message = (
