@@ -32,14 +32,28 @@ class StrictConfig(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """`--set epochs=true` parses to a boolean, which pydantic would take as 1: a mistake to
-        report, whatever path (CLI, file, Python) the value came by, on a field (or list) of numbers."""
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """On a field (or list) of numbers, a boolean or a string is a mistake to report, whatever
+        path (CLI, file, Python) the value came by: pydantic would take `true` as 1 (`--set
+        epochs=true` trained one epoch) and `"3"` as 3 (`create_defense(..., {"epochs": "3"})`
+        hides a caller's type error). `--set` parses numbers itself, so a string here was quoted."""
         field = cls.model_fields.get(info.field_name or "")
+        if field is None or not _numeric(field.annotation):
+            return value
         values = value if isinstance(value, list | tuple) else [value]
-        if field is not None and _numeric(field.annotation) and any(isinstance(v, bool) for v in values):
-            raise ValueError(f"{json.dumps(value)} is a boolean, not a number")
+        if any(isinstance(v, bool) for v in values):
+            raise ValueError(f"{_shown(value)} is a boolean, not a number")
+        if any(isinstance(v, str | bytes) for v in values):
+            raise ValueError(f"{_shown(value)} is a string, not a number (write the number without quotes)")
         return value
+
+
+def _shown(value: Any) -> str:
+    """`value` as its JSON spelling where it has one (true, "3", [1, "2"]), else its repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _numeric(annotation: Any) -> bool:

@@ -42,8 +42,9 @@ class UnreadableImage(ValueError):
     """A file that cannot be decoded as an image (the message says why)."""
 
 
-def decode_image(path: Path, mode: str) -> Any:
-    """The image at `path`, decoded, as a PIL image in `mode` ("L", "RGB", "RGBA").
+def decode_image(path: Path, mode: str | None) -> Any:
+    """The image at `path`, decoded, as a PIL image in `mode` ("L", "RGB", "RGBA"; None: "L" for
+    a greyscale image, with or without alpha, and "RGB" for any other).
 
     Every reader of user or third-party images goes through here, so all refuse the same files:
     past PIL's MAX_IMAGE_PIXELS (a decompression bomb, which PIL only warns about and whose decoding
@@ -58,6 +59,8 @@ def decode_image(path: Path, mode: str) -> Any:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
+                if mode is None:
+                    mode = "L" if img.getbands()[0] in ("L", "I", "F", "1") and img.mode != "P" else "RGB"
                 if img.mode in _SIXTEEN_BIT or img.mode == "I":
                     wide = np.asarray(img, dtype=np.float64)
                     top = 65535.0 if img.mode in _SIXTEEN_BIT or wide.max(initial=0) > 255 else 255.0
@@ -200,11 +203,14 @@ def image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]],
 def load_image_folder(
     root: str | Path,
     *,
-    channels: int,
+    channels: int | None,
     image_size: tuple[int, int] | None = None,
     classes: list[str] | None = None,
 ) -> FolderImages:
     """Read an `ImageFolder` tree as uint8 images of `channels` channels and one size.
+
+    `channels` None (a model whose input channels cannot be read off its first convolution, say
+    an MLP): as the images are, one channel when all are greyscale, else three.
 
     `image_size` (height, width): None keeps the size the images share (an error when they do
     not). `classes`: the class names another folder had (a test folder must match the clean
@@ -215,7 +221,7 @@ def load_image_folder(
     from PIL import Image
 
     root = Path(root).expanduser()
-    if channels not in _MODES:
+    if channels is not None and channels not in _MODES:
         raise BdtkError(f"Images with {channels} channels are not supported (1, 3 or 4).")
     names = find_classes(root)
     if classes is not None and names != classes:
@@ -242,7 +248,7 @@ def load_image_folder(
     sizes: dict[tuple[int, int], Path] = {}
     for path, label in files:
         try:
-            picture = decode_image(path, _MODES[channels])
+            picture = decode_image(path, None if channels is None else _MODES[channels])
         except UnreadableImage:
             skipped.append(path)
             continue
@@ -261,6 +267,8 @@ def load_image_folder(
             f"Images in {root} have different sizes ({a[0]}x{a[1]} in {first.name}, {b[0]}x{b[1]} in "
             f"{second.name}); give the model's input size with --image-size (e.g. 32 or 224)."
         )
+    if channels is None and len({array.shape[2] for array in images}) > 1:  # greyscale beside colour
+        images = [np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array for array in images]
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return FolderImages(
         root, names, ImageData(tensor, torch.tensor(labels, dtype=torch.long)), skipped, ignored

@@ -168,7 +168,7 @@ def load_clean_data(
     if isinstance(source, DefenseData):
         spec, budget, label = source.spec, source, source.spec.name
     elif path is not None:
-        folder = load_image_folder(path, channels=channels or 3, image_size=size)
+        folder = load_image_folder(path, channels=channels, image_size=size)
         if num_classes is not None:
             _check_classes(folder, num_classes)
         spec, classes, skipped = folder.spec(mean, std), folder.classes, len(folder.skipped)

@@ -372,6 +372,24 @@ def test_image_folders_read_like_torchvision(tmp_path: Path) -> None:
     assert [p.name for p in images.skipped] == ["broken.jpg"]
 
 
+def test_a_model_without_a_convolution_reads_a_folder_as_its_images_are(
+    gray_folder: Path, tmp_path: Path
+) -> None:
+    """An MLP gives no channel count to read off its first convolution: greyscale images stay one
+    channel (they were read as RGB, and an MLP on 1×16×16 inputs could not be purified)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 32), nn.ReLU(), nn.Linear(32, 4))
+    report = bdtk.purify(mlp, gray_folder, "finetune", epochs=1, batch_size=8, device="cpu")
+    assert report.result.modified and 0 <= report.val.accuracy.after <= 1
+    mixed = tmp_path / "mixed"
+    for name, mode in (("a", "L"), ("b", "RGB")):
+        (mixed / name).mkdir(parents=True)
+        Image.new(mode, (4, 4), 90).save(mixed / name / "x.png")
+    images = load_image_folder(mixed, channels=None)
+    assert images.data.images.shape == (2, 3, 4, 4)  # greyscale beside colour: all read as colour
+    assert torch.equal(images.data.images[0], torch.full((3, 4, 4), 90, dtype=torch.uint8))
+
+
 def test_image_folders_never_loop_and_count_each_image_once(tmp_path: Path) -> None:
     """A link back up (`class_0/up -> ..`) once made the walk endless, and links to another class's
     folder or file counted its images twice under the wrong label; a link out of the folder is

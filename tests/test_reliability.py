@@ -410,6 +410,20 @@ def test_a_boolean_is_never_taken_as_a_number() -> None:
     assert create_purifier("mcldef", {"augment": False}).config.augment is False  # a real boolean field
 
 
+def test_a_string_is_never_taken_as_a_number() -> None:
+    """pydantic's lax mode takes "3" as 3: from Python a quoted number hid a caller's type error."""
+    from backdoor_toolkit import create_inverter, create_purifier
+    from backdoor_toolkit.config import BenchmarkConfig, ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r'epochs: "3" is a string, not a number'):
+        create_purifier("finetune", {"epochs": "3"})
+    with pytest.raises(ConfigError, match=r'seeds: \[0, "1"\] is a string, not a number'):
+        build_config(BenchmarkConfig, {"seeds": [0, "1"]}, "benchmark")
+    with pytest.raises(ConfigError, match="is a string, not a number"):
+        create_inverter("neural-cleanse", {"lr": "0.1"})
+    assert create_purifier("finetune", {"epochs": 3}).config.epochs == 3
+
+
 def test_without_the_embedded_dataset_the_message_names_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
