@@ -48,6 +48,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "stop-asr0.01": {"early_stop_asr": 0.01},
     "recalibrate-bn": {"recalibrate_bn": True},
     "refine-blend": {"refine_inverter": "blend-inversion"},
+    "warmup1": {"warmup_steps": 13},
+    "clip1": {"max_grad_norm": 1.0},
+    "bn-eval": {"bn_mode": "eval"},
 }
 
 

@@ -297,6 +297,36 @@ def test_step_schedule_scales_the_authors_epochs() -> None:
     assert [step_lr(e, 2, 0.1) for e in (0, 1)] == pytest.approx([0.1, 0.001])
 
 
+def test_warmup_ramps_the_first_steps_and_clipping_bounds_every_gradient(
+    backdoored: tuple[ImageClassifier, DefenseData], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lrs: list[float] = []
+    norms: list[float] = []
+    set_lr, sgd_step = mcldef_module._Step.set_lr, torch.optim.SGD.step
+
+    def recording_set_lr(self: mcldef_module._Step, lr: float) -> None:
+        lrs.append(lr)
+        set_lr(self, lr)
+
+    def recording_step(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return sgd_step(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mcldef_module._Step, "set_lr", recording_set_lr)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    model, data = copy.deepcopy(backdoored[0]), backdoored[1]
+    mcldef(warmup_steps=4, max_grad_norm=0.5, early_stop=False, lr=0.01).purify(model, data)
+    steps_per_epoch = math.ceil(len(data.train) / 32)
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert lrs[4:steps_per_epoch] == pytest.approx([0.01] * (steps_per_epoch - 4))
+    assert lrs[steps_per_epoch:] == pytest.approx([step_lr(1, 3, 0.01)] * (len(lrs) - steps_per_epoch))
+    assert len(norms) == len(lrs) == 3 * steps_per_epoch and max(norms) <= 0.5 + 1e-5
+    norms.clear()
+    mcldef(early_stop=False, lr=0.01).purify(copy.deepcopy(backdoored[0]), data)
+    assert max(norms) > 0.5  # without clipping the same run takes larger steps: the bound did something
+
+
 @pytest.mark.parametrize("stamp_mode", ["after-augment", "before-augment"])
 def test_trigger_stamped_before_augmenting_moves_with_the_image(stamp_mode: str) -> None:
     """A full-image trigger on grey images: only a shared crop puts padding at the same pixels."""

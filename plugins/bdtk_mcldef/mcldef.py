@@ -138,6 +138,22 @@ class MCLDefConfig(StrictConfig):
         le=10,
         description="SGD learning rate for the first 1/20 of epochs; then /10 until half, /100 after",
     )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        json_schema_extra=ADDED_FIELD,
+        description="Steps over which the learning rate rises linearly from lr/warmup_steps to the "
+        "schedule's value at the start (0: none); the first steps meet the untouched backdoor, whose "
+        "triggered images give the largest gradients",
+    )
+    max_grad_norm: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e6,
+        json_schema_extra=ADDED_FIELD,
+        description="Clip the gradient's global L2 norm to this before each step (None: no clipping)",
+    )
     weight_decay: float = Field(default=1e-4, ge=0, le=0.1, description="SGD weight decay")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     temperature: float = Field(default=0.5, gt=0, le=100, description="Temperature τ of the contrastive loss")
@@ -327,6 +343,8 @@ class MCLDef(Purifier):
                 "recalibrate_bn": False,
                 "refine_inverter": None,
                 "refine_config": {},
+                "warmup_steps": 0,
+                "max_grad_norm": None,
             },
             description="The authors' recipe (Yue et al. 2022): contrastive loss alone, lr 0.1 step "
             "schedule, 20 epochs, trigger stamped after augmentation, full Neural Cleanse scan",
@@ -572,10 +590,13 @@ class MCLDef(Purifier):
         # the caller gets the model back in the layout it handed in
         with preferred_layout(model.to(self.device), self.device):
             step = self.step_runner(model, triggers, data.spec.hflip)
+            steps_taken = 0
             for epoch in range(c.epochs):
-                step.set_lr(step_lr(epoch, c.epochs, c.lr))
+                lr = step_lr(epoch, c.epochs, c.lr)
                 seen, total = 0, 0.0
                 for x, y in iterate_batches(data.train.images, data.train.labels, c.batch_size, gen):
+                    steps_taken += 1
+                    step.set_lr(lr * min(1.0, steps_taken / c.warmup_steps) if c.warmup_steps else lr)
                     total += step(x, y, gen) * y.numel()
                     seen += y.numel()
                 epoch_losses.append(total / max(seen, 1))
@@ -618,6 +639,8 @@ class MCLDef(Purifier):
             loss = self._loss(model, frozen, clean, triggered, y.to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if c.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
             optimiser.step()
             return float(loss.detach())
 
