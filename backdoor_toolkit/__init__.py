@@ -50,6 +50,7 @@ from .plugins import (
     get_attack,
     get_inverter,
     get_purifier,
+    reset_plugin_manager,
     resolve_config,
 )
 from .purification import InspectReport, PurifyReport, inspect, purify
@@ -129,6 +130,7 @@ __all__ = [
     "preferred_layout",
     "preferred_memory_format",
     "purify",
+    "reset_plugin_manager",
     "resolve_config",
     "save_model",
     "seed_everything",

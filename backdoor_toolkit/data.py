@@ -68,6 +68,7 @@ class ImageData:
 
 
 def to_float(images: Tensor) -> Tensor:
+    """uint8 images (as `ImageData` stores them) as floats in [0, 1]; float images as floats."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 

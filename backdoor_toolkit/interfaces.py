@@ -281,7 +281,13 @@ class InversionResult:
 
 
 class TriggerInverter(Plugin):
-    """Recovers candidate triggers from a model and a clean budget, and flags target classes."""
+    """Recovers candidate triggers from a model and a clean budget, and flags target classes.
+
+    It has no device of its own: it runs where the model is (`next(model.parameters()).device`;
+    a purifier moves the model to its `self.device` first), reads `data.train` (and `data.val` for
+    its success rates), and returns tensors of any device (`InversionResult`'s fields say their
+    shapes). `stamp`, `flag_targets` and `anomaly_index` are the shared pieces to build on.
+    """
 
     kind: ClassVar[Kind] = "inverter"
 

@@ -73,6 +73,8 @@ def predict(
 
 
 def accuracy(model: nn.Module, data: ImageData, device: torch.device) -> float:
+    """Share of `data`'s images that `model` (put in eval mode on `device`) classifies right; NaN
+    for no images, which callers must treat as "not measured", never as a score."""
     if len(data) == 0:
         return float("nan")
     return float((predict(model, data.images, device) == data.labels).float().mean())

@@ -182,8 +182,26 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 def cross_entropy_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The default `loss_fn` of `train_classifier` and `fine_tune`: (cross-entropy of `model(x)`
+    against `y`, the logits); a custom loss returns the same pair (logits None to skip the
+    progress bar's accuracy)."""
     logits = model(x)
     return F.cross_entropy(logits, y), logits
+
+
+def training_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except that a BatchNorm whose weight and bias are frozen stays in eval mode.
+
+    A defense that freezes part of the network (fine-tuning the head alone, say) means that part
+    to stay as it is; in train mode its BatchNorm layers would still overwrite their running
+    statistics from every batch, changing the frozen layers' outputs at test time.
+    """
+    model.train()
+    for module in model.modules():
+        frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and frozen:
+            module.eval()
+    return model
 
 
 def train_classifier(
@@ -201,11 +219,13 @@ def train_classifier(
 
     `batch_hook` lets training-controlled attacks rewrite each batch; `loss_fn` lets defenses add
     terms; `after_step` runs after each optimiser step (e.g. to keep pruned weights at zero).
+    Only parameters with `requires_grad` are trained, and frozen BatchNorm layers keep their
+    running statistics (`training_mode`).
     """
     if labels.numel() == 0:
         raise BdtkError("Cannot train on an empty set.")
     device = settings.device
-    model.to(device).train()
+    training_mode(model.to(device))
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-labels.numel() // settings.batch_size)
     total = max(1, settings.epochs * steps_per_epoch)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import sys
 import types
 import typing
@@ -111,8 +112,36 @@ def render_cli() -> str:
 # --- hooks and plugin classes ------------------------------------------------------------------
 
 
+class _Written(str):
+    """An annotation as written in the source (a string under `from __future__ import annotations`),
+    shown without the quotes `inspect` would put around it."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def _signature(fn: Any) -> str:
-    return f"{fn.__name__}{inspect.signature(fn)}".replace("'", "")
+    sig = inspect.signature(fn)
+    empty = inspect.Parameter.empty
+
+    def written(annotation: Any) -> Any:
+        return _Written(annotation) if isinstance(annotation, str) else annotation
+
+    def default(value: Any) -> Any:  # a function as its name, not its repr (an address)
+        return _Written(value.__name__) if inspect.isfunction(value) else value
+
+    params = [
+        p.replace(
+            annotation=written(p.annotation) if p.annotation is not empty else empty,
+            default=default(p.default),
+        )
+        for p in sig.parameters.values()
+    ]
+    returns = sig.return_annotation
+    sig = sig.replace(
+        parameters=params, return_annotation=written(returns) if returns is not empty else returns
+    )
+    return f"{fn.__name__}{sig}"
 
 
 def _doc(obj: Any) -> str:
@@ -156,7 +185,39 @@ def render_hooks() -> str:
             parts.append("| " + " | ".join(row) + " |\n")
     for result in (interfaces.PoisonedTrainingSet, interfaces.InversionResult, interfaces.PurificationResult):
         parts.append(f"\n### `{result.__name__}`\n\n{_doc(result)}\n\n")
-        parts.extend(f"- `{f.name}: {_type(f.type)}`\n" for f in dataclasses.fields(result))
+        comments = _field_comments(result)
+        for f in dataclasses.fields(result):
+            note = f": {comments[f.name]}" if f.name in comments else ""
+            parts.append(f"- `{f.name}: {_type(f.type)}`{note}\n")
+    parts.append(_public_functions())
+    return "".join(parts)
+
+
+def _field_comments(cls: Any) -> dict[str, str]:
+    """The `# comment` after each field of a dataclass's source: shapes and ranges live there."""
+    found = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^#=]+(?:=[^#]*)?#\s*(.+)$", line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def _public_functions() -> str:
+    """Every function of `backdoor_toolkit.__all__`: its signature and the first paragraph of its
+    docstring, so that a plugin can be written from this page without reading bdtk's source."""
+    import backdoor_toolkit
+
+    parts = [
+        "\n## Public functions\n\nEverything in `backdoor_toolkit.__all__` that is a function, "
+        "with its signature and what it does; import them from `backdoor_toolkit`.\n"
+    ]
+    for name in sorted(backdoor_toolkit.__all__, key=str.lower):
+        fn = getattr(backdoor_toolkit, name)
+        if not inspect.isfunction(fn):
+            continue
+        first = _doc(fn).split("\n\n")[0]
+        parts.append(f"\n### `{name}`\n\n```python\n{_signature(fn)}\n```\n\n{' '.join(first.split())}\n")
     return "".join(parts)
 
 

@@ -67,6 +67,24 @@ def test_batch_hook_sees_every_batch() -> None:
     assert sum(calls) == 64
 
 
+def test_a_frozen_part_keeps_its_weights_and_its_batchnorm_statistics() -> None:
+    """Fine-tuning the head alone must leave everything else as it was: frozen BatchNorm layers
+    updated their running statistics from every batch in train mode."""
+    images, labels = _separable(64)
+    model = create_model("small-cnn", dataset_spec("fashion-mnist"))
+    model.requires_grad_(False)
+    model.fc.requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_classifier(model, images, labels, _settings(1), seed=0)
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["fc.bias", "fc.weight"]
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.requires_grad_(True)  # a trainable BatchNorm follows the batches as before
+    train_classifier(model, images, labels, _settings(1), seed=0)
+    assert not torch.equal(bn.running_mean, before[next(k for k in before if k.endswith("running_mean"))])
+
+
 def test_unavailable_device_is_a_clear_error() -> None:
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(BdtkError, match="Unknown device"):

@@ -123,6 +123,8 @@ def test_example_plugin_is_listed_with_its_distribution() -> None:
     assert plugins[("attack", "badnets")]["distribution"] == "backdoor-toolkit"
     table = bdtk("plugins")
     assert table.exit_code == 0 and "clp" in table.stdout and "bdtk-clp" in table.stdout
+    # tables in load order: bdtk's own first, then by distribution name (the order settling clashes)
+    assert table.stdout.index("backdoor-toolkit 0.1.0") < table.stdout.index("bdtk-clp 0.1.0")
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist")

@@ -13,7 +13,15 @@ from rich.markup import escape
 
 from ..config import split_preset
 from ..console import console
-from ..plugins import PluginInfo, find_plugins, get_plugin, get_preset, get_registry
+from ..plugins import (
+    BUILTIN_DISTRIBUTION,
+    PluginInfo,
+    find_plugins,
+    get_plugin,
+    get_preset,
+    get_registry,
+    normalize_name,
+)
 from .common import app, user_errors
 from .listing import listing_table
 
@@ -48,7 +56,14 @@ def plugins(
     by_distribution: dict[tuple[str, str], list[PluginInfo]] = {}
     for info in registry.all():
         by_distribution.setdefault((info.source.distribution, info.source.version), []).append(info)
-    for (distribution, version), infos in by_distribution.items():
+
+    # in the order the registry loads distributions (bdtk's own, then by name), which settles
+    # name clashes
+    def load_order(item: tuple[tuple[str, str], list[PluginInfo]]) -> tuple[bool, str]:
+        name = normalize_name(item[0][0])
+        return (name != BUILTIN_DISTRIBUTION, name)
+
+    for (distribution, version), infos in sorted(by_distribution.items(), key=load_order):
         table = listing_table(
             f"{distribution} {version}", names=("kind", "name", "presets"), prose=("summary",)
         )
