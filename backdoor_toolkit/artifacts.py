@@ -121,13 +121,21 @@ def _temporary(directory: Path, name: str) -> tuple[int, Path]:
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """`data` in a new uniquely named file beside `path` (removed again if writing fails)."""
-    fd, tmp = _temporary(path.parent, path.name)
+    """`data` in a new uniquely named file beside `path` (removed again if writing fails).
+
+    An OSError names `path`, the file the user asked for, not the temporary one (and a full disk's
+    error, which names no file at all, gets it too)."""
+    try:
+        fd, tmp = _temporary(path.parent, path.name)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     return tmp
 
@@ -235,8 +243,21 @@ class ArtifactCache:
         """Store an entry (replacing any old one); a no-op when the cache is disabled.
 
         Raises ValueError for NaN/inf tensors: `load` would refuse them anyway, so storing them
-        could only hide the failure until the next run.
+        could only hide the failure until the next run. A write that fails (a full disk, a folder
+        made read-only since the start) is a warning: the cache only saves time, and the model
+        just trained is still good, so the run goes on with it instead of failing its cell.
         """
+        try:
+            self._save(key, tensors, metadata)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            line = (
+                f"Could not cache {key} in {self.root} ({reason}); going on without caching it. "
+                "Free space there or give another --cache-dir."
+            )
+            console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
+
+    def _save(self, key: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -45,7 +45,17 @@ class StrictConfig(BaseModel):
             raise ValueError(f"{_shown(value)} is a boolean, not a number")
         if any(isinstance(v, str | bytes) for v in values):
             raise ValueError(f"{_shown(value)} is a string, not a number (write the number without quotes)")
-        return value
+        return _no_negative_zero(value)
+
+
+def _no_negative_zero(value: Any) -> Any:
+    """-0.0 as 0.0 (in a list too): the two are the same setting, but JSON keeps the sign, so a
+    config hash would make them two cells and two leaderboard rows."""
+    if isinstance(value, float) and value == 0.0:
+        return 0.0
+    if isinstance(value, list | tuple):
+        return type(value)(_no_negative_zero(v) for v in value)
+    return value
 
 
 def _shown(value: Any) -> str:

@@ -115,8 +115,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     spec = dataset_spec(name)
     entry = _DATASETS[name]
     root = Path(data_dir).expanduser() if data_dir is not None else None
+    what = "--data-dir"
     if root is None and os.environ.get("BDTK_DATA_DIR"):
-        root = Path(os.environ["BDTK_DATA_DIR"]).expanduser()
+        root, what = Path(os.environ["BDTK_DATA_DIR"]).expanduser(), "BDTK_DATA_DIR"
+    if root is not None and root.exists() and not root.is_dir():  # a loader may ignore it and fall back
+        raise DatasetNotFoundError(f"{what} {root} is a file; give the folder that holds the datasets.")
     try:
         train, test = entry.loader(root, download)
     except DatasetCorruptError:

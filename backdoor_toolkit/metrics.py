@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from .data import ImageData, to_float
+from .errors import NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,27 @@ def predict(
     batch_size: int = 512,
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Predicted classes for uint8 or float images, optionally transformed (e.g. triggered)."""
+    """Predicted classes for uint8 or float images, optionally transformed (e.g. triggered).
+
+    Raises NonFiniteError when any output is NaN or infinite: argmax would still name a class
+    (NaN picks class 0), so such a model would be scored as if it had predicted something.
+    """
     model.eval().to(device)
     out = []
+    broken = 0
     for start in range(0, images.shape[0], batch_size):
         x = to_float(images[start : start + batch_size]).to(device)
         if transform is not None:
             x = transform(x)
-        out.append(model(x).argmax(1).cpu())
+        logits = model(x)
+        broken += int((~torch.isfinite(logits)).flatten(1).any(1).sum()) if logits.dim() > 1 else 0
+        out.append(logits.argmax(1).cpu())
+    if broken:
+        raise NonFiniteError(
+            f"The model outputs NaN or infinite values on {broken} of {images.shape[0]} images, so "
+            "its predictions cannot be scored; check its weights (a diverged training run) and that "
+            "the images are what it was trained on."
+        )
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 

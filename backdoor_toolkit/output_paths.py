@@ -13,7 +13,9 @@ own writers (`PurifyReport.save`) check through here.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+import secrets
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import BdtkError
@@ -46,6 +48,38 @@ def _refuse_read_only(path: Path, what: str) -> None:
     for target in (path.parent, path):
         if target.exists() and not os.access(target, os.W_OK):
             raise BdtkError(f"Cannot write {what} {path}: {target} is read-only; choose another path.")
+    _probe_folder(path if path.is_dir() else path.parent, path, what)
+
+
+def _probe_folder(folder: Path | None, path: Path, what: str) -> None:
+    """Create and remove a file in `folder`: permission bits do not tell (root passes `os.access`
+    on /sys or /proc, a read-only mount, a quota), and the write that fails must not be the one
+    at the end of the run."""
+    if folder is None or not folder.is_dir():
+        return
+    probe = folder / f".bdtk-write-probe.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise BdtkError(
+            f"Cannot write {what} {path}: {folder} does not accept new files ({exc.strerror or exc}); "
+            "choose another path."
+        ) from None
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+
+
+@contextmanager
+def naming_output(path: Path) -> Iterator[None]:
+    """Make an OSError raised while writing `path` name it: a full disk's error names no file, and
+    an atomic writer's names its temporary file, neither of which tells the user which output
+    failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or str(exc.filename).endswith(".tmp"):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
 
 
 def check_output_file(path: Path, option: str, *, extensions: Collection[str] | None = None) -> None:

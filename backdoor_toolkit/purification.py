@@ -49,7 +49,7 @@ from .metrics import accuracy, measure, predict
 from .models import AdaptedClassifier, ImageClassifier, adapt, check_capabilities, save_model
 from .models.adapter import input_channels
 from .models.loading import normalization_values
-from .output_paths import check_output_file
+from .output_paths import check_output_file, naming_output
 from .plugins import ResolvedPlugin, create_inverter, create_purifier, resolve_plugin
 from .training import check_finite, resolve_device, seed_everything
 from .triggers import MaskTrigger
@@ -113,16 +113,29 @@ class CleanData:
         }
 
 
-def _split(
-    spec: DataSpec, images: ImageData, val_fraction: float, seed: int, ratio: float = 1.0
-) -> DefenseData:
-    """The clean budget's train/val split: the benchmark's seeded, class-stratified draw."""
+def _split(spec: DataSpec, images: ImageData, val_fraction: float, seed: int) -> DefenseData:
+    """A user's clean images split into train and val parts class by class (seeded): each class
+    gives `val_fraction` of its images to val, at least one when it has two or more, and keeps at
+    least one for training. A draw over the whole budget (as a benchmark's, from thousands of
+    images) can leave a class out of a small val part entirely."""
     if len(images) < 2:
         raise BdtkError(f"{spec.name} has {len(images)} image(s); a clean budget needs at least 2.")
-    empty = ImageData(images.images[:0], images.labels[:0])
-    return draw_defense_data(
-        Dataset(spec, images, empty), torch.empty(0, dtype=torch.long), ratio, val_fraction, seed
-    )
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=gen)
+    train_parts, val_parts = [], []
+    for cls in range(spec.num_classes):
+        members = order[images.labels[order] == cls]
+        n = int(members.numel())
+        n_val = min(n - 1, max(1, round(val_fraction * n))) if val_fraction > 0 and n >= 2 else 0
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    index_train = torch.cat(train_parts)
+    index_val = torch.cat(val_parts)
+    index_train = index_train[torch.randperm(index_train.numel(), generator=gen)]
+    index_val = index_val[torch.randperm(index_val.numel(), generator=gen)]
+    if index_train.numel() == 0:
+        raise BdtkError(f"--val-fraction {val_fraction} leaves no image of {len(images)} for training.")
+    return DefenseData(spec, images.subset(index_train), images.subset(index_val), index_train, index_val)
 
 
 def _check_labels(spec: DataSpec, data: ImageData, what: str) -> None:
@@ -475,11 +488,14 @@ class PurifyReport:
             )
         model = self.result.model
         assert isinstance(model, ImageClassifier)
-        save_model(model, paths.weights, self.metadata(extra))
+        with naming_output(paths.weights):
+            save_model(model, paths.weights, self.metadata(extra))
         report = {**self.to_dict(), "outputs": paths.written(self.inversion is not None)}
-        paths.report.write_text(json_text(report) + "\n", encoding="utf-8")
+        with naming_output(paths.report):
+            paths.report.write_text(json_text(report) + "\n", encoding="utf-8")
         if self.inversion is not None:
-            trigger_sheet(self.inversion).save(paths.triggers)
+            with naming_output(paths.triggers):
+                trigger_sheet(self.inversion).save(paths.triggers)
         else:
             paths.triggers.unlink(missing_ok=True)  # a stale sheet of an earlier run would mislead
         return paths

@@ -111,6 +111,11 @@ class ResultStore:
         self.path = Path(path).expanduser() if path is not None else default_db_path()
         self.retry_seconds = retry_seconds
         self._write = write
+        if self.path.is_dir():
+            raise StoreError(
+                f"The result database {self.path} is a folder; give a file path (--db or BDTK_DB), e.g. "
+                f"{self.path / 'results.sqlite'}."
+            )
         if write:
             self._check_writable()
         elif not self.path.exists():  # a reader never creates the file (sqlite3.connect would)

@@ -574,3 +574,183 @@ def test_an_output_that_is_a_device_is_refused(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "not a regular file" in _one_line_error(result.output), result.output
     assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_model_that_outputs_nan_is_an_error_not_a_score() -> None:
+    """argmax of NaN is class 0: a model emitting NaN on some images was scored (33 % accuracy)."""
+    from backdoor_toolkit.metrics import accuracy
+
+    class NanOnWhite(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x)
+            white = x.flatten(1).min(1).values >= 1.0
+            return torch.where(white[:, None], torch.full_like(out, torch.nan), out)
+
+    model = NanOnWhite(tiny_model())
+    images = tiny_images()
+    assert 0 <= accuracy(model, images, torch.device("cpu")) <= 1  # no white image: scored
+    broken = images.images.clone()
+    broken[:5] = 255
+    with pytest.raises(NonFiniteError, match=r"NaN or infinite values on 5 of 64 images"):
+        accuracy(model, type(images)(broken, images.labels), torch.device("cpu"))
+
+
+def test_an_output_folder_that_refuses_new_files_is_found_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Permission bits do not tell (root passes os.access on /sys): a real file is tried."""
+    import errno
+
+    from backdoor_toolkit import output_paths
+
+    real_open = os.open
+
+    def refusing(path: Any, *args: Any, **kwargs: Any) -> int:
+        if ".bdtk-write-probe." in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_paths.os, "open", refusing)
+    with pytest.raises(BdtkError, match=r"Cannot write --out .*p\.safetensors: .* does not accept new files"):
+        output_paths.check_output_file(tmp_path / "p.safetensors", "--out")
+    monkeypatch.undo()
+    output_paths.check_output_file(tmp_path / "p.safetensors", "--out")
+    assert [p.name for p in tmp_path.iterdir()] == []  # the probe leaves nothing behind
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failed_write_names_the_output_not_a_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from backdoor_toolkit import artifacts
+    from backdoor_toolkit.artifacts import atomic_write_text
+    from backdoor_toolkit.output_paths import naming_output
+
+    with pytest.raises(OSError) as info, naming_output(tmp_path / "board.csv"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.filename == str(tmp_path / "board.csv")
+    # a full disk: the temporary file's write fails with ENOSPC, which names no file
+    monkeypatch.setattr(
+        artifacts, "_temporary", lambda folder, name: (os.open("/dev/full", os.O_WRONLY), tmp_path / ".t.tmp")
+    )
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "x.json", "{}")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "x.json")
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under the cache failed the cell and threw the trained model away."""
+    import errno
+
+    from backdoor_toolkit import artifacts
+
+    def full(path: Path, data: bytes) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    cache = artifacts.ArtifactCache(tmp_path / "cache", enabled=True)
+    monkeypatch.setattr(artifacts, "_write_temporary", full)
+    from backdoor_toolkit.console import console
+
+    with console.capture() as captured:
+        cache.save("k", {"w": torch.ones(2)}, {"m": 1})  # a warning, not an exception
+    said = " ".join(captured.get().split())
+    assert "Could not cache k in" in said and "No space left on device" in said
+    monkeypatch.undo()
+    assert cache.load("k") is None and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_minus_zero_and_zero_are_one_setting() -> None:
+    from backdoor_toolkit import create_purifier
+
+    a = create_purifier("finetune", {"weight_decay": -0.0}).config.model_dump_json()
+    b = create_purifier("finetune", {"weight_decay": 0}).config.model_dump_json()
+    assert a == b and "-0.0" not in a
+
+
+def test_a_small_folder_is_split_class_by_class(tmp_path: Path) -> None:
+    """A draw over the whole budget left a class out of the val part of a 30-image folder."""
+    from PIL import Image
+
+    from backdoor_toolkit.purification import load_clean_data
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    for seed in range(5):
+        clean = load_clean_data(f"folder:{tmp_path}", channels=1, num_classes=3, seed=seed)
+        assert torch.bincount(clean.budget.val.labels, minlength=3).tolist() == [2, 2, 2]
+        assert torch.bincount(clean.budget.train.labels, minlength=3).tolist() == [8, 8, 8]
+    again = load_clean_data(f"folder:{tmp_path}", channels=1, num_classes=3, seed=4)
+    assert torch.equal(again.budget.index_val, clean.budget.index_val)  # seeded
+    most = load_clean_data(f"folder:{tmp_path}", channels=1, num_classes=3, val_fraction=0.99)
+    assert torch.bincount(most.budget.train.labels, minlength=3).tolist() == [1, 1, 1]  # one kept each
+
+
+def test_a_model_json_written_for_other_weights_is_refused(tmp_path: Path) -> None:
+    from backdoor_toolkit.models import load_model, save_model
+
+    save_model(tiny_model(), tmp_path / "m.safetensors", {"architecture": "small-cnn"})
+    assert load_model(tmp_path / "m.safetensors").sha256
+    other = tmp_path / "other.safetensors"
+    save_model(tiny_model(seed=1), other, {"architecture": "small-cnn"})
+    shutil.copy(other, tmp_path / "m.safetensors")  # new weights, the old JSON beside them
+    with pytest.raises(BdtkError, match=r"m\.json was written for other weights"):
+        load_model(tmp_path / "m.safetensors")
+    meta = json.loads((tmp_path / "other.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**meta, "image_size": [100000, 100000]}))
+    with pytest.raises(BdtkError, match=r"other\.json: 'image_size' must be .* from 1 to 4096"):
+        load_model(other)
+
+
+def test_a_field_set_twice_and_options_that_do_not_apply_are_refused(tmp_path: Path) -> None:
+    twice = ["--set", "finetune.epochs=1", "--set", "finetune.epochs=2"]
+    result = runner.invoke(app, ["benchmark", *twice, "--db", str(tmp_path / "r")])
+    said = _one_line_error(result.output)
+    assert result.exit_code == 2 and "epochs is already set to 1; give each field once" in said
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    folder = f"folder:{tmp_path / 'imgs'}"
+    out = str(tmp_path / "p.safetensors")
+    result = runner.invoke(
+        app, ["purify", str(tmp_path / "m.safetensors"), "--data", folder, "--train-size", "5", "--out", out]
+    )
+    said = _one_line_error(result.output)
+    assert result.exit_code != 0 and "--train-size: not with --data folder:" in said
+
+
+def test_leaderboard_exports_and_filters_that_cannot_mean_anything_are_refused(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        store.put(_row())
+    same = tmp_path / "same.x"
+    result = runner.invoke(app, ["leaderboard", "--db", str(db), "--csv", str(same), "--json", str(same)])
+    assert result.exit_code != 0 and "--csv and --json name the same file" in _one_line_error(result.output)
+    assert not same.exists()
+    result = runner.invoke(app, ["leaderboard", "--db", str(db), "--model", ""])
+    assert "--model is empty" in _one_line_error(result.output)
+    result = runner.invoke(app, ["leaderboard", "--db", str(tmp_path)])
+    assert "is a folder; give a file path" in _one_line_error(result.output)
+
+
+def test_an_undefended_model_without_much_backdoor_is_pointed_out() -> None:
+    from backdoor_toolkit.leaderboard import weak_backdoors
+
+    weak = _row().model_copy(update={"defense": "none", "asr": 0.05})
+    strong = weak.model_copy(update={"seed": 1, "asr": 0.95})
+    lines = weak_backdoors([weak, strong])
+    assert len(lines) == 1 and f"seed {weak.seed}" in lines[0] and "5.00 %" in lines[0]
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DatasetNotFoundError, match=r"--data-dir .*f is a file"):
+        load_dataset("fashion-mnist", tmp_path / "f")

@@ -31,6 +31,7 @@ from .common import (
     Terminated,
     app,
     parse_value,
+    set_once,
     terminate_as_interrupt,
     user_errors,
 )
@@ -43,11 +44,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> None:
     preset (`mcldef.epochs=3` sets `mcldef:paper` too), or `NAME:PRESET`, which addresses only
     that choice. The value goes into the choice's explicit config, so it wins over the preset's.
     """
+    given: dict[str, dict[str, Any]] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         plugin, dot, field = key.partition(".")
         if not sep or not dot or not field:
             raise ConfigError(f"--set expects PLUGIN.FIELD=VALUE (e.g. finetune.epochs=5), got {item!r}.")
+        set_once(given.setdefault(plugin, {}), field, parse_value(raw), item)
         hits = 0
         for section in ("attacks", "defenses"):
             for choice in values.get(section, []):

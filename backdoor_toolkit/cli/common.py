@@ -265,8 +265,18 @@ def parse_settings(items: list[str], attack: str | None = None) -> dict[str, Any
                 break
         if not sep or not key:
             raise ConfigError(f"--set expects FIELD=VALUE (e.g. alpha=0.1), got {item!r}.")
-        out[key] = parse_value(raw)
+        set_once(out, key, parse_value(raw), item)
     return out
+
+
+def set_once(values: dict[str, Any], field: str, value: Any, item: str) -> None:
+    """Record `field` = `value`, refusing a field given twice: which one counts would be a guess."""
+    if field in values and values[field] != value:
+        raise ConfigError(
+            f"--set {item!r}: {field} is already set to {json.dumps(values[field], default=str)}; give "
+            "each field once."
+        )
+    values[field] = value
 
 
 def split_settings(items: list[str], plugins: Sequence[str], default: str) -> dict[str, dict[str, Any]]:
@@ -294,5 +304,5 @@ def split_settings(items: list[str], plugins: Sequence[str], default: str) -> di
                 f"--set {item!r}: no plugin named {plugin!r} in this command; it runs "
                 f"{', '.join(map(repr, plugins))}."
             )
-        out[chosen][field] = parse_value(raw)
+        set_once(out[chosen], field, parse_value(raw), item)
     return out

@@ -32,7 +32,7 @@ from ..errors import BdtkError, ConfigError
 from ..interfaces import InversionResult, Kind
 from ..inversion import InversionKeys, split_diagnostics
 from ..models.loading import DEFAULT_ARCHITECTURE
-from ..output_paths import check_output_folder
+from ..output_paths import check_output_folder, naming_output
 from ..plugins import ResolvedPlugin, get_plugin, resolve_plugin
 from ..purification import run_inspection, trigger_sheet
 from ..training import resolve_device
@@ -372,10 +372,11 @@ def inspect(
     if not flagged:
         console.print(ALL_TO_ALL_NOTE, highlight=False, markup=False)
     info = {**source, "dataset": data_label, "model": model_label, "seed": seed, "true_target": true_target}
-    if len(results) == 1:
-        _write(out, *results[0], info)
-    else:
-        _write_several(out, results, info)
+    with naming_output(out):
+        if len(results) == 1:
+            _write(out, *results[0], info)
+        else:
+            _write_several(out, results, info)
 
 
 def _show(result: InversionResult, label: str, true_target: int | None) -> None:

@@ -25,9 +25,10 @@ from ..leaderboard import (
     to_json,
     to_markdown,
     to_rich,
+    weak_backdoors,
     write_png,
 )
-from ..output_paths import check_output_file, check_output_folder
+from ..output_paths import check_output_file, check_output_folder, naming_output
 from ..results import CellResult
 from ..store import ResultStore, default_db_path
 from .common import app, user_errors
@@ -62,10 +63,18 @@ def leaderboard(
     """Rank defenses per attack and overall (mean ± std over seeds) from the stored cells."""
     if png is not None:
         require_matplotlib("--png")  # before any work: one line that says how to install it
+    named = [("--dataset", dataset), ("--model", model), *(("--attack", a) for a in attack or [])]
+    for option, value in named:
+        if value is not None and not value.strip():
+            raise BdtkError(f"{option} is empty; give a name, or leave the option out to show all.")
     files = {"--markdown": markdown, "--csv": csv, "--json": json, "--html": html, "--png": png}
+    claimed: dict[Path, str] = {}
     for option, target in files.items():
         if target is not None:
             check_output_file(target, option)
+            same = claimed.setdefault(target.expanduser().resolve(), option)
+            if same != option:  # the second export would overwrite the first
+                raise BdtkError(f"{same} and {option} name the same file {target}; give each its own.")
     if out is not None:
         check_output_folder(out, "--out")
         for name in [f"leaderboard.{suffix}" for suffix in EXPORTS] + ["leaderboard.png"]:
@@ -92,14 +101,18 @@ def leaderboard(
         console.print(table)
     for line in gaps_summary(board):
         console.print(f"[yellow]{escape(line)}[/]")
+    for line in weak_backdoors(rows):
+        console.print(f"[yellow]{escape(line)}[/]")
     written: list[Path] = []
     for target, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
         if target is not None:  # its folder exists: checked above
             target.parent.mkdir(exist_ok=True)  # at most this one folder can be missing (checked first)
-            target.write_text(render(board))
+            with naming_output(target):
+                target.write_text(render(board))
             written.append(target)
     if png is not None:
-        write_png(board, png)
+        with naming_output(png):
+            write_png(board, png)
         written.append(png)
     if out is not None:
         written += export(board, out)

@@ -122,6 +122,15 @@ def load_user_model(path: Path, options: ModelOptions) -> tuple[LoadedModel, Cle
     if directory is not None:
         return _victim_and_data(directory, options)
     data = options.data or DEFAULT_DATA
+    if data.startswith("folder:"):  # options that choose a subset of a named dataset
+        o = options
+        given = {"--train-size": o.train_size, "--test-size": o.test_size, "--data-dir": o.data_dir}
+        used = [flag for flag, value in given.items() if value is not None]
+        if used:
+            raise ConfigError(
+                f"{', '.join(used)}: not with --data {data}, whose images are all the clean budget "
+                "(these options choose from a named dataset); leave them out or give a dataset name."
+            )
     loaded = load_model(
         path,
         options.architecture,
@@ -246,10 +255,23 @@ def describe_model(loaded: LoadedModel, clean: CleanData, victim: Victim | None 
     in_val = int(clean.budget.val.labels.unique().numel()) if len(clean.budget.val) else 0
     in_train = int(clean.budget.train.labels.unique().numel()) if len(clean.budget.train) else 0
     if in_train < classes or in_val < classes:
+        import torch
+
+        counts = torch.bincount(
+            torch.cat([clean.budget.train.labels, clean.budget.val.labels]), minlength=classes
+        )
+        names = clean.classes or [str(k) for k in range(classes)]
+        few = [f"{names[k]} ({int(counts[k])})" for k in range(classes) if counts[k] < 2]
+        why = (
+            f"classes with fewer than 2 images: {', '.join(few[:8])}{', …' if len(few) > 8 else ''}; "
+            "give at least 2 images of every class"
+            if few
+            else "raise --val-fraction so that every class has a val image"
+        )
         console.print(
             f"[yellow]The clean images cover {in_train} of {classes} classes for training and {in_val} "
             f"for the held-out val part ({len(clean.budget.val)} images): what a defense learns and "
-            "chooses on them (early stop, thresholds) will be unreliable; give images of every class.[/]",
+            f"chooses on them (early stop, thresholds) will be unreliable ({why}).[/]",
             highlight=False,
         )
 

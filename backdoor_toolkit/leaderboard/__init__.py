@@ -27,6 +27,7 @@ from .aggregation import (
     describe_setting,
     describe_settings,
     metric_info,
+    weak_backdoors,
 )
 from .plot import (
     INSTALL_HINT,
@@ -87,5 +88,6 @@ __all__ = [
     "to_json",
     "to_markdown",
     "to_rich",
+    "weak_backdoors",
     "write_png",
 ]

@@ -370,3 +370,22 @@ def describe_gaps(gaps: list[Gap], scenario: str) -> list[str]:
         parts += [f"{g.defense} failed: {g.reason}" for g in block if g.failed]
         lines.append(f"{attack}, seed {seed}: " + "; ".join(parts))
     return lines
+
+
+#: An undefended model whose ASR is below this holds little backdoor: a defense's DER there
+#: measures little (every defense scores about 0.5), yet it is averaged into the ranking.
+WEAK_BACKDOOR_ASR = 0.2
+
+
+def weak_backdoors(rows: list[CellResult], below: float = WEAK_BACKDOOR_ASR) -> list[str]:
+    """One line per undefended model (attack, seed, dataset, model) whose ASR is below `below`,
+    so a reader knows which cells of the ranking had little backdoor to remove."""
+    lines = []
+    for row in rows:
+        if row.defense == UNDEFENDED and row.status == "ok" and row.asr is not None and row.asr < below:
+            lines.append(
+                f"{row.attack_label}, seed {row.seed} ({row.dataset}, {row.model}): the undefended "
+                f"model's ASR is {100 * row.asr:.2f} %, so there was little backdoor to remove and its "
+                "defenses' DER says little."
+            )
+    return sorted(set(lines))

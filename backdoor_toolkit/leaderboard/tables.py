@@ -22,6 +22,7 @@ from rich import box
 from rich.table import Table
 
 from ..artifacts import json_text
+from ..output_paths import naming_output
 from .aggregation import (
     CLEAN_MODEL,
     COLUMNS,
@@ -420,7 +421,8 @@ def export(board: Leaderboard, out_dir: Path, stem: str = "leaderboard") -> list
     written = []
     for suffix, render in EXPORTS.items():
         path = out_dir / f"{stem}.{suffix}"
-        path.write_text(render(board))
+        with naming_output(path):
+            path.write_text(render(board))
         written.append(path)
     if matplotlib_available():
         png = out_dir / f"{stem}.png"

@@ -92,7 +92,8 @@ def _is_count(value: Any) -> bool:
 
 
 def _is_size(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)
+    """[height, width] within what --image-size accepts (1 to 4096 a side)."""
+    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) and v <= 4096 for v in value)
 
 
 #: The fields of bdtk's model JSON that loading reads, and what each must be.
@@ -100,7 +101,7 @@ _METADATA_FIELDS: dict[str, tuple[str, Any]] = {
     "architecture": ("a model name (text)", lambda v: isinstance(v, str) and bool(v)),
     "feature_layer": ("a module name (text) or null", lambda v: v is None or isinstance(v, str)),
     "channels": ("a positive whole number", _is_count),
-    "image_size": ("[height, width], two positive whole numbers", _is_size),
+    "image_size": ("[height, width], two whole numbers from 1 to 4096", _is_size),
 }
 
 
@@ -330,11 +331,20 @@ def load_model(
                 f"{architecture} reads {channels}-channel images, but its {name} has {values.numel()} "
                 f"values ({source}); give one per channel."
             )
+    sha256 = file_sha256(path)
+    written_for = metadata.get("sha256")
+    if isinstance(written_for, str) and written_for and written_for != sha256:
+        # its architecture, normalisation and classes describe other weights
+        raise BdtkError(
+            f"{metadata_path(path)} was written for other weights (its sha256 {written_for[:12]}… is not "
+            f"{path.name}'s {sha256[:12]}…); remove it or restore the file it describes, and give "
+            "--model/--mean/--std yourself."
+        )
     return LoadedModel(
         model=model.eval(),
         architecture=architecture,
         path=path,
-        sha256=file_sha256(path),
+        sha256=sha256,
         metadata=metadata,
         channels=channels,
         normalization=source,
