@@ -754,3 +754,25 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(DatasetNotFoundError, match=r"--data-dir .*f is a file"):
         load_dataset("fashion-mnist", tmp_path / "f")
+
+
+def test_class_names_that_differ_from_the_models_json_are_pointed_out(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from backdoor_toolkit.cli.purify import describe_model
+    from backdoor_toolkit.console import console
+    from backdoor_toolkit.models import load_model, save_model
+    from backdoor_toolkit.purification import load_clean_data
+
+    save_model(tiny_model(), tmp_path / "m.safetensors", {"architecture": "small-cnn", "classes": ["x", "y"]})
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(
+                tmp_path / "imgs" / name / f"{i}.png"
+            )
+    loaded = load_model(tmp_path / "m.safetensors")
+    clean = load_clean_data(f"folder:{tmp_path / 'imgs'}", channels=loaded.channels, image_size=16)
+    with console.capture() as captured:
+        describe_model(loaded, clean)
+    assert "names its classes x, y; the folder's are a, b" in " ".join(captured.get().split())

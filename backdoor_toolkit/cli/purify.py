@@ -242,6 +242,15 @@ def describe_model(loaded: LoadedModel, clean: CleanData, victim: Victim | None 
             "enter the clean budget",
             highlight=False,
         )
+    named = loaded.metadata.get("classes")
+    if isinstance(named, list) and clean.classes is not None and named != clean.classes:
+        shown = ", ".join(map(str, named[:6])) + (", …" if len(named) > 6 else "")
+        mine = ", ".join(clean.classes[:6]) + (", …" if len(clean.classes) > 6 else "")
+        console.print(
+            f"[yellow]The model's JSON names its classes {escape(shown)}; the folder's are {escape(mine)}. "
+            "Labels follow the folder's sorted names, so check that class k is the same class in both.[/]",
+            highlight=False,
+        )
     skipped = [(clean.source, clean.skipped), (clean.test_source, clean.test_skipped)]
     for source, count in skipped:
         if count:
