@@ -217,8 +217,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: py
         raise OSError("disk full")
 
     monkeypatch.setattr(artifacts.os, "replace", refuse)
-    with pytest.raises(OSError, match="disk full"):
-        ArtifactCache(tmp_path).save("k", {"w": torch.ones(1)}, {})
+    ArtifactCache(tmp_path).save("k", {"w": torch.ones(1)}, {})  # the cache warns; the run goes on
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(tmp_path / "results.json", "{}")
     assert _files(tmp_path) == []
