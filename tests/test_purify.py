@@ -555,15 +555,22 @@ def test_a_factory_named_beside_a_model_file_is_never_imported(
 
 
 def test_clean_images_that_miss_classes_are_warned_about(zoo_file: Path, tmp_path: Path) -> None:
-    """Eight images of four classes leave a two-image val part: early stops and thresholds chosen
-    on it mean little, and the user should know."""
+    """A class with one image cannot be in both parts: early stops and thresholds chosen on a val
+    part without it mean little, and the user should know which class to add images to. Two
+    images a class are enough: the folder is split class by class."""
     few = write_folder(tmp_path / "few", classes=4, per_class=2, mode="L")
     args = purify_args(
         zoo_file, tmp_path / "p.safetensors", "--model", "small-cnn", "--data", f"folder:{few}"
     )
     result = runner.invoke(app, [*args, "--defense", "finetune", "--set", "epochs=1"])
     assert result.exit_code == 0, result.output
-    assert "for the held-out val part (2 images)" in " ".join(result.output.split())
+    assert "held-out val part" not in result.output  # one val image of each class
+    (few / "class_3" / "1.png").unlink()
+    result = runner.invoke(app, [*args, "--defense", "finetune", "--set", "epochs=1", "--force"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "cover 4 of 4 classes for training and 3 for the held-out val part (3 images)" in said
+    assert "classes with fewer than 2 images: class_3 (1)" in said
 
 
 def test_an_unreadable_json_beside_a_model_is_an_error_not_ignored(zoo_file: Path, tmp_path: Path) -> None:

@@ -242,10 +242,14 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 def parse_value(text: str) -> Any:
-    """A --set value: JSON when it parses (numbers, booleans, lists), else the plain string."""
+    """A --set value: JSON when it parses (numbers, booleans, lists), else the plain string; `inf`
+    and `nan` as the floats they name (a config then refuses them as not finite, where a string
+    would be refused as a quoted number)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        if text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
+            return float(text.strip())
         return text
 
 
