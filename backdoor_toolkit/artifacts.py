@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .console import console
 from .errors import BdtkError
+from .output_paths import naming_output
 
 try:
     import fcntl
@@ -123,20 +124,15 @@ def _temporary(directory: Path, name: str) -> tuple[int, Path]:
 def _write_temporary(path: Path, data: bytes) -> Path:
     """`data` in a new uniquely named file beside `path` (removed again if writing fails).
 
-    An OSError names `path`, the file the user asked for, not the temporary one (and a full disk's
-    error, which names no file at all, gets it too)."""
-    try:
+    An OSError names `path`, the file the user asked for, not the temporary one (`naming_output`)."""
+    with naming_output(path):
         fd, tmp = _temporary(path.parent, path.name)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return tmp
 
 

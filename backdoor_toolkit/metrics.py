@@ -75,7 +75,7 @@ def predict(
         if transform is not None:
             x = transform(x)
         logits = model(x)
-        broken += int((~torch.isfinite(logits)).flatten(1).any(1).sum()) if logits.dim() > 1 else 0
+        broken += int((~torch.isfinite(logits)).flatten(1).any(1).sum())
         out.append(logits.argmax(1).cpu())
     if broken:
         raise NonFiniteError(

@@ -51,11 +51,11 @@ def _refuse_read_only(path: Path, what: str) -> None:
     _probe_folder(path if path.is_dir() else path.parent, path, what)
 
 
-def _probe_folder(folder: Path | None, path: Path, what: str) -> None:
+def _probe_folder(folder: Path, path: Path, what: str) -> None:
     """Create and remove a file in `folder`: permission bits do not tell (root passes `os.access`
     on /sys or /proc, a read-only mount, a quota), and the write that fails must not be the one
     at the end of the run."""
-    if folder is None or not folder.is_dir():
+    if not folder.is_dir():
         return
     probe = folder / f".bdtk-write-probe.{os.getpid()}.{secrets.token_hex(4)}"
     try:

@@ -133,8 +133,6 @@ def _split(spec: DataSpec, images: ImageData, val_fraction: float, seed: int) ->
     index_val = torch.cat(val_parts)
     index_train = index_train[torch.randperm(index_train.numel(), generator=gen)]
     index_val = index_val[torch.randperm(index_val.numel(), generator=gen)]
-    if index_train.numel() == 0:
-        raise BdtkError(f"--val-fraction {val_fraction} leaves no image of {len(images)} for training.")
     return DefenseData(spec, images.subset(index_train), images.subset(index_val), index_train, index_val)
 
 

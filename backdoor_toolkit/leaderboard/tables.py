@@ -426,6 +426,7 @@ def export(board: Leaderboard, out_dir: Path, stem: str = "leaderboard") -> list
         written.append(path)
     if matplotlib_available():
         png = out_dir / f"{stem}.png"
-        write_png(board, png)
+        with naming_output(png):
+            write_png(board, png)
         written.append(png)
     return written
