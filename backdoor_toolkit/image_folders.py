@@ -88,6 +88,9 @@ class FolderImages:
     #: Files with an image extension that PIL could not read (or that are too large to decode
     #: safely: PIL's decompression-bomb limit), skipped.
     skipped: list[Path] = field(default_factory=list)
+    #: Why each skipped file could not be read (PIL's message, or the decompression-bomb limit),
+    #: so a user can fix the file instead of guessing.
+    skip_reasons: dict[Path, str] = field(default_factory=dict)
     #: Linked folders and files not followed because they loop back into the image folder or reach
     #: images already counted (see the module docstring).
     ignored: list[Path] = field(default_factory=list)
@@ -244,13 +247,13 @@ def load_image_folder(
     resample = getattr(Image, "Resampling", Image).BILINEAR
     images: list[np.ndarray] = []
     labels: list[int] = []
-    skipped: list[Path] = []
+    skipped: dict[Path, str] = {}
     sizes: dict[tuple[int, int], Path] = {}
     for path, label in files:
         try:
             picture = decode_image(path, None if channels is None else _MODES[channels])
-        except UnreadableImage:
-            skipped.append(path)
+        except UnreadableImage as exc:
+            skipped[path] = str(exc) or "unreadable"
             continue
         size = (picture.height, picture.width)
         sizes.setdefault(size, path)
@@ -260,7 +263,10 @@ def load_image_folder(
         images.append(array[:, :, None] if array.ndim == 2 else array)
         labels.append(label)
     if not images:
-        raise BdtkError(f"Image folder {root}: none of its {len(files)} image files could be read.")
+        first, why = next(iter(skipped.items()))
+        raise BdtkError(
+            f"Image folder {root}: none of its {len(files)} image files could be read ({first.name}: {why})."
+        )
     if image_size is None and len(sizes) > 1:
         (a, first), (b, second) = list(sizes.items())[:2]
         raise BdtkError(
@@ -271,5 +277,5 @@ def load_image_folder(
         images = [np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array for array in images]
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return FolderImages(
-        root, names, ImageData(tensor, torch.tensor(labels, dtype=torch.long)), skipped, ignored
+        root, names, ImageData(tensor, torch.tensor(labels, dtype=torch.long)), list(skipped), skipped, ignored
     )

@@ -91,9 +91,9 @@ class CleanData:
     test_source: str | None = None
     #: Class names of a folder (sorted sub-folder names), None for a named dataset.
     classes: list[str] | None = None
-    #: Unreadable image files skipped in the clean and the test folder.
-    skipped: int = 0
-    test_skipped: int = 0
+    #: Unreadable image files skipped in the clean and the test folder, each with why.
+    skipped: dict[Path, str] = field(default_factory=dict)
+    test_skipped: dict[Path, str] = field(default_factory=dict)
     #: Links and repeated files of the clean folder not read (a link back into the folder, say).
     ignored: int = 0
 
@@ -105,12 +105,24 @@ class CleanData:
             "image_shape": list(self.spec.image_shape),
             "train_images": len(self.budget.train),
             "val_images": len(self.budget.val),
-            "skipped_images": self.skipped,
+            "skipped_images": len(self.skipped),
+            "skipped_files": _named(self.skipped),
             "ignored_links_or_repeats": self.ignored,
             "test_source": self.test_source,
             "test_images": None if self.test is None else len(self.test),
-            "test_skipped_images": self.test_skipped,
+            "test_skipped_images": len(self.test_skipped),
+            "test_skipped_files": _named(self.test_skipped),
         }
+
+
+#: Skipped files named in a report; past it the count says how many more there were.
+NAMED_SKIPS = 50
+
+
+def _named(skipped: Mapping[Path, str]) -> list[dict[str, str]]:
+    """The first skipped files with why, for the report (a folder of thousands of broken files
+    would otherwise make the report as long as the folder)."""
+    return [{"file": str(path), "reason": why} for path, why in list(skipped.items())[:NAMED_SKIPS]]
 
 
 def _split(spec: DataSpec, images: ImageData, val_fraction: float, seed: int) -> DefenseData:
@@ -174,7 +186,9 @@ def load_clean_data(
     test: ImageData | None = None
     test_source: str | None = None
     classes: list[str] | None = None
-    skipped = test_skipped = ignored = 0
+    skipped: dict[Path, str] = {}
+    test_skipped: dict[Path, str] = {}
+    ignored = 0
     path = source if isinstance(source, Path) else folder_path(source) if isinstance(source, str) else None
     if isinstance(source, DefenseData):
         spec, budget, label = source.spec, source, source.spec.name
@@ -182,7 +196,7 @@ def load_clean_data(
         folder = load_image_folder(path, channels=channels, image_size=size)
         if num_classes is not None:
             _check_classes(folder, num_classes)
-        spec, classes, skipped = folder.spec(mean, std), folder.classes, len(folder.skipped)
+        spec, classes, skipped = folder.spec(mean, std), folder.classes, folder.skip_reasons
         ignored = len(folder.ignored)
         budget, label = _split(spec, folder.data, val_fraction, seed), f"folder:{path}"
     elif isinstance(source, ImageData):
@@ -261,10 +275,10 @@ def _check_unseen(test: ImageData, budget: DefenseData, test_source: str) -> Non
 
 def _test_data(
     source: str | Path | ImageData, spec: DataSpec, classes: list[str] | None
-) -> tuple[ImageData, str, int]:
+) -> tuple[ImageData, str, dict[Path, str]]:
     if isinstance(source, ImageData):
         _check_labels(spec, source, "The test images")
-        return source, "images", 0
+        return source, "images", {}
     path = source if isinstance(source, Path) else folder_path(source)
     if path is None:
         raise BdtkError(f"--test-data expects folder:PATH, got {source!r}.")
@@ -272,7 +286,7 @@ def _test_data(
         path, channels=spec.channels, image_size=(spec.height, spec.width), classes=classes
     )
     _check_classes(folder, spec.num_classes)
-    return folder.data, f"folder:{path}", len(folder.skipped)
+    return folder.data, f"folder:{path}", folder.skip_reasons
 
 
 def victim_clean_data(

@@ -370,6 +370,7 @@ def test_image_folders_read_like_torchvision(tmp_path: Path) -> None:
     assert images.classes == ["a", "b"] and images.data.labels.tolist() == [0, 1]
     assert images.data.images.shape == (2, 1, 8, 6) and images.data.images.dtype == torch.uint8
     assert [p.name for p in images.skipped] == ["broken.jpg"]
+    assert "cannot identify image file" in images.skip_reasons[root / "a" / "broken.jpg"]
 
 
 def test_a_model_without_a_convolution_reads_a_folder_as_its_images_are(
@@ -420,6 +421,7 @@ def test_image_folders_skip_decompression_bombs(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     images = load_image_folder(root, channels=1)
     assert sorted(p.name for p in images.skipped) == ["bomb.png", "warns.png"]
+    assert all("decompression bomb" in why for why in images.skip_reasons.values())
     assert images.data.labels.tolist() == [0, 0, 1, 1]
 
 
@@ -581,15 +583,46 @@ def test_an_unreadable_json_beside_a_model_is_an_error_not_ignored(zoo_file: Pat
         load_model(model, "small-cnn")
 
 
-def test_unreadable_images_are_skipped_with_a_count(zoo_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ("[]", "holds a JSON list, not a model's JSON object"),
+        ('"resnet18"', "holds a JSON str"),
+        ('{"format": "bdtk-model/9", "architecture": "small-cnn"}', "of format 'bdtk-model/9'"),
+        ('{"architecture": "small-cnn", "mean": [0.5]}', 'names architecture, mean but has no "format"'),
+    ],
+)
+def test_a_json_beside_a_model_that_bdtk_would_misread_is_an_error(
+    zoo_file: Path, tmp_path: Path, content: str, said: str
+) -> None:
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(zoo_file.read_bytes())
+    (tmp_path / "m.json").write_text(content)
+    with pytest.raises(BdtkError, match="fix or remove it|remove the file") as caught:
+        load_model(model, "small-cnn")
+    assert said in str(caught.value)
+
+
+def test_another_records_json_beside_a_model_is_ignored(zoo_file: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(zoo_file.read_bytes())
+    (tmp_path / "m.json").write_text('{"format": "bdtk-cache/3", "key": "abc", "metadata": {}}')
+    assert load_model(model, "small-cnn").metadata == {}
+
+
+def test_unreadable_images_are_skipped_and_named_with_why(zoo_file: Path, tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "clean", per_class=3, mode="L")
     (folder / "class_2" / "zz.png").write_bytes(b"broken")
     out = tmp_path / "p.safetensors"
     args = purify_args(zoo_file, out, "--model", "small-cnn", "--data", f"folder:{folder}", "-d", "finetune")
     result = runner.invoke(app, [*args, "--set", "epochs=1"])
     assert result.exit_code == 0, result.output
-    assert "Skipped 1 unreadable image file(s)" in one_line(result.output)
-    assert json.loads((tmp_path / "p.report.json").read_text())["data"]["skipped_images"] == 1
+    said = one_line(result.output)
+    assert "Skipped 1 unreadable image file(s)" in said and "zz.png: cannot identify image file" in said
+    data = json.loads((tmp_path / "p.report.json").read_text())["data"]
+    assert data["skipped_images"] == 1
+    assert data["skipped_files"][0]["file"].endswith("zz.png")
+    assert "cannot identify image file" in data["skipped_files"][0]["reason"]
     # and --force overwrites what a first run wrote
     assert runner.invoke(app, [*args, "--set", "epochs=1"]).exit_code == 2
     result = runner.invoke(app, [*args, "--set", "epochs=1", "--force"])

@@ -251,10 +251,15 @@ def describe_model(loaded: LoadedModel, clean: CleanData, victim: Victim | None 
             "Labels follow the folder's sorted names, so check that class k is the same class in both.[/]",
             highlight=False,
         )
-    skipped = [(clean.source, clean.skipped), (clean.test_source, clean.test_skipped)]
-    for source, count in skipped:
-        if count:
-            console.print(f"[yellow]Skipped {count} unreadable image file(s) in {escape(str(source))}.[/]")
+    for source, skipped in [(clean.source, clean.skipped), (clean.test_source, clean.test_skipped)]:
+        if skipped:
+            shown = "; ".join(f"{path.name}: {why}" for path, why in list(skipped.items())[:3])
+            more = f"; {len(skipped) - 3} more in the report" if len(skipped) > 3 else ""
+            console.print(
+                f"[yellow]Skipped {len(skipped)} unreadable image file(s) in {escape(str(source))} "
+                f"({escape(shown)}{more}).[/]",
+                highlight=False,
+            )
     if clean.ignored:
         console.print(
             f"[yellow]Did not read {clean.ignored} link(s) or repeated file(s) in "

@@ -67,9 +67,11 @@ def metadata_path(path: Path) -> Path:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The JSON bdtk wrote beside model file `path`; {} when absent or not a bdtk model's JSON
-    (a bdtk cache entry's KEY.json, for one, is a different record and is ignored); a JSON file
-    there that cannot be read at all is an error."""
+    """The JSON bdtk wrote beside model file `path`; {} when absent or another record (a bdtk cache
+    entry's KEY.json, for one, is a different record and is ignored). A JSON there that cannot be
+    read, is not an object, is a model JSON of another format version, or names model fields
+    without the format line is an error: ignoring it would read the model with another
+    architecture or normalisation than the file says."""
     beside = metadata_path(path)
     if not beside.is_file():
         return {}
@@ -81,10 +83,29 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"{beside} beside the model is not readable JSON ({' '.join(str(exc).split())[:120]}); "
             "fix or remove it."
         ) from None
-    if not (isinstance(data, dict) and data.get("format") == METADATA_FORMAT):
-        return {}
-    _check_metadata_types(data, beside)
-    return data
+    if not isinstance(data, dict):
+        raise BdtkError(
+            f"{beside} beside the model holds a JSON {type(data).__name__}, not a model's JSON object "
+            f'({{"format": "{METADATA_FORMAT}", "architecture": ...}}); fix or remove it.'
+        )
+    kind = data.get("format")
+    if kind == METADATA_FORMAT:
+        _check_metadata_types(data, beside)
+        return data
+    if isinstance(kind, str) and kind.startswith(METADATA_FORMAT.split("/")[0] + "/"):
+        raise BdtkError(
+            f"{beside} is a model JSON of format {kind!r}; this bdtk reads {METADATA_FORMAT!r}. Upgrade "
+            "bdtk, or remove the file and give --model (and --mean/--std) yourself."
+        )
+    fields = sorted(_MODEL_KEYS & data.keys())
+    if kind is None and fields:
+        # a hand-written model JSON without its format line would otherwise be ignored in silence,
+        # and the model read with another architecture or normalisation than the user wrote
+        raise BdtkError(
+            f"{beside} names {', '.join(fields)} but has no \"format\": \"{METADATA_FORMAT}\", so it is "
+            "not read as the model's JSON; add that line, or remove the file."
+        )
+    return {}  # another record (a bdtk cache entry's KEY.json, say)
 
 
 def _is_count(value: Any) -> bool:
@@ -103,6 +124,10 @@ _METADATA_FIELDS: dict[str, tuple[str, Any]] = {
     "channels": ("a positive whole number", _is_count),
     "image_size": ("[height, width], two whole numbers from 1 to 4096", _is_size),
 }
+
+
+#: Keys by which a JSON without a "format" line shows that it was meant as a model's JSON.
+_MODEL_KEYS = {*_METADATA_FIELDS, "mean", "std", "classes"}
 
 
 def _check_metadata_types(data: dict[str, Any], beside: Path) -> None:
