@@ -161,6 +161,35 @@ def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> None:
     _write_replace(path, text.encode(encoding))
 
 
+def write_all_or_none(files: Mapping[Path, bytes]) -> None:
+    """Write every file or none: each goes to a temporary file beside its target first, and only
+    when all are written are they renamed into place.
+
+    A disk that fills (or a folder that turns read-only) half-way through a set of exports would
+    otherwise leave some files new, some old and one truncated: a leaderboard's Markdown from one
+    store beside its CSV from another. The error names the file whose write failed; a previous
+    export stays whole. Renames within a folder do not need space, so the second phase does not
+    meet the first one's failures.
+    """
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written.append((_write_temporary(path, data), path))
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for index, (tmp, path) in enumerate(written):
+        try:
+            with naming_output(path):
+                os.replace(tmp, path)
+        except BaseException:
+            for left, _ in written[index:]:
+                left.unlink(missing_ok=True)
+            raise
+
+
 def json_text(value: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> str:
     """`value` as strict JSON: NaN and ±inf become null (Python's json would write bare `NaN`,
     which is not JSON and which other readers reject), the rest as `json.dumps` writes it."""

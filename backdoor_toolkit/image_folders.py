@@ -276,6 +276,5 @@ def load_image_folder(
     if channels is None and len({array.shape[2] for array in images}) > 1:  # greyscale beside colour
         images = [np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array for array in images]
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return FolderImages(
-        root, names, ImageData(tensor, torch.tensor(labels, dtype=torch.long)), list(skipped), skipped, ignored
-    )
+    data = ImageData(tensor, torch.tensor(labels, dtype=torch.long))
+    return FolderImages(root, names, data, list(skipped), skipped, ignored)

@@ -598,7 +598,7 @@ def test_a_json_beside_a_model_that_bdtk_would_misread_is_an_error(
     model = tmp_path / "m.safetensors"
     model.write_bytes(zoo_file.read_bytes())
     (tmp_path / "m.json").write_text(content)
-    with pytest.raises(BdtkError, match="fix or remove it|remove the file") as caught:
+    with pytest.raises(BdtkError, match=r"fix or remove it|remove the file") as caught:
         load_model(model, "small-cnn")
     assert said in str(caught.value)
 

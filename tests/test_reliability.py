@@ -741,6 +741,45 @@ def test_leaderboard_exports_and_filters_that_cannot_mean_anything_are_refused(t
     assert "is a folder; give a file path" in _one_line_error(result.output)
 
 
+def test_a_disk_that_fills_during_a_leaderboard_export_leaves_the_previous_export_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exports are written all or none: the fourth file's failed write used to leave three new
+    files beside a truncated one and the old rest."""
+    import errno
+
+    from backdoor_toolkit import artifacts
+
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        store.put(_row())
+    out = tmp_path / "board"
+    args = ["leaderboard", "--db", str(db), "--out", str(out), "--csv", str(tmp_path / "b.csv")]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {path.name: path.read_bytes() for path in [*out.iterdir(), tmp_path / "b.csv"]}
+    with ResultStore(db) as store:
+        store.put(_row().model_copy(update={"ba": 0.123}))  # the next export differs
+    real = artifacts._write_temporary
+    calls: list[Path] = []
+
+    def fills_up(path: Path, data: bytes) -> Path:
+        calls.append(path)
+        if len(calls) == 4:
+            with artifacts.naming_output(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(artifacts, "_write_temporary", fills_up)
+    result = runner.invoke(app, args)
+    said = _one_line_error(result.output)
+    assert result.exit_code != 0 and "No space left on device" in said and calls[3].name in said
+    after = {path.name: path.read_bytes() for path in [*out.iterdir(), tmp_path / "b.csv"]}
+    assert after == before  # nothing new, nothing truncated, no temporary files left
+    monkeypatch.undo()
+    assert runner.invoke(app, args).exit_code == 0
+    assert (tmp_path / "b.csv").read_bytes() != before["b.csv"]
+
+
 def test_an_undefended_model_without_much_backdoor_is_pointed_out() -> None:
     from backdoor_toolkit.leaderboard import weak_backdoors
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from ..artifacts import write_all_or_none
 from ..console import console
 from ..errors import BdtkError
 from ..leaderboard import (
@@ -16,19 +17,19 @@ from ..leaderboard import (
     INSTALL_HINT,
     OPTIONAL,
     build_leaderboard,
-    export,
+    export_files,
     gaps_summary,
     matplotlib_available,
     require_matplotlib,
+    scatter_png,
     to_csv,
     to_html,
     to_json,
     to_markdown,
     to_rich,
     weak_backdoors,
-    write_png,
 )
-from ..output_paths import check_output_file, check_output_folder, naming_output
+from ..output_paths import check_output_file, check_output_folder
 from ..results import CellResult
 from ..store import ResultStore, default_db_path
 from .common import app, user_errors
@@ -103,23 +104,18 @@ def leaderboard(
         console.print(f"[yellow]{escape(line)}[/]")
     for line in weak_backdoors(rows):
         console.print(f"[yellow]{escape(line)}[/]")
-    written: list[Path] = []
+    rendered: dict[Path, bytes] = {}
     for target, render in ((markdown, to_markdown), (csv, to_csv), (json, to_json), (html, to_html)):
-        if target is not None:  # its folder exists: checked above
-            target.parent.mkdir(exist_ok=True)  # at most this one folder can be missing (checked first)
-            with naming_output(target):
-                target.write_text(render(board))
-            written.append(target)
+        if target is not None:  # its folder exists or is the one folder that may be created: checked above
+            rendered[target] = render(board).encode("utf-8")
     if png is not None:
-        with naming_output(png):
-            write_png(board, png)
-        written.append(png)
+        rendered[png] = scatter_png(board)
     if out is not None:
-        written += export(board, out)
-        if not matplotlib_available():
-            console.print(
-                f"[yellow]No scatter PNG in {out}: it needs matplotlib ({escape(INSTALL_HINT)}).[/]"
-            )
+        rendered.update(export_files(board, out))
+    write_all_or_none(rendered)  # a disk that fills half-way leaves every earlier export as it was
+    if out is not None and not matplotlib_available():
+        console.print(f"[yellow]No scatter PNG in {out}: it needs matplotlib ({escape(INSTALL_HINT)}).[/]")
+    written = list(rendered)
     for path in written:
         console.print(f"Wrote {path}")
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..artifacts import write_all_or_none
 from ..errors import BdtkError
 from .aggregation import CLEAN_MODEL, UNDEFENDED, Leaderboard, Point, reference_order
 
@@ -182,9 +183,16 @@ def scatter_svg(board: Leaderboard, scenario: str | None = None) -> str:
     return svg.strip()
 
 
-def write_png(board: Leaderboard, path: Path, dpi: int = 150) -> None:
-    """The scatter of every scenario as a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def scatter_png(board: Leaderboard, dpi: int = 150) -> bytes:
+    """The scatter of every scenario as PNG bytes (rendered in memory, so a set of exports can be
+    written all or none)."""
+    buffer = io.BytesIO()
     with _style():
         fig = scatter_figure(board)
-        fig.savefig(path, format="png", dpi=dpi)
+        fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def write_png(board: Leaderboard, path: Path, dpi: int = 150) -> None:
+    """The scatter of every scenario as a PNG file, replaced atomically."""
+    write_all_or_none({path: scatter_png(board, dpi)})

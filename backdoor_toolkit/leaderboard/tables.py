@@ -21,8 +21,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from ..artifacts import json_text
-from ..output_paths import naming_output
+from ..artifacts import json_text, write_all_or_none
 from .aggregation import (
     CLEAN_MODEL,
     COLUMNS,
@@ -36,7 +35,7 @@ from .aggregation import (
     metric_info,
     reference_order,
 )
-from .plot import INSTALL_HINT, matplotlib_available, scatter_svg, write_png
+from .plot import INSTALL_HINT, matplotlib_available, scatter_png, scatter_svg
 
 
 def column_header(metric: str) -> str:
@@ -411,22 +410,20 @@ def to_html(board: Leaderboard, title: str = "bdtk leaderboard") -> str:
 EXPORTS = {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}
 
 
-def export(board: Leaderboard, out_dir: Path, stem: str = "leaderboard") -> list[Path]:
-    """Write Markdown, CSV, JSON, HTML and the PNG scatter into `out_dir`; return the paths.
+def export_files(board: Leaderboard, out_dir: Path, stem: str = "leaderboard") -> dict[Path, bytes]:
+    """Markdown, CSV, JSON, HTML and the PNG scatter for `out_dir`, rendered, not yet written.
 
     The PNG is left out when matplotlib is not installed (`plot.matplotlib_available`): the tables
     do not need it, and the caller can say so.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix, render in EXPORTS.items():
-        path = out_dir / f"{stem}.{suffix}"
-        with naming_output(path):
-            path.write_text(render(board))
-        written.append(path)
+    files = {out_dir / f"{stem}.{kind}": render(board).encode("utf-8") for kind, render in EXPORTS.items()}
     if matplotlib_available():
-        png = out_dir / f"{stem}.png"
-        with naming_output(png):
-            write_png(board, png)
-        written.append(png)
-    return written
+        files[out_dir / f"{stem}.png"] = scatter_png(board)
+    return files
+
+
+def export(board: Leaderboard, out_dir: Path, stem: str = "leaderboard") -> list[Path]:
+    """Write `export_files` into `out_dir`, all or none (`write_all_or_none`); return the paths."""
+    files = export_files(board, out_dir, stem)
+    write_all_or_none(files)
+    return list(files)

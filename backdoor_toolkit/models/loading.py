@@ -102,7 +102,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         # a hand-written model JSON without its format line would otherwise be ignored in silence,
         # and the model read with another architecture or normalisation than the user wrote
         raise BdtkError(
-            f"{beside} names {', '.join(fields)} but has no \"format\": \"{METADATA_FORMAT}\", so it is "
+            f'{beside} names {", ".join(fields)} but has no "format": "{METADATA_FORMAT}", so it is '
             "not read as the model's JSON; add that line, or remove the file."
         )
     return {}  # another record (a bdtk cache entry's KEY.json, say)
