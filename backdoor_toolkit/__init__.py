@@ -7,7 +7,7 @@ entry points for purifying or inspecting your own model from Python: `purify`, `
 
 from .config import ADDED_FIELD, StrictConfig, build_config
 from .data import DataSpec, DefenseData, ImageData, to_float
-from .errors import BdtkError, ConfigError, ModelRequirementError
+from .errors import BdtkError, ConfigError, ModelRequirementError, NonFiniteError
 from .finetuning import FineTuneConfig, fine_tune
 from .hookspecs import Register, hookimpl
 from .image_folders import FolderImages, load_image_folder
@@ -93,6 +93,7 @@ __all__ = [
     "LossFn",
     "MaskTrigger",
     "ModelRequirementError",
+    "NonFiniteError",
     "PluginMeta",
     "PoisonedTrainingSet",
     "Preset",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import BdtkError, DatasetCorruptError, DatasetNotFoundError, UnknownNameError
+from .errors import BdtkError, ConfigError, DatasetCorruptError, DatasetNotFoundError, UnknownNameError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -420,6 +420,20 @@ class DefenseData:
     val: ImageData
     index_train: Tensor
     index_val: Tensor
+
+    def require_val(self, who: str, why: str) -> None:
+        """Refuse to run `who` (a defense and its option) when the val part is empty.
+
+        With `val_fraction` 0 there is nothing to choose on: an accuracy of no images is NaN, every
+        comparison with NaN is False, and a search that stops when val accuracy falls too far would
+        never stop (pruning its maximum while reporting that it stayed within budget). `why` says
+        what the val part decides, for the message.
+        """
+        if len(self.val) == 0:
+            raise ConfigError(
+                f"{who} {why} on the defender's val split, which is empty here (val_fraction 0); give "
+                "the run a val split (val_fraction > 0)."
+            )
 
 
 def budget_exclusions(poisoned_index: Tensor, clean_label: bool) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,9 +13,11 @@ from torch.nn import functional as F
 
 from backdoor_toolkit import (
     Capability,
+    ConfigError,
     DefenseData,
     ImageClassifier,
     ModelRequirementError,
+    NonFiniteError,
     create_model,
     get_purifier,
 )
@@ -54,6 +57,33 @@ def test_perturbations_stay_within_eps_and_raise_the_loss(
     )
     neurons.remove()
     assert all(not bn._forward_hooks for bn in model.batchnorms())
+
+
+def test_unclipped_perturbations_reach_past_eps_as_in_the_authors_code(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = separable_model
+    x, y = data.train.float_images(), data.train.labels
+    neurons = NeuronMasks(copy.deepcopy(model).eval(), CPU)
+    neurons.ascend(x, y, 0.3, torch.Generator().manual_seed(0), clip=False)
+    largest = max(float(h.delta.abs().max()) for h in neurons.hooks)
+    assert 0.3 < largest <= 0.6 + 1e-6
+    neurons.remove()
+
+
+def test_the_reference_preset_changes_the_masks_and_the_defaults_keep_their_hash(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    from backdoor_toolkit.config import hashed_config
+
+    model, data = separable_model
+    plain = ANP(ANPConfig(iterations=4, batch_size=24), seed=0, device=CPU).optimise_masks(
+        copy.deepcopy(model), data
+    )
+    values = {**ANP.presets["reference"].values, "iterations": 4, "batch_size": 24}
+    reference = ANP(ANPConfig(**values), seed=0, device=CPU).optimise_masks(copy.deepcopy(model), data)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, reference, strict=True))
+    assert {"augment", "clip_perturbation"}.isdisjoint(hashed_config(ANPConfig()))
 
 
 def test_masks_stay_in_unit_interval_and_weights_untouched(
@@ -102,6 +132,37 @@ def test_purify_by_val_budget_keeps_val_accuracy(
     assert diag["pruned_count"] == len(diag["pruned_neurons"]) == sum(diag["pruned_per_layer"])
     zeroed = sum(int((bn.weight == 0).sum()) for bn in model.batchnorms())
     assert zeroed == diag["pruned_count"]
+
+
+def _without_val(data: DefenseData) -> DefenseData:
+    empty = data.val.subset(torch.empty(0, dtype=torch.long))
+    return dataclasses.replace(data, val=empty, index_val=torch.empty(0, dtype=torch.long))
+
+
+def test_a_val_budget_without_val_images_is_refused_not_pruned_to_the_maximum(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    """With no val image, the accuracy is NaN, NaN comparisons are False, and the budget never
+    stopped the pruning: half of all neurons went, reported as within budget."""
+    model, data = separable_model
+    config = ANPConfig(iterations=1, batch_size=24, prune_by="val-budget")
+    with pytest.raises(ConfigError, match="val split, which is empty"):
+        ANP(config, seed=0, device=CPU).purify(copy.deepcopy(model), _without_val(data))
+    # the fixed threshold reads no val data: it still runs
+    ANP(ANPConfig(iterations=1, batch_size=24), seed=0, device=CPU).purify(
+        copy.deepcopy(model), _without_val(data)
+    )
+
+
+def test_a_loss_that_becomes_nan_is_an_error_not_unpruned_neurons(
+    separable_model: tuple[ImageClassifier, DefenseData],
+) -> None:
+    model, data = separable_model
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="anp: the mask loss became nan at step 1"):
+        ANP(ANPConfig(iterations=2, batch_size=24), seed=0, device=CPU).optimise_masks(model, data)
 
 
 class _NoBatchNorm(ImageClassifier):

@@ -4,6 +4,7 @@ the pruning is part of the weights without changing any output."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from bdtk_baselines.fine_pruning import (
 )
 from torch import nn
 
-from backdoor_toolkit import DefenseData, ImageClassifier, create_model
+from backdoor_toolkit import ConfigError, DefenseData, ImageClassifier, create_model
 from backdoor_toolkit.data import DataSpec, dataset_spec
 
 SPEC = dataset_spec("fashion-mnist")
@@ -64,6 +65,17 @@ def test_pruning_stops_within_the_validation_budget(
     if diag["pruned_count"] < counts[-1]:  # stopped early: the next step broke the budget
         assert base - diag["val_curve"][-1][1] > budget
         assert counts[-2] == diag["pruned_count"]
+
+
+def test_an_empty_val_split_is_refused(separable_model: tuple[ImageClassifier, DefenseData]) -> None:
+    """The val budget is fine-pruning's only stop: without val images it pruned its maximum."""
+    model, data = separable_model
+    empty = torch.empty(0, dtype=torch.long)
+    data = dataclasses.replace(data, val=data.val.subset(empty), index_val=empty)
+    with pytest.raises(ConfigError, match="fine-pruning chooses how many channels to prune"):
+        FinePruning(FinePruningConfig(epochs=1), seed=0, device=torch.device("cpu")).purify(
+            copy.deepcopy(model), data
+        )
 
 
 def test_nothing_pruned_leaves_no_hook(separable_model: tuple[ImageClassifier, DefenseData]) -> None:

@@ -5,7 +5,9 @@ BatchNorm neuron k gets a mask m_k ∈ [0, 1] on its weight w_k, and multiplicat
 its weight and bias, |δ_k|, |ξ_k| ≤ ε: the perturbed neuron has weight (m_k + δ_k)·w_k and bias
 (1 + ξ_k)·b_k, as in the paper's objective and code. On clean batches the masks minimise
 α·L(m ⊙ w, b) + (1 − α)·L((m + δ) ⊙ w, (1 + ξ) ⊙ b), where δ, ξ come from one signed-gradient
-ascent step of size ε from a random start in the ε-box. Neurons whose mask ends
+ascent step of size ε from a random start in the ε-box, clipped back into the box as the paper's
+objective bounds them (the authors' code does not clip, and also crops and flips the mask batches:
+the `reference` preset runs it that way). Neurons whose mask ends
 low are pruned by zeroing their BatchNorm weight — with the paper's fixed threshold, or as the
 largest pruning (lowest masks first) whose clean *validation* accuracy stays within a budget.
 Never on test data: BackdoorBench's choice by lowest test ASR is an oracle no defender has.
@@ -22,7 +24,7 @@ collapsed to zero.)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -30,15 +32,19 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from backdoor_toolkit import (
+    ADDED_FIELD,
     Capability,
     DefenseData,
     ImageClassifier,
     ModelRequirementError,
+    NonFiniteError,
     PluginMeta,
+    Preset,
     PurificationResult,
     Purifier,
     StrictConfig,
     accuracy,
+    augment_batch,
     iterate_batches,
 )
 
@@ -79,8 +85,9 @@ class NeuronMasks:
         for h in self.hooks:
             h.perturbed = on
 
-    def ascend(self, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> None:
-        """Random start in the ε-box, then one signed-gradient step of size ε that raises the loss."""
+    def ascend(self, x: Tensor, y: Tensor, eps: float, generator: torch.Generator, clip: bool = True) -> None:
+        """Random start in the ε-box, then one signed-gradient step of size ε that raises the loss,
+        clipped back into the box (`clip`, the paper's bound) or not (the authors' code: up to 2ε)."""
         for h in self.hooks:
             shape = h.mask.shape
             h.delta = ((torch.rand(shape, generator=generator) * 2 - 1) * eps).to(h.mask.device)
@@ -93,8 +100,11 @@ class NeuronMasks:
         grads = torch.autograd.grad(loss, leaves)
         with torch.no_grad():
             for h, g_delta, g_xi in zip(self.hooks, grads[0::2], grads[1::2], strict=True):
-                h.delta = (h.delta + eps * g_delta.sign()).clamp(-eps, eps).detach()
-                h.xi = (h.xi + eps * g_xi.sign()).clamp(-eps, eps).detach()
+                h.delta = (h.delta + eps * g_delta.sign()).detach()
+                h.xi = (h.xi + eps * g_xi.sign()).detach()
+                if clip:
+                    h.delta.clamp_(-eps, eps)
+                    h.xi.clamp_(-eps, eps)
 
     def mask_loss(self, x: Tensor, y: Tensor, alpha: float) -> Tensor:
         """α·L(natural) + (1 − α)·L(perturbed) with the current perturbations."""
@@ -154,6 +164,18 @@ class ANPConfig(StrictConfig):
     max_prune_ratio: float = Field(
         default=0.5, gt=0, lt=1, description="val-budget: never prune more than this share of neurons"
     )
+    clip_perturbation: bool = Field(
+        default=True,
+        description="Clip δ and ξ back into [−ε, ε] after the signed step, as the paper's objective "
+        "bounds them; false: the authors' code, where they reach ±2ε (a stronger adversary)",
+        json_schema_extra=ADDED_FIELD,
+    )
+    augment: bool = Field(
+        default=False,
+        description="Random crop (and flip where the data allows) on every mask batch, as the "
+        "authors' code trains; false: the clean images as they are",
+        json_schema_extra=ADDED_FIELD,
+    )
 
 
 def _cycle(
@@ -176,6 +198,14 @@ class ANP(Purifier):
         threat_model="defender holds a small clean set from the training distribution",
         requires=(Capability.BATCHNORM,),
     )
+    presets: ClassVar[dict[str, Preset]] = {
+        "reference": Preset(
+            values={"clip_perturbation": False, "augment": True},
+            description="As the authors' code (csdongxian/ANP_backdoor) and BackdoorBench run it: "
+            "perturbations not clipped after their step (up to ±2ε), masks learnt on cropped and "
+            "flipped batches; the rest as the defaults",
+        ),
+    }
 
     def optimise_masks(self, model: ImageClassifier, data: DefenseData) -> list[Tensor]:
         """Learn the neuron masks on the clean budget's train part; the model's weights stay as they are."""
@@ -189,12 +219,20 @@ class ANP(Purifier):
         gen = torch.Generator().manual_seed(self.seed)
         batches = _cycle(data.train.images, data.train.labels, c.batch_size, gen)
         try:
-            for _ in range(c.iterations):
+            for step in range(c.iterations):
                 x, y = next(batches)
+                if c.augment:
+                    x = augment_batch(x, data.spec.hflip, gen)
                 x, y = x.to(self.device), y.to(self.device)
                 if c.eps > 0 and c.alpha < 1:
-                    neurons.ascend(x, y, c.eps, gen)
+                    neurons.ascend(x, y, c.eps, gen, clip=c.clip_perturbation)
                 loss = neurons.mask_loss(x, y, c.alpha)
+                if not bool(torch.isfinite(loss)):
+                    # a NaN mask survives clamp_ and is never "below the threshold": it would be
+                    # left unpruned in silence
+                    raise NonFiniteError(
+                        f"anp: the mask loss became {float(loss)} at step {step + 1}; lower lr or eps."
+                    )
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -216,6 +254,8 @@ class ANP(Purifier):
             )
         if any(bn.weight is None or bn.bias is None for bn in bns):
             raise ModelRequirementError("Defense 'anp' needs every BatchNorm2d to have affine weights.")
+        if c.prune_by == "val-budget":
+            data.require_val("anp with prune_by='val-budget'", "chooses how many neurons to prune")
         base_acc = accuracy(model, data.val, self.device)
         masks = self.optimise_masks(model, data)
         total = sum(m.numel() for m in masks)

@@ -186,6 +186,7 @@ class FinePruning(Purifier):
 
     def purify(self, model: ImageClassifier, data: DefenseData) -> PurificationResult:
         c = self.config
+        data.require_val("fine-pruning", "chooses how many channels to prune")
         activation = mean_channel_activation(model, data.train.images, data.train.labels, self.device)
         channels = activation.numel()
         order = torch.argsort(activation)  # dormant first
