@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,12 +82,45 @@ def naming_output(path: Path) -> Iterator[None]:
         raise
 
 
-def check_output_file(path: Path, option: str, *, extensions: Collection[str] | None = None) -> None:
-    """Refuse a file output that could not be written: a folder, an extension the writer does not
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same inode when both exist (links, `..`, another
+    spelling), else the same resolved path."""
+    a, b = a.expanduser(), b.expanduser()
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:  # a link loop: then it is not a file anyone reads
+        return False
+
+
+def refuse_inputs(path: Path, option: str, inputs: Mapping[str, Path | None]) -> None:
+    """Refuse an output that is a file the same command reads: writing it would destroy the input
+    (a leaderboard's CSV written over the result database it reads, every stored cell gone)."""
+    for what, source in inputs.items():
+        if source is not None and same_file(path, source):
+            raise BdtkError(
+                f"{option} {path} is the {what} this command reads; writing it would destroy it. "
+                "Give another path."
+            )
+
+
+def check_output_file(
+    path: Path,
+    option: str,
+    *,
+    extensions: Collection[str] | None = None,
+    inputs: Mapping[str, Path | None] | None = None,
+) -> None:
+    """Refuse a file output that could not be written or must not be: a folder, a file the command
+    reads (`inputs`, by what it is: {"result database": db}), an extension the writer does not
     know (`extensions`, compared case-insensitively), a read-only folder, or a folder that is
     missing and whose own parent is missing too (the writer creates one missing folder)."""
+    if str(path) == "-":
+        raise BdtkError(f"{option} -: bdtk writes files, not standard output; give a file path.")
     if path.is_dir():
         raise BdtkError(f"{option} {path} is a folder; give a file path.")
+    refuse_inputs(path, option, inputs or {})
     if extensions is not None and path.suffix.lower() not in extensions:
         what = f"extension {path.suffix!r}" if path.suffix else "no extension"
         raise BdtkError(

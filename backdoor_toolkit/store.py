@@ -71,6 +71,12 @@ def default_db_path() -> Path:
     return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("bdtk")) / "results.sqlite"
 
 
+def unsaved_rows_path(db: Path) -> Path:
+    """The side file beside database `db` that keeps rows the database refused (a lock that outlasted
+    every retry) until the next run imports them."""
+    return db.with_name(db.name + ".unsaved.jsonl")
+
+
 def _busy(exc: BaseException) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
@@ -155,7 +161,7 @@ class ResultStore:
     @property
     def unsaved_path(self) -> Path:
         """Where rows that could not be written are kept until the next run imports them."""
-        return self.path.with_name(self.path.name + ".unsaved.jsonl")
+        return unsaved_rows_path(self.path)
 
     def _prepare(self) -> None:
         try:

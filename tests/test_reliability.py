@@ -567,7 +567,7 @@ def test_an_empty_suite_is_refused_not_run_as_the_default_grid(tmp_path: Path) -
 
 
 def test_an_output_that_is_a_device_is_refused(tmp_path: Path) -> None:
-    fifo = tmp_path / "pipe"
+    fifo = tmp_path / "pipe.json"
     os.mkfifo(fifo)
     result = runner.invoke(
         app, ["benchmark", "--suite", "quick", "--output", str(fifo), "--db", str(tmp_path / "r")]
@@ -731,14 +731,53 @@ def test_leaderboard_exports_and_filters_that_cannot_mean_anything_are_refused(t
     db = tmp_path / "r.sqlite"
     with ResultStore(db) as store:
         store.put(_row())
-    same = tmp_path / "same.x"
-    result = runner.invoke(app, ["leaderboard", "--db", str(db), "--csv", str(same), "--json", str(same)])
-    assert result.exit_code != 0 and "--csv and --json name the same file" in _one_line_error(result.output)
+    same = tmp_path / "same.txt"
+    result = runner.invoke(app, ["leaderboard", "--db", str(db), "--markdown", str(same), "--csv", str(same)])
+    assert result.exit_code != 0 and "--markdown and --csv name the same file" in _one_line_error(
+        result.output
+    )
     assert not same.exists()
     result = runner.invoke(app, ["leaderboard", "--db", str(db), "--model", ""])
     assert "--model is empty" in _one_line_error(result.output)
     result = runner.invoke(app, ["leaderboard", "--db", str(tmp_path)])
     assert "is a folder; give a file path" in _one_line_error(result.output)
+
+
+def test_no_output_may_overwrite_the_result_database_or_a_file_of_another_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`leaderboard --csv r.sqlite` and `benchmark --output r.sqlite` replaced every stored cell
+    by a table; `--json model.safetensors` replaced a model's weights."""
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        store.put(_row())
+    before = db.read_bytes()
+    (tmp_path / "link.csv").symlink_to(db)
+    attempts = [
+        ["leaderboard", "--db", str(db), "--csv", str(tmp_path / "link.csv")],
+        ["benchmark", "--db", str(db), "--output", str(tmp_path / "sub" / ".." / "r.sqlite")],
+    ]
+    for args in attempts:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "Training" not in result.output, result.output
+    said = _one_line_error(runner.invoke(app, attempts[0]).output)
+    assert "is the result database this command reads" in said
+    board = tmp_path / "board" / "leaderboard.csv"  # a store named like one of --out's files
+    board.parent.mkdir()
+    board.write_bytes(before)
+    result = runner.invoke(app, ["leaderboard", "--db", str(board), "--out", str(board.parent)])
+    assert "--out" in _one_line_error(result.output) and board.read_bytes() == before
+    monkeypatch.setenv("BDTK_DB", str(db))  # the default store is protected too
+    result = runner.invoke(app, ["benchmark", "--output", str(db)])
+    assert "is the result database this command reads" in _one_line_error(result.output)
+    assert db.read_bytes() == before
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    result = runner.invoke(app, ["leaderboard", "--db", str(db), "--json", str(model)])
+    assert "has extension '.safetensors'; give one of .json" in _one_line_error(result.output)
+    assert model.read_bytes() == b"weights"
+    result = runner.invoke(app, ["leaderboard", "--db", str(db), "--json", "-"])
+    assert "not standard output" in _one_line_error(result.output)
 
 
 def test_a_disk_that_fills_during_a_leaderboard_export_leaves_the_previous_export_whole(

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..executors import EXECUTORS, get_executor
 from ..output_paths import check_output_file
 from ..results import CellResult, write_results
-from ..store import ResultStore, StoreError
+from ..store import ResultStore, StoreError, default_db_path, unsaved_rows_path
 from ..suites import available_suites, load_suite
 from ..victim_benchmark import RETUNE_NEEDS_POISONED_TRAINING, run_victim_benchmark
 from ..victims import read_victim_record
@@ -255,7 +255,9 @@ def benchmark(
         values.update(dataset=record["spec"]["name"], model=record["model"], attacks=[record["name"]])
     cfg = build_config(BenchmarkConfig, values, "benchmark")
     out = Path(cfg.output)
-    check_output_file(out, "--output")
+    store_path = Path(db).expanduser() if db is not None else default_db_path()
+    reads = {"result database": store_path, "store's file of unsaved rows": unsaved_rows_path(store_path)}
+    check_output_file(out, "--output", extensions=(".json",), inputs=reads)
     rows: list[CellResult] = []
 
     def save(row: CellResult) -> None:

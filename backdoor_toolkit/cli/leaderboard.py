@@ -34,6 +34,16 @@ from ..results import CellResult
 from ..store import ResultStore, default_db_path
 from .common import app, user_errors
 
+#: What each export option may be named: a typo (or a path meant for something else, say a
+#: model's .safetensors) is refused instead of replaced by a table.
+EXPORT_EXTENSIONS = {
+    "--markdown": (".md", ".markdown", ".txt"),
+    "--csv": (".csv", ".txt"),
+    "--json": (".json",),
+    "--html": (".html", ".htm"),
+    "--png": (".png",),
+}
+
 
 @app.command()
 @user_errors
@@ -69,18 +79,19 @@ def leaderboard(
         if value is not None and not value.strip():
             raise BdtkError(f"{option} is empty; give a name, or leave the option out to show all.")
     files = {"--markdown": markdown, "--csv": csv, "--json": json, "--html": html, "--png": png}
+    path = db or default_db_path()
+    reads = {"result database": path}
     claimed: dict[Path, str] = {}
     for option, target in files.items():
         if target is not None:
-            check_output_file(target, option)
+            check_output_file(target, option, extensions=EXPORT_EXTENSIONS[option], inputs=reads)
             same = claimed.setdefault(target.expanduser().resolve(), option)
             if same != option:  # the second export would overwrite the first
                 raise BdtkError(f"{same} and {option} name the same file {target}; give each its own.")
     if out is not None:
         check_output_folder(out, "--out")
         for name in [f"leaderboard.{suffix}" for suffix in EXPORTS] + ["leaderboard.png"]:
-            check_output_file(out / name, "--out")  # none of them blocked by a folder
-    path = db or default_db_path()
+            check_output_file(out / name, "--out", inputs=reads)  # none blocked by a folder or the store
     if not path.exists():
         raise BdtkError(f"No result database at {path}; run `bdtk benchmark` first (or pass --db).")
     with ResultStore(path, write=False) as store:
