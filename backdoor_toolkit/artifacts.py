@@ -392,7 +392,7 @@ class ArtifactCache:
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         try:
             record = json.loads(snapshot.record)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CorruptEntry(f"unreadable metadata: {exc}") from None
         if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
             raise CorruptEntry("metadata in an unknown layout")

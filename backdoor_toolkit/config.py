@@ -463,7 +463,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
                 import tomli as tomllib
             return tomllib.loads(text)
         data = json.loads(text)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nesting past Python's stack
         raise ConfigError(f"Cannot parse config file {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a table of fields, not {type(data).__name__}.")

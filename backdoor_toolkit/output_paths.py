@@ -124,7 +124,8 @@ def check_output_file(
     if extensions is not None and path.suffix.lower() not in extensions:
         what = f"extension {path.suffix!r}" if path.suffix else "no extension"
         raise BdtkError(
-            f"{option} {path} has {what}; give one of {', '.join(extensions)} (e.g. {path.stem}.png)."
+            f"{option} {path} has {what}; give one of {', '.join(extensions)} (e.g. "
+            f"{path.stem}{next(iter(extensions))})."
         )
     _check_folder_of(path, option, may_create=True)
 

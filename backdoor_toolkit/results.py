@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from .artifacts import atomic_write_text, json_text
-from .config import BenchmarkConfig, join_preset
+from .config import SEED_MAX, BenchmarkConfig, join_preset
 
 # the reference rows' names, re-exported: rows are read by them
 from .interfaces import CLEAN_MODEL as CLEAN_MODEL
@@ -55,7 +55,7 @@ class CellResult(BaseModel):
     defense: str
     defense_preset: str | None = None
     defense_config: dict[str, Any] = Field(default_factory=dict)
-    seed: int
+    seed: int = Field(ge=0, le=SEED_MAX)
     status: Literal["ok", "failed"] = "ok"
     error: str = ""
     # rates are shares in [0, 1] and never NaN (a NaN is an error, not a result): a stored record

@@ -8,7 +8,6 @@ raises a StoreError before anything is written, so existing rows are never touch
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -381,8 +380,12 @@ class ResultStore:
         rows = []
         for config_hash, text in records:
             try:
-                rows.append(CellResult.model_validate(json.loads(text)))
-            except (ValueError, TypeError) as exc:
+                # strict: a hand-edited `"ba": true` or `"ba": "0.5"` is damage, not BA 100 % or 50 %
+                row = CellResult.model_validate_json(text, strict=True)
+                if row.config_hash != config_hash:
+                    raise ValueError(f"its record names config hash {row.config_hash!r}, not its key")
+                rows.append(row)
+            except (ValueError, TypeError, RecursionError) as exc:
                 console.print(
                     f"[yellow]Skipping stored cell {config_hash} in {self.path}: not a valid result "
                     f"record ({_first_line(exc)}). `bdtk benchmark` recomputes it.[/]",

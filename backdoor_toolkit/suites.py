@@ -105,7 +105,7 @@ def load_suite(name_or_path: str) -> Suite:
     source, text = _suite_text(name_or_path)
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"Cannot parse {source}: {exc}") from None
     try:
         # strict: TOML has types, so a quoted number or a boolean where a number belongs is a

@@ -263,7 +263,7 @@ def read_victim_record(path: Path) -> dict[str, Any]:
         )
     try:
         record = json.loads(meta.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise VictimError(f"{meta} is not readable JSON ({exc}).") from None
     if not isinstance(record, dict) or record.get("format") != VICTIM_FORMAT:
         raise VictimError(f"{meta} is not a victim record of format {VICTIM_FORMAT}.")

@@ -163,6 +163,9 @@ def test_cli_leaderboard_filters_and_exports(tmp_path: Path) -> None:
     assert unranked.exit_code == 2 and "No stored row has asr_retuned" in " ".join(unranked.output.split())
 
 
+SUFFIX = {"--markdown": ".md", "--csv": ".csv", "--json": ".json", "--html": ".html", "--out": ""}
+
+
 @pytest.mark.parametrize("option", ["--markdown", "--csv", "--json", "--html", "--out"])
 def test_cli_leaderboard_exports_create_no_missing_parents(tmp_path: Path, option: str) -> None:
     """`--csv /nonexistdir/x/a.csv` once created /nonexistdir/x; two missing folders are now one line and
@@ -173,7 +176,7 @@ def test_cli_leaderboard_exports_create_no_missing_parents(tmp_path: Path, optio
             store.put(r)
     runner = CliRunner()
     result = runner.invoke(
-        app, ["leaderboard", "--db", str(db), option, str(tmp_path / "nope" / "x" / "a.out")]
+        app, ["leaderboard", "--db", str(db), option, str(tmp_path / "nope" / "x" / f"a{SUFFIX[option]}")]
     )
     assert result.exit_code == 2, result.output
     assert "does not exist; create it first" in " ".join(result.output.split())

@@ -743,6 +743,32 @@ def test_leaderboard_exports_and_filters_that_cannot_mean_anything_are_refused(t
     assert "is a folder; give a file path" in _one_line_error(result.output)
 
 
+def test_json_nested_past_pythons_stack_is_bad_input_not_a_crash(tmp_path: Path) -> None:
+    """json.loads raises RecursionError, not ValueError, on deep nesting: it escaped every reader's
+    except clause as an unexpected error."""
+    from backdoor_toolkit.cli.common import parse_value
+    from backdoor_toolkit.config import load_config_file
+    from backdoor_toolkit.models import load_model, save_model
+
+    deep = "[" * 100_000 + "]" * 100_000
+    save_model(tiny_model(), tmp_path / "m.safetensors", {})
+    (tmp_path / "m.json").write_text(deep)
+    with pytest.raises(BdtkError, match="is not readable JSON"):
+        load_model(tmp_path / "m.safetensors")
+    (tmp_path / "c.json").write_text(deep)
+    with pytest.raises(BdtkError, match="Cannot parse config file"):
+        load_config_file(tmp_path / "c.json")
+    with pytest.raises(BdtkError, match="nests too deeply"):
+        parse_value(deep)
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        store.put(_row())
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE cells SET record = ?", (deep,))
+    with ResultStore(db) as store:
+        assert store.rows() == []  # skipped with a warning, as any damaged record
+
+
 def test_no_output_may_overwrite_the_result_database_or_a_file_of_another_kind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

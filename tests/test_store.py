@@ -194,8 +194,28 @@ def test_another_programs_cells_table_is_refused_and_left_unchanged(tmp_path: Pa
 
 @pytest.mark.parametrize(
     "damage",
-    [{"ba": float("nan")}, {"ba": 5.0}, {"der": float("inf")}, {"seconds": -5}, {"schema_version": 99}],
-    ids=["nan", "ba-500%", "inf", "negative-seconds", "future-schema"],
+    [
+        {"ba": float("nan")},
+        {"ba": 5.0},
+        {"der": float("inf")},
+        {"seconds": -5},
+        {"schema_version": 99},
+        {"ba": True},
+        {"ba": "0.5"},
+        {"seed": -1},
+        {"config_hash": "finetune-0"},
+    ],
+    ids=[
+        "nan",
+        "ba-500%",
+        "inf",
+        "negative-seconds",
+        "future-schema",
+        "bool",
+        "string",
+        "seed",
+        "other-hash",
+    ],
 )
 def test_a_stored_record_that_is_not_a_valid_result_is_skipped(
     tmp_path: Path, damage: dict[str, object]

@@ -247,6 +247,8 @@ def parse_value(text: str) -> Any:
     would be refused as a quoted number)."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"--set value nests too deeply to read ({text[:40]}…).") from None
     except json.JSONDecodeError:
         if text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
             return float(text.strip())

@@ -139,7 +139,7 @@ class Gap:
         return self.reason != MISSING
 
 
-MISSING = "not in the store (not run yet, or interrupted)"
+MISSING = "not in the store (not run yet, interrupted, or its record skipped as damaged)"
 
 
 @dataclass

@@ -77,7 +77,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(beside.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         # ignored, it would silently change the architecture or normalisation the model is read with
         raise BdtkError(
             f"{beside} beside the model is not readable JSON ({' '.join(str(exc).split())[:120]}); "
