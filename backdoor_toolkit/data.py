@@ -118,8 +118,13 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     what = "--data-dir"
     if root is None and os.environ.get("BDTK_DATA_DIR"):
         root, what = Path(os.environ["BDTK_DATA_DIR"]).expanduser(), "BDTK_DATA_DIR"
-    if root is not None and root.exists() and not root.is_dir():  # a loader may ignore it and fall back
+    if root is not None and root.exists() and not root.is_dir():
         raise DatasetNotFoundError(f"{what} {root} is a file; give the folder that holds the datasets.")
+    if root is not None and not root.exists() and not download:  # a typo must not switch the data
+        raise DatasetNotFoundError(
+            f"{what} {root} does not exist; give the folder that holds the datasets (or --download "
+            "to fetch them into it, where a network is reachable)."
+        )
     try:
         train, test = entry.loader(root, download)
     except DatasetCorruptError:
@@ -272,9 +277,9 @@ _GRAY = ((0.5,), (0.5,))
     "(add --download where a network is reachable).",
 )
 def _fashion_mnist(root: Path | None, download: bool) -> tuple[ImageData, ImageData]:
-    folders = [DEBIAN_FASHION_MNIST]
-    if root is not None:
-        folders = [root, root / "FashionMNIST" / "raw", *folders]
+    # a root the user names is the data they asked for: the embedded copy is the default only, not
+    # a fallback for a root that lacks the files (that would report on other data in silence)
+    folders = [root, root / "FashionMNIST" / "raw"] if root is not None else [DEBIAN_FASHION_MNIST]
     return _mnist_like(folders, "FashionMNIST", root, download)
 
 

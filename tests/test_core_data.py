@@ -118,3 +118,16 @@ def test_check_images_rejects_wrong_shape() -> None:
     spec.check_images(torch.zeros(2, 1, 8, 8))
     with pytest.raises(BdtkError, match="do not match dataset 'toy'"):
         spec.check_images(torch.zeros(2, 3, 8, 8))
+
+
+def test_a_data_dir_that_is_missing_or_empty_never_falls_back_to_the_embedded_copy(
+    tmp_path, monkeypatch
+) -> None:
+    """`--data-dir /nonexist/xyz` trained on the Debian copy in silence: a typo switched the data."""
+    with pytest.raises(DatasetNotFoundError, match=r"--data-dir .*nope does not exist"):
+        load_dataset("fashion-mnist", tmp_path / "nope")
+    monkeypatch.setenv("BDTK_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(DatasetNotFoundError, match=r"BDTK_DATA_DIR .*nope does not exist"):
+        load_dataset("fashion-mnist")
+    with pytest.raises(DatasetNotFoundError, match=r"'fashion-mnist' was not found under"):
+        load_dataset("fashion-mnist", tmp_path)  # exists, holds no Fashion-MNIST
