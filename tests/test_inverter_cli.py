@@ -230,6 +230,29 @@ def test_option_o_still_works_with_a_deprecation_notice(model_file: Path, tmp_pa
     assert plain.exit_code == 0 and "deprecated" not in plain.output
 
 
+def test_an_option_and_set_giving_one_field_two_values_are_refused(model_file: Path, tmp_path: Path) -> None:
+    """`--steps 2 --set steps=5` ran with 2 and dropped the --set in silence (even an invalid one)."""
+    base = [
+        "inspect",
+        str(model_file),
+        "--model",
+        "small-cnn",
+        *TINY,
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    for given, field in (
+        (["--steps", "2", "--set", "steps=5"], "steps"),
+        (["--steps", "2", "--set", "steps=nan"], "steps"),
+        (["--class", "0", "--set", "classes=[99]"], "classes"),
+    ):
+        result = runner.invoke(app, [*base, *given])
+        assert result.exit_code == 2 and f"both set {field}; give it once" in one_line(result.output)
+        assert "Training" not in result.output and not (tmp_path / "inspect.json").exists()
+
+
 def test_set_is_sorted_by_plugin_name_or_name_and_preset() -> None:
     items = ["steps=3", "neural-cleanse.lr=0.5", "badnets:x.poison_rate=0.2", "badnets.mode=all-to-all"]
     assert split_settings(items, ["neural-cleanse:k-arm", "badnets:x"], default="neural-cleanse:k-arm") == {

@@ -285,6 +285,21 @@ def set_once(values: dict[str, Any], field: str, value: Any, item: str) -> None:
     values[field] = value
 
 
+def merge_options(values: dict[str, Any], options: dict[str, tuple[str, Any]]) -> None:
+    """Put the values of a command's own options (`{"steps": ("--steps", 2)}`, None: not given)
+    into `values`, refusing a field that `--set` gave a different value too: keeping either one
+    in silence would run with a setting the user did not mean."""
+    for field, (option, value) in options.items():
+        if value is None:
+            continue
+        if field in values and values[field] != value:
+            raise ConfigError(
+                f"{option} {json.dumps(value, default=str)} and --set {field}="
+                f"{json.dumps(values[field], default=str)} both set {field}; give it once."
+            )
+        values[field] = value
+
+
 def split_settings(items: list[str], plugins: Sequence[str], default: str) -> dict[str, dict[str, Any]]:
     """`--set` items sorted by the plugin they set: `PLUGIN.FIELD=VALUE`, or `FIELD=VALUE` for `default`.
 

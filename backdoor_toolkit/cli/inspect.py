@@ -53,6 +53,7 @@ from .common import (
     ThreadsOption,
     ValFractionOption,
     app,
+    merge_options,
     split_settings,
     user_errors,
     with_threads,
@@ -294,11 +295,16 @@ def inspect(
         download=download,
         cache_dir=cache_dir,
     )
-    extra = {"target": target, "steps": steps, "threshold": threshold}
+    extra = {
+        "target": ("--target", target),
+        "steps": ("--steps", steps),
+        "threshold": ("--threshold", threshold),
+        "classes": ("--class", list(class_) if class_ else None),
+    }
     chosen = []
     for choice in inverters:  # bad values fail before training
         inv_values = settings[choice]
-        inv_values.update({k: v for k, v in extra.items() if v is not None})
+        merge_options(inv_values, extra)
         chosen.append(resolve_plugin("inverter", choice, overrides=inv_values))
         known = getattr(chosen[-1].config, "target", None)
         if class_ and known is not None:
