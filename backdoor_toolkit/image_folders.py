@@ -203,6 +203,42 @@ def image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]],
     return found, ignored
 
 
+#: The largest side kept as it is: --image-size accepts up to this, and a larger image would be
+#: fed to the model at full size (a crafted 9000x9000 PNG of 88 bytes decodes to 81 MB).
+MAX_UNRESIZED_SIDE = 4096
+#: The most memory a folder's decoded images may take (uint8); past it, one line says how to shrink
+#: them instead of the process being killed for memory with no message.
+MAX_FOLDER_BYTES = 8 * 2**30
+
+
+def _check_unresized(root: Path, sizes: dict[tuple[int, int], Path], path: Path) -> None:
+    """Without --image-size every image is kept as it is: they must share one size, no side past
+    MAX_UNRESIZED_SIDE. Checked image by image, so a bad folder stops at its first bad image
+    instead of after decoding all of them."""
+    if len(sizes) > 1:
+        (a, first), (b, second) = list(sizes.items())[:2]
+        raise BdtkError(
+            f"Images in {root} have different sizes ({a[0]}x{a[1]} in {first.name}, {b[0]}x{b[1]} in "
+            f"{second.name}); give the model's input size with --image-size (e.g. 32 or 224)."
+        )
+    (height, width), _ = next(iter(sizes.items()))
+    if max(height, width) > MAX_UNRESIZED_SIDE:
+        raise BdtkError(
+            f"Images in {root} are {height}x{width} ({path.name}); past {MAX_UNRESIZED_SIDE} a side "
+            "give the model's input size with --image-size (e.g. 224), and they are resized to it."
+        )
+
+
+def _check_memory(root: Path, count: int, bytes_each: int) -> None:
+    if count * bytes_each > MAX_FOLDER_BYTES:
+        need = count * bytes_each / 2**30
+        raise BdtkError(
+            f"Image folder {root}: {count} images of {bytes_each:,} bytes each would take {need:.1f} GiB "
+            f"in memory (at most {MAX_FOLDER_BYTES / 2**30:.0f}); give a smaller --image-size or "
+            "fewer images."
+        )
+
+
 def load_image_folder(
     root: str | Path,
     *,
@@ -257,8 +293,13 @@ def load_image_folder(
             continue
         size = (picture.height, picture.width)
         sizes.setdefault(size, path)
-        if image_size is not None and size != image_size:
+        if image_size is None:
+            _check_unresized(root, sizes, path)
+        elif size != image_size:
             picture = picture.resize((image_size[1], image_size[0]), resample)
+        if not images:  # the first image tells what all of them will hold in memory
+            kept = image_size or size
+            _check_memory(root, len(files), kept[0] * kept[1] * len(picture.getbands()))
         array = np.asarray(picture, dtype=np.uint8)
         images.append(array[:, :, None] if array.ndim == 2 else array)
         labels.append(label)
@@ -266,12 +307,6 @@ def load_image_folder(
         first, why = next(iter(skipped.items()))
         raise BdtkError(
             f"Image folder {root}: none of its {len(files)} image files could be read ({first.name}: {why})."
-        )
-    if image_size is None and len(sizes) > 1:
-        (a, first), (b, second) = list(sizes.items())[:2]
-        raise BdtkError(
-            f"Images in {root} have different sizes ({a[0]}x{a[1]} in {first.name}, {b[0]}x{b[1]} in "
-            f"{second.name}); give the model's input size with --image-size (e.g. 32 or 224)."
         )
     if channels is None and len({array.shape[2] for array in images}) > 1:  # greyscale beside colour
         images = [np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array for array in images]

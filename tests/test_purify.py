@@ -412,6 +412,27 @@ def test_image_folders_never_loop_and_count_each_image_once(tmp_path: Path) -> N
     assert clean.ignored == 4 and clean.describe()["ignored_links_or_repeats"] == 4
 
 
+def test_image_folders_that_would_exhaust_memory_stop_at_their_first_bad_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few tiny PNGs that declare 9000x9000 pixels each were all decoded at full size (6 GB for
+    twenty) before the run failed for memory."""
+    from backdoor_toolkit import image_folders
+
+    wide = tmp_path / "wide"
+    for name in ("a", "b"):
+        (wide / name).mkdir(parents=True)
+        Image.new("L", (5000, 20)).save(wide / name / "wide.png")
+    with pytest.raises(BdtkError, match=r"are 20x5000 \(wide.png\); past 4096 a side give .*--image-size"):
+        load_image_folder(wide, channels=1)
+    assert load_image_folder(wide, channels=1, image_size=(8, 8)).data.images.shape == (2, 1, 8, 8)
+    root = write_folder(tmp_path / "f", classes=2, per_class=2, size=8, mode="L")
+    monkeypatch.setattr(image_folders, "MAX_FOLDER_BYTES", 4 * 8 * 8 - 1)
+    with pytest.raises(BdtkError, match=r"4 images of 64 bytes each would take .* smaller --image-size"):
+        load_image_folder(root, channels=1)
+    assert len(load_image_folder(root, channels=1, image_size=(4, 4)).data) == 4
+
+
 def test_image_folders_skip_decompression_bombs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An image past PIL's pixel limit (an error past twice the limit, a warning below it) is
     skipped like a corrupt file instead of ending the run with an unexpected error."""
