@@ -13,7 +13,7 @@ class UnknownNameError(BdtkError, KeyError):
     def __init__(self, kind: str, name: str, known: list[str], note: str = "") -> None:
         """`note` is appended as it stands: e.g. that some plugin distributions failed to load,
         which may be why `name` is unknown."""
-        message = f"Unknown {kind} {name!r}.{did_you_mean(name, known)}"
+        message = f"Unknown {kind} {shown_name(name)}.{did_you_mean(name, known)}"
         super().__init__(f"{message} {note}" if note else message)
         self.kind, self.name, self.known = kind, name, known
 
@@ -21,11 +21,25 @@ class UnknownNameError(BdtkError, KeyError):
         return str(self.args[0])
 
 
+#: Past this many characters a name a user typed is cut in messages: a 100,000-character name
+#: echoed whole buries the one line that says what exists.
+SHOWN_NAME_CHARS = 80
+
+
+def shown_name(name: str) -> str:
+    """`name` quoted for a one-line message: newlines and other control characters escaped (repr),
+    cut to SHOWN_NAME_CHARS."""
+    if len(name) > SHOWN_NAME_CHARS:
+        return f"{name[:SHOWN_NAME_CHARS]!r}… ({len(name):,} characters)"
+    return repr(name)
+
+
 def did_you_mean(name: str, known: list[str]) -> str:
     """The tail shared by every unknown-name message: close matches, then everything that exists."""
     import difflib
 
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    # long names match nothing, and difflib's cost grows with the product of the lengths
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5) if len(name) <= 200 else []
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     available = ", ".join(sorted(known)) or "none"
     return f"{hint} Available: {available}."

@@ -138,13 +138,23 @@ def parse_image_size(text: str | int | tuple[int, int] | None) -> tuple[int, int
     return size
 
 
+def shown_classes(names: list[str], limit: int = 12) -> str:
+    """Class names for a one-line message: a name with a newline or another control character in it
+    is escaped (repr), and past `limit` names an ellipsis."""
+    shown = [name if name.isprintable() else repr(name) for name in names[:limit]]
+    return ", ".join(shown) + (", …" if len(names) > limit else "")
+
+
 def find_classes(root: Path) -> list[str]:
-    """Sorted names of `root`'s sub-folders, as `ImageFolder` labels them."""
+    """Sorted names of `root`'s sub-folders, as `ImageFolder` labels them, hidden ones left out: a
+    `.ipynb_checkpoints` or `.git` beside the class folders would otherwise shift every label."""
     if not root.exists():
         raise BdtkError(f"Image folder {root} does not exist.")
     if not root.is_dir():
         raise BdtkError(f"Image folder {root} is not a folder.")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(
+        entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
+    )
     if not classes:
         raise BdtkError(
             f"Image folder {root} has no class sub-folders; put each class's images in a folder "

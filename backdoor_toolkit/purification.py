@@ -43,7 +43,7 @@ from .data import (
     to_float,
 )
 from .errors import BdtkError
-from .image_folders import FolderImages, folder_path, load_image_folder, parse_image_size
+from .image_folders import FolderImages, folder_path, load_image_folder, parse_image_size, shown_classes
 from .interfaces import InversionResult, PurificationResult
 from .metrics import accuracy, measure, predict
 from .models import AdaptedClassifier, ImageClassifier, adapt, check_capabilities, save_model
@@ -249,7 +249,7 @@ def load_clean_data(
 
 def _check_classes(folder: FolderImages, num_classes: int) -> None:
     if len(folder.classes) != num_classes:
-        shown = ", ".join(folder.classes[:12]) + (", …" if len(folder.classes) > 12 else "")
+        shown = shown_classes(folder.classes)
         raise BdtkError(
             f"Image folder {folder.root} has {len(folder.classes)} classes ({shown}), but the model "
             f"outputs {num_classes}."
@@ -359,7 +359,7 @@ def fit_model(model: ImageClassifier, clean: CleanData) -> None:
         )
     if logits.shape[1] != clean.spec.num_classes:
         names = clean.classes or []
-        shown = f" ({', '.join(names[:12])}{', …' if len(names) > 12 else ''})" if names else ""
+        shown = f" ({shown_classes(names)})" if names else ""
         raise BdtkError(
             f"{clean.source} has {clean.spec.num_classes} classes{shown}, but the model outputs "
             f"{logits.shape[1]}."

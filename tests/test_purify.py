@@ -370,6 +370,8 @@ def test_image_folders_read_like_torchvision(tmp_path: Path) -> None:
     assert images.classes == ["a", "b"] and images.data.labels.tolist() == [0, 1]
     assert images.data.images.shape == (2, 1, 8, 6) and images.data.images.dtype == torch.uint8
     assert [p.name for p in images.skipped] == ["broken.jpg"]
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folders are no class
+    assert load_image_folder(root, channels=1, image_size=(8, 6)).classes == ["a", "b"]
     assert "cannot identify image file" in images.skip_reasons[root / "a" / "broken.jpg"]
 
 
@@ -604,6 +606,23 @@ def test_an_unreadable_json_beside_a_model_is_an_error_not_ignored(zoo_file: Pat
         load_model(model, "small-cnn")
 
 
+def test_a_zoo_network_saved_without_its_normalisation_loads_with_mean_and_std(
+    zoo_file: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bare = {k: v for k, v in load_file(zoo_file).items() if not k.startswith("normalize.")}
+    path = tmp_path / "bare.safetensors"
+    save_file(bare, path)
+    with pytest.raises(BdtkError, match=r"no normalize.mean or normalize.std tensor .* --mean and --std"):
+        load_model(path, "small-cnn")
+    loaded = load_model(path, "small-cnn", mean=[0.25], std=[0.5])
+    assert loaded.model.normalize.mean.flatten().tolist() == [0.25] and loaded.normalization == "given"
+    for name, tensor in loaded.model.state_dict().items():
+        if name in bare:
+            assert torch.equal(tensor, bare[name])
+
+
 @pytest.mark.parametrize(
     ("content", "said"),
     [
@@ -611,6 +630,7 @@ def test_an_unreadable_json_beside_a_model_is_an_error_not_ignored(zoo_file: Pat
         ('"resnet18"', "holds a JSON str"),
         ('{"format": "bdtk-model/9", "architecture": "small-cnn"}', "of format 'bdtk-model/9'"),
         ('{"architecture": "small-cnn", "mean": [0.5]}', 'names architecture, mean but has no "format"'),
+        ('{"format": 1, "architecture": "small-cnn"}', "(its format: 1)"),
     ],
 )
 def test_a_json_beside_a_model_that_bdtk_would_misread_is_an_error(

@@ -880,3 +880,13 @@ def test_class_names_that_differ_from_the_models_json_are_pointed_out(tmp_path: 
     with console.capture() as captured:
         describe_model(loaded, clean)
     assert "names its classes x, y; the folder's are a, b" in " ".join(captured.get().split())
+
+
+def test_a_huge_unknown_name_is_cut_in_its_one_line_message() -> None:
+    from backdoor_toolkit.errors import UnknownNameError
+
+    message = str(UnknownNameError("defense", "x" * 100_000, ["finetune", "nad"]))
+    assert len(message) < 300 and "(100,000 characters)" in message and "Available: finetune, nad" in message
+    assert "\\n" in str(
+        UnknownNameError("defense", "a\nb", ["finetune"])
+    )  # escaped: the message stays one line

@@ -92,9 +92,10 @@ def interrupted_message(why: str, finished: int, store: ResultStore, out: Path) 
     except StoreError:
         held = ""
     cells = "cell" if finished == 1 else "cells"
+    also = f" (this run's are also in {out})" if finished else ""  # no cell: no results JSON written
     return (
-        f"{why}: {finished} {cells} finished in this run, stored in {store.path}{held} (this run's are "
-        f"also in {out}); run the same command again to resume."
+        f"{why}: {finished} {cells} finished in this run, stored in {store.path}{held}{also}; run the "
+        "same command again to resume."
     )
 
 

@@ -27,6 +27,7 @@ from rich.table import Table
 from ..config import split_preset
 from ..console import console
 from ..errors import BdtkError, ConfigError
+from ..image_folders import shown_classes
 from ..inversion import InversionKeys
 from ..models import AdaptedClassifier, LoadedModel, check_capabilities, load_model
 from ..models.loading import normalization_values
@@ -244,8 +245,7 @@ def describe_model(loaded: LoadedModel, clean: CleanData, victim: Victim | None 
         )
     named = loaded.metadata.get("classes")
     if isinstance(named, list) and clean.classes is not None and named != clean.classes:
-        shown = ", ".join(map(str, named[:6])) + (", …" if len(named) > 6 else "")
-        mine = ", ".join(clean.classes[:6]) + (", …" if len(clean.classes) > 6 else "")
+        shown, mine = shown_classes([str(n) for n in named], 6), shown_classes(clean.classes, 6)
         console.print(
             f"[yellow]The model's JSON names its classes {escape(shown)}; the folder's are {escape(mine)}. "
             "Labels follow the folder's sorted names, so check that class k is the same class in both.[/]",

@@ -98,12 +98,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
             "bdtk, or remove the file and give --model (and --mean/--std) yourself."
         )
     fields = sorted(_MODEL_KEYS & data.keys())
-    if kind is None and fields:
+    if fields and not (isinstance(kind, str) and kind.startswith("bdtk-")):  # not another bdtk record
         # a hand-written model JSON without its format line would otherwise be ignored in silence,
         # and the model read with another architecture or normalisation than the user wrote
         raise BdtkError(
-            f'{beside} names {", ".join(fields)} but has no "format": "{METADATA_FORMAT}", so it is '
-            "not read as the model's JSON; add that line, or remove the file."
+            f'{beside} names {", ".join(fields)} but has no "format": "{METADATA_FORMAT}" (its '
+            f"format: {json.dumps(kind)}), so it is not read as the model's JSON; fix that line, or "
+            "remove the file."
         )
     return {}  # another record (a bdtk cache entry's KEY.json, say)
 
@@ -346,6 +347,17 @@ def load_model(
         placeholder = _zoo_normalization(state, in_channels)
         spec = DataSpec("file", classes, in_channels, 32, 32, placeholder, placeholder, False)
         model = create_model(architecture, spec)
+        bare = [k for k in ("normalize.mean", "normalize.std") if k not in state]
+        if bare:  # then the JSON's values may stand in; a file's own buffers otherwise win over it
+            given_mean, given_std = given_mean or meta_mean, given_std or meta_std
+        if bare and (given_mean is None or given_std is None):
+            raise BdtkError(
+                f"{path} has no {' or '.join(bare)} tensor (the bare network, without bdtk's "
+                "normalisation); give the mean and std it was trained with: --mean and --std (one "
+                "value per channel, or one for all)."
+            )
+        # the bare network's weights with the given normalisation (placeholders, replaced by adapt)
+        state = {**{k: model.state_dict()[k] for k in bare}, **state}
         load_weights(model, state, path, architecture)
         model = adapt(model, given_mean, given_std, feature_layer=feature_layer)
         source = "given" if given_mean or given_std else "file"
