@@ -631,6 +631,12 @@ def test_a_zoo_network_saved_without_its_normalisation_loads_with_mean_and_std(
         ('{"format": "bdtk-model/9", "architecture": "small-cnn"}', "of format 'bdtk-model/9'"),
         ('{"architecture": "small-cnn", "mean": [0.5]}', 'names architecture, mean but has no "format"'),
         ('{"format": 1, "architecture": "small-cnn"}', "(its format: 1)"),
+        ('{"format": "bdtk-model/1", "classes": ["a", "b"]}', "classes is 2 names, but the model outputs 4"),
+        ('{"format": "bdtk-model/1", "classes": 5}', "classes is a int, but the model outputs 4"),
+        (
+            '{"format": "bdtk-model/1", "channels": 3}',
+            "channels is 3, but the model's first convolution reads 1",
+        ),
     ],
 )
 def test_a_json_beside_a_model_that_bdtk_would_misread_is_an_error(

@@ -361,6 +361,7 @@ def load_model(
         load_weights(model, state, path, architecture)
         model = adapt(model, given_mean, given_std, feature_layer=feature_layer)
         source = "given" if given_mean or given_std else "file"
+    _check_metadata_agrees(model, metadata, path)
     channels = input_channels(model) or metadata.get("channels")
     for name, values in (("mean", model.normalize.mean), ("std", model.normalize.std)):
         if channels is not None and values.numel() not in (1, channels):
@@ -386,6 +387,26 @@ def load_model(
         channels=channels,
         normalization=source,
     )
+
+
+def _check_metadata_agrees(model: ImageClassifier, metadata: dict[str, Any], path: Path) -> None:
+    """The JSON beside a model must describe the network the weights build: class names for another
+    class count, or a channel count the first convolution does not read, mean a JSON edited by
+    hand or copied from another model, and it would be ignored in silence."""
+    beside = metadata_path(path)
+    named = metadata.get("classes")
+    outputs = getattr(model, "num_classes", None)
+    if named is not None and (not isinstance(named, list) or (outputs is not None and len(named) != outputs)):
+        count = f"{len(named)} names" if isinstance(named, list) else f"a {type(named).__name__}"
+        raise BdtkError(
+            f"{beside}: classes is {count}, but the model outputs {outputs} classes; fix or remove it."
+        )
+    reads, said = input_channels(model), metadata.get("channels")
+    if reads is not None and said is not None and said != reads:
+        raise BdtkError(
+            f"{beside}: channels is {said}, but the model's first convolution reads {reads}; fix or "
+            "remove it."
+        )
 
 
 def network_state(model: nn.Module) -> dict[str, Tensor]:
