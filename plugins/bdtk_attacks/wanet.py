@@ -39,7 +39,12 @@ class WaNetConfig(AttackConfig):
         default=0.1, ge=0.0, le=1.0, description="Share of every training batch that is warped and relabelled"
     )
     grid_size: int = Field(default=4, ge=2, le=64, description="Side k of the random control grid (k×k)")
-    strength: float = Field(default=0.5, gt=0.0, le=10.0, description="Warping strength s, in pixels")
+    strength: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=10.0,
+        description="Warping strength s: the flow is s/H in grid units (at most about s pixels)",
+    )
     grid_rescale: float = Field(default=1.0, gt=0.0, le=2.0, description="Scale of the warped grid")
     cross_ratio: float = Field(
         default=2.0, ge=0.0, le=10.0, description="Noise-mode samples per warped sample (0 disables it)"
