@@ -15,13 +15,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.markup import escape
 from rich.progress import Progress
 
 from .artifacts import ArtifactCache
 from .cells import grid_dataset, plan_grid, validate
 from .config import BenchmarkConfig
 from .console import console, progress
-from .data import check_budget_size
+from .data import check_budget_size, small_val_warning
 from .executors import get_executor
 from .results import CellResult
 from .store import ResultStore
@@ -96,6 +97,9 @@ def run_benchmark(
         dataset = grid_dataset(config, name)
         # so is a budget too small to defend with, before any model trains
         check_budget_size(dataset.spec, len(dataset.train), config.clean_ratio, config.val_fraction)
+        warning = small_val_warning(dataset.spec, len(dataset.train), config.clean_ratio, config.val_fraction)
+        if warning is not None and any(d.name != "none" for d in config.defenses):
+            console.print(f"[yellow]{escape(warning)}[/]", highlight=False)
     plans = plan_grid(config, resolved)
     rows: dict[str, CellResult] = {}
     if store is not None and (recovered := store.import_unsaved()):

@@ -44,6 +44,8 @@ class StrictConfig(BaseModel):
         if any(isinstance(v, bool) for v in values):
             raise ValueError(f"{_shown(value)} is a boolean, not a number")
         if any(isinstance(v, str | bytes) for v in values):
+            if isinstance(value, str) and "," in value:  # `--set betas=1,2,3`
+                raise ValueError(f"{_shown(value)} is a string, not numbers; write a list as JSON: [{value}]")
             raise ValueError(f"{_shown(value)} is a string, not a number (write the number without quotes)")
         return _no_negative_zero(value)
 

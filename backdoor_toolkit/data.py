@@ -57,9 +57,11 @@ class ImageData:
     labels: Tensor
 
     def __len__(self) -> int:
+        """The number of images (`len(data.val) == 0`: an empty val part)."""
         return int(self.labels.shape[0])
 
     def subset(self, index: Tensor) -> ImageData:
+        """The images and labels at positions `index` (a new ImageData; indexing copies)."""
         return ImageData(self.images[index], self.labels[index])
 
     def float_images(self) -> Tensor:
@@ -460,6 +462,29 @@ def budget_split(n: int, clean_ratio: float, val_fraction: float) -> tuple[int, 
     budget = round(clean_ratio * n)
     n_val = max(1, round(val_fraction * budget)) if val_fraction > 0 else 0
     return budget - n_val, n_val
+
+
+#: Below this many val images per class, what a defense chooses on its val part is mostly noise.
+SMALL_VAL_PER_CLASS = 5
+
+
+def small_val_warning(spec: DataSpec, n: int, clean_ratio: float, val_fraction: float) -> str | None:
+    """A warning when the defender's val part is too small to choose anything on, else None.
+
+    A smoke grid (2,000 training images, a 5 % budget) leaves 20 val images for 10 classes: a
+    defense's early stop, threshold or pruning budget then follows single images, and an author
+    could read meaning into its choices. `bdtk purify` says the same of a user's own folder.
+    """
+    n_val = budget_split(n, clean_ratio, val_fraction)[1]
+    k = spec.num_classes
+    if n_val == 0 or n_val >= SMALL_VAL_PER_CLASS * k:
+        return None  # none at all is refused by the defenses that need one
+    return (
+        f"The defender's val part holds {n_val} images for {spec.name}'s {k} classes (one image is "
+        f"{100 / n_val:.1f} points of val accuracy): what defenses choose on it (early stops, "
+        "thresholds, pruning budgets) follows single images at this size. Such a grid checks that "
+        "plugins run, not what they choose; raise --train-size or --clean-ratio for numbers."
+    )
 
 
 def check_budget_size(spec: DataSpec, n: int, clean_ratio: float, val_fraction: float) -> None:

@@ -114,6 +114,9 @@ class Source:
 
 @dataclass(frozen=True)
 class PluginInfo:
+    """A registered plugin: its kind ("attack", "inverter", "purifier"), its name, its class and
+    where it came from."""
+
     kind: Kind
     name: str
     cls: type[Plugin]

@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from rich.markup import escape
 
 from .backdoor import bdtk_version
 from .cells import defense_fields, failed_record, invalid_result
 from .config import BenchmarkConfig, config_hash
 from .console import console, progress
-from .data import check_budget_size
+from .data import check_budget_size, small_val_warning
 from .errors import ConfigError
 from .metrics import Scores, der, measure
 from .models import check_capabilities
@@ -225,6 +226,11 @@ def run_victim_benchmark(
     if todo:
         if any(defense is not None for _, defense, _ in todo):
             check_budget_size(victim.spec, len(victim.clean_train), config.clean_ratio, config.val_fraction)
+            warning = small_val_warning(
+                victim.spec, len(victim.clean_train), config.clean_ratio, config.val_fraction
+            )
+            if warning is not None:
+                console.print(f"[yellow]{escape(warning)}[/]", highlight=False)
         runner = _Runner(victim, record, config)
         with progress() as bar:
             task = bar.add_task(f"victim {record['name']}", total=len(todo), status="")

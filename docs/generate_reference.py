@@ -189,7 +189,77 @@ def render_hooks() -> str:
         for f in dataclasses.fields(result):
             note = f": {comments[f.name]}" if f.name in comments else ""
             parts.append(f"- `{f.name}: {_type(f.type)}`{note}\n")
+    parts.append(_data_types())
     parts.append(_public_functions())
+    parts.append(_conformance_kit())
+    return "".join(parts)
+
+
+def _first_paragraph(obj: Any) -> str:
+    return " ".join(_doc(obj).split("\n\n")[0].split())
+
+
+def _methods(cls: Any) -> str:
+    """The public methods and properties a class defines itself, one line each."""
+    lines = []
+    for attr, value in cls.__dict__.items():
+        if attr.startswith("_") and attr != "__len__":
+            continue
+        if isinstance(value, property):
+            lines.append(f"- `{attr}` (property): {_first_paragraph(value.fget)}\n")
+        elif inspect.isfunction(value):
+            lines.append(f"- `{_signature(value)}`: {_first_paragraph(value)}\n")
+    return "".join(lines)
+
+
+def _data_types() -> str:
+    """What a plugin's methods receive and build on: the data classes with their fields (shapes and
+    ranges from the source's comments) and methods, the config bases with their fields and bounds,
+    and the model capabilities a plugin may require."""
+    import backdoor_toolkit as bdtk
+
+    parts = [
+        "\n## Data, config and capability types\n\nWhat a plugin receives and subclasses; import them "
+        "from `backdoor_toolkit`.\n"
+    ]
+    for cls in (bdtk.ImageData, bdtk.DataSpec, bdtk.DefenseData):
+        parts.append(f"\n### `{cls.__name__}`\n\n{_doc(cls)}\n\n")
+        comments = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            note = f": {comments[f.name]}" if f.name in comments else ""
+            parts.append(f"- `{f.name}: {_type(f.type)}`{note}\n")
+        parts.append(_methods(cls))
+    for model in (bdtk.StrictConfig, bdtk.AttackConfig, bdtk.FineTuneConfig):
+        parts.append(f"\n### `{model.__name__}`\n\n{_doc(model)}\n\n")
+        parts.append(_config_table(model) if model.model_fields else "(no fields of its own)\n")
+    parts.append(f"\n### `Capability`\n\n{_doc(bdtk.Capability)}\n\n")
+    for member in bdtk.Capability:
+        parts.append(f"- `Capability.{member.name}` (`{member.value!r}`)\n")
+    return "".join(parts)
+
+
+def _conformance_kit() -> str:
+    """`backdoor_toolkit.testing`: every public function with its signature and summary."""
+    import backdoor_toolkit.testing as kit
+
+    parts = [f"\n## Conformance kit (`backdoor_toolkit.testing`)\n\n{_first_paragraph(kit)}\n"]
+    for name in sorted(kit.__all__, key=str.lower):
+        value = getattr(kit, name)
+        if inspect.isfunction(value):
+            block = f"```python\n{_signature(value)}\n```"
+            parts.append(f"\n### `{name}`\n\n{block}\n\n{_first_paragraph(value)}\n")
+        elif isinstance(value, type):
+            parts.append(f"\n### `{name}`\n\n{' '.join(_doc(value).split())}\n")
+        elif isinstance(value, dict):  # functions by key: their names, not their memory addresses
+            shown = ", ".join(f"{k!r}: {getattr(v, '__name__', v)}" for k, v in value.items())
+            parts.append(f"\n### `{name}`\n\n`{name} = {{{shown}}}`\n")
+        else:
+            parts.append(f"\n### `{name}`\n\n`{name} = {value!r}`\n")
+    from backdoor_toolkit.plugins import PluginInfo, Source
+
+    for cls in (PluginInfo, Source):
+        parts.append(f"\n### `{cls.__name__}` (from `check_distribution`)\n\n{_doc(cls)}\n\n")
+        parts += [f"- `{f.name}: {_type(f.type)}`\n" for f in dataclasses.fields(cls)]
     return "".join(parts)
 
 

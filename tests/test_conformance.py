@@ -7,7 +7,7 @@ class attribute. `FAST` below gives small settings to built-in plugins that do n
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import pytest
 import torch
@@ -140,8 +140,22 @@ def test_config_contract() -> None:
     class Required(StrictConfig):
         steps: int = Field(ge=1, description="Steps")
 
+    class LooseList(StrictConfig):
+        weights: list[float] = Field(default_factory=lambda: [1.0], description="Weights")
+
+    class LooseTuple(StrictConfig):
+        pair: tuple[float, Annotated[float, Field(ge=0)]] | None = Field(default=None, description="Pair")
+
+    class BoundList(StrictConfig):
+        weights: list[Annotated[float, Field(ge=0, le=10)]] = Field(
+            default_factory=lambda: [1.0], description="W"
+        )
+
+    check_config(type("P", (GoodPurifier,), {"Config": BoundList, "name": "p"}))
     for config_cls, message in (
         (Loose, "declares no bounds"),
+        (LooseList, "'weights' holds numbers without bounds"),
+        (LooseTuple, "'pair' holds numbers without bounds"),
         (Undescribed, "lack a description: steps"),
         (Required, "have no default: steps"),
     ):

@@ -285,6 +285,8 @@ def test_cli_suite_run_resumes_and_feeds_the_leaderboard(tmp_path: Path) -> None
     runner = CliRunner()
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
+    # 600 training images at the default 5 % budget leave 6 val images for 10 classes
+    assert "The defender's val part holds 6 images" in " ".join(first.output.split())
     with ResultStore(db) as store:
         assert [(r.defense, r.status) for r in store.rows()] == [("finetune", "ok"), ("none", "ok")]
     again = runner.invoke(app, args)

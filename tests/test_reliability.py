@@ -421,6 +421,8 @@ def test_a_string_is_never_taken_as_a_number() -> None:
         build_config(BenchmarkConfig, {"seeds": [0, "1"]}, "benchmark")
     with pytest.raises(ConfigError, match="is a string, not a number"):
         create_inverter("neural-cleanse", {"lr": "0.1"})
+    with pytest.raises(ConfigError, match=r"write a list as JSON: \[1,2,3\]"):  # `--set nad.betas=1,2,3`
+        create_purifier("nad", {"betas": "1,2,3"})
     assert create_purifier("finetune", {"epochs": 3}).config.epochs == 3
 
 

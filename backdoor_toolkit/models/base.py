@@ -24,7 +24,14 @@ from ..errors import ModelRequirementError
 
 
 class Capability(str, Enum):
-    """What a plugin may require of a model; checked before a run."""
+    """What a plugin may require of a model; checked before a run.
+
+    - FEATURES: `model.features(x)` gives the penultimate features and `model.fc` is the linear
+      head that maps them to logits (every zoo model; a loaded network with an nn.Linear).
+    - LAYER_GROUPS: `model.layer_groups()` lists the network's stages in order (zoo models).
+    - FINAL_MAPS: `model.final_maps(x)` gives the last convolutional feature maps (zoo models).
+    - BATCHNORM: `model.batchnorms()` lists at least one nn.BatchNorm2d.
+    """
 
     FEATURES = "features"
     LAYER_GROUPS = "layer_groups"

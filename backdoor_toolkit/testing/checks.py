@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import types
-from collections.abc import Callable
-from typing import Any, Union, get_args, get_origin
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import torch
 from pydantic import ValidationError
@@ -90,15 +90,14 @@ def check_config(cls: type[Plugin], kind: Kind | None = None) -> None:
     else:
         raise _fail(cls, "Config accepted an unknown field.")
     for field_name, info in config_cls.model_fields.items():
-        if _is_number(info.annotation):
-            bounded = any(
-                getattr(m, bound, None) is not None
-                for m in info.metadata
-                for bound in ("ge", "gt", "le", "lt")
-            )
-            if not bounded:
+        if _is_number(info.annotation) and not _bounded(info.metadata):
+            raise _fail(cls, f"Config field {field_name!r} is numeric but declares no bounds (ge/gt/le/lt).")
+        for element in _number_elements(info.annotation):
+            if not _bounded(_annotated_metadata(element)):
                 raise _fail(
-                    cls, f"Config field {field_name!r} is numeric but declares no bounds (ge/gt/le/lt)."
+                    cls,
+                    f"Config field {field_name!r} holds numbers without bounds; bound each one, e.g. "
+                    "list[Annotated[float, Field(ge=0, le=10)]].",
                 )
     defaults = config_cls()  # check_plugin_class above has refused defaults that do not validate
     json.dumps(config_cls.model_json_schema())
@@ -108,6 +107,33 @@ def check_config(cls: type[Plugin], kind: Kind | None = None) -> None:
     if not cls.meta.summary.strip():
         raise _fail(cls, "meta.summary is empty.")
     json.dumps(cls.meta.model_dump(mode="json"))
+
+
+def _bounded(metadata: Sequence[Any]) -> bool:
+    return any(getattr(m, bound, None) is not None for m in metadata for bound in ("ge", "gt", "le", "lt"))
+
+
+def _annotated_metadata(annotation: Any) -> list[Any]:
+    """The constraints of `Annotated[T, ...]` (a `Field(...)` carries them in its own metadata)."""
+    if get_origin(annotation) is not Annotated:
+        return []
+    found: list[Any] = []
+    for extra in get_args(annotation)[1:]:
+        found += [extra, *getattr(extra, "metadata", [])]
+    return found
+
+
+def _number_elements(annotation: Any) -> list[Any]:
+    """The element annotations of the lists and tuples of numbers in a field's annotation (through
+    `| None`): `list[float]` → [float], `tuple[float, float]` → [float, float]."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return [e for arg in get_args(annotation) for e in _number_elements(arg)]
+    if origin not in (list, tuple):
+        return []
+    elements = [a for a in get_args(annotation) if a is not Ellipsis]
+    bare = [get_args(e)[0] if get_origin(e) is Annotated else e for e in elements]
+    return [e for e, b in zip(elements, bare, strict=True) if _is_number(b)]
 
 
 def _is_number(annotation: Any) -> bool:

@@ -13,6 +13,7 @@ cross-entropy term.
 from __future__ import annotations
 
 import copy
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -67,7 +68,7 @@ class NADConfig(FineTuneConfig):
 
     epochs: int = Field(default=20, ge=1, le=500, description="Student epochs over the clean budget")
     teacher_epochs: int = Field(default=10, ge=1, le=500, description="Teacher fine-tuning epochs")
-    betas: list[float] = Field(
+    betas: list[Annotated[float, Field(ge=0, le=1e6)]] = Field(
         default_factory=lambda: [500.0, 1000.0, 1000.0],
         min_length=1,
         max_length=8,

@@ -9,6 +9,8 @@ inverters.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -29,7 +31,7 @@ class TriggerSearchConfig(StrictConfig):
     target: int | None = Field(
         default=None, ge=0, description="Known target class: invert only it and skip the scan"
     )
-    classes: list[int] | None = Field(
+    classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         default=None, min_length=1, description="Invert only these classes (default: all)"
     )
     steps: int = Field(default=500, ge=1, le=100_000, description="Step budget: optimiser steps per class")
