@@ -459,9 +459,13 @@ def _check_keys(raw: Any, path: Path) -> Mapping[str, Any]:
         raise BdtkError(f"{path} holds a {type(raw).__name__}, not a BackdoorBench attack result (a dict).")
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
+        # a defense result holds the purified `model` without the attack's own description
+        defense = "model" in raw and not any(k in raw for k in ("model_name", "num_classes", "bd_test"))
         what = (
             "a BackdoorBench defense result, not an attack result"
-            if "model" in raw
+            if defense
+            else "an incomplete attack result: was it written by an interrupted run, or edited?"
+            if any(k in raw for k in REQUIRED_KEYS)
             else "not an attack result"
         )
         raise BdtkError(f"{path} lacks the keys {', '.join(missing)} ({what}).")

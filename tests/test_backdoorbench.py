@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from backdoor_toolkit.backdoorbench import DATASETS, safe_globals_names, safe_load
+from backdoor_toolkit.backdoorbench import DATASETS, REQUIRED_KEYS, safe_globals_names, safe_load
 from backdoor_toolkit.cli import app
 from backdoor_toolkit.config import BenchmarkConfig
-from backdoor_toolkit.errors import ConfigError
+from backdoor_toolkit.errors import BdtkError, ConfigError
 from backdoor_toolkit.models import AdaptedClassifier, load_model
 from backdoor_toolkit.store import ResultStore
 from backdoor_toolkit.victim_benchmark import run_victim_benchmark
@@ -470,7 +470,7 @@ def test_the_allow_list_is_numpy_only() -> None:
         ({"model_name": "vit_b_16", "model": {}}, "'vit_b_16' has no parameter-for-parameter match"),
         ({"model_name": "resnext29", "model": {}}, "supported: alexnet, convnext_tiny, densenet121"),
         ({"model_name": "googlenet", "model": {}}, "vgg19_bn, wide_resnet50_2."),
-        ({"bd_test": None, "img_size": None, "model": {}}, "lacks the keys img_size, bd_test"),
+        ({"bd_test": None, "img_size": None, "model": {}}, "lacks the keys img_size, bd_test (an incomplete"),
         (
             {"clean_data": "tiny", "model": {}},
             "'tiny' cannot be imported; supported: cifar10, cifar100, mnist",
@@ -722,3 +722,12 @@ def test_a_torchvision_weight_that_does_not_fit_is_named(tmp_path: Path, tv_refe
     text = message(result)
     assert "keys bdtk's torchvision:resnet18 does not have: head.weight" in text
     assert "no weights for net.fc.bias" in text
+
+
+def test_a_defense_result_and_an_incomplete_attack_result_are_told_apart() -> None:
+    from backdoor_toolkit.backdoorbench import _check_keys
+
+    with pytest.raises(BdtkError, match=r"\(a BackdoorBench defense result, not an attack result\)"):
+        _check_keys({"model": {}}, Path("defense_result.pt"))
+    with pytest.raises(BdtkError, match=r"lacks the keys bd_test \(an incomplete attack result"):
+        _check_keys({k: None for k in REQUIRED_KEYS if k != "bd_test"}, Path("attack_result.pt"))
