@@ -24,6 +24,11 @@ defender's clean **val** images (never test data):
   in which the class-k image projects further onto that pattern direction. A natural feature is
   made of what class k's images have; a backdoor trigger of what they lack.
 
+- `shift_keep` (on the defender's val images of other classes): the recovered blend's success
+  when its pattern is moved (eight circular shifts of 3–7 pixels, up, down, left, right and
+  diagonal) over its success in place. A natural feature is tied to where the garment is; a
+  whole-image trigger (SIG's stripes) is not, so its blend should keep working when moved.
+
 Per class the row also holds α's share of the median (`share`) and the trigger's val success.
 Inversions are cached (bdtk-results/inversions/, keyed by model, seed and inverter), so the signals
 can be recomputed without rescanning. Each model's record is appended to `--output`.
@@ -110,6 +115,26 @@ def pattern_signals(m: BenchModel, pattern: Tensor, k: int) -> dict[str, Any]:
     }
 
 
+#: The shifts (rows, columns) of `shift_keep`.
+SHIFTS = [(0, 4), (0, -4), (4, 0), (-4, 0), (0, 7), (7, 0), (3, 3), (-3, -3)]
+
+
+@torch.no_grad()
+def shift_keep(m: BenchModel, result: InversionResult, i: int, k: int) -> float:
+    """`shift_keep` of the module docstring for class k (the i-th inverted class)."""
+    val = m.data.val
+    x = to_float(val.images[val.labels != k])
+    alpha, pattern = result.masks[i], result.patterns[i]
+
+    def success(p: Tensor) -> float:
+        stamped = ((1 - alpha) * x + alpha * p).clamp(0, 1)
+        return float((m.model(stamped.to(m.device)).argmax(1).cpu() == k).float().mean())
+
+    base = success(pattern)
+    moved = [success(torch.roll(pattern, s, dims=(-2, -1))) for s in SHIFTS]
+    return sum(moved) / len(moved) / base if base else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,6 +162,7 @@ def main() -> None:
             row = {"k": k, "share": round(float(result.mask_norms[i]) / median, 3)}
             row.update(class_signals(m, result, k, centroids, spread))
             row.update(pattern_signals(m, result.patterns[i], k))
+            row["shift_keep"] = round(shift_keep(m, result, i, k), 3)
             classes.append(row)
         record = {
             "model": m.name,
