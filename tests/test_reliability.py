@@ -870,8 +870,9 @@ def test_class_names_that_differ_from_the_models_json_are_pointed_out(tmp_path: 
     from backdoor_toolkit.models import load_model, save_model
     from backdoor_toolkit.purification import load_clean_data
 
-    save_model(tiny_model(), tmp_path / "m.safetensors", {"architecture": "small-cnn", "classes": ["x", "y"]})
-    for name in ("a", "b"):
+    named = {"architecture": "small-cnn", "classes": ["w", "x", "y", "z"]}  # the tiny model's 4 classes
+    save_model(tiny_model(), tmp_path / "m.safetensors", named)
+    for name in ("a", "b", "c", "d"):
         (tmp_path / "imgs" / name).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(
@@ -881,7 +882,7 @@ def test_class_names_that_differ_from_the_models_json_are_pointed_out(tmp_path: 
     clean = load_clean_data(f"folder:{tmp_path / 'imgs'}", channels=loaded.channels, image_size=16)
     with console.capture() as captured:
         describe_model(loaded, clean)
-    assert "names its classes x, y; the folder's are a, b" in " ".join(captured.get().split())
+    assert "names its classes w, x, y, z; the folder's are a, b, c, d" in " ".join(captured.get().split())
 
 
 def test_a_huge_unknown_name_is_cut_in_its_one_line_message() -> None:
