@@ -86,14 +86,17 @@ class FolderImages:
     classes: list[str]
     data: ImageData
     #: Files with an image extension that PIL could not read (or that are too large to decode
-    #: safely: PIL's decompression-bomb limit), skipped.
-    skipped: list[Path] = field(default_factory=list)
-    #: Why each skipped file could not be read (PIL's message, or the decompression-bomb limit),
-    #: so a user can fix the file instead of guessing.
+    #: safely: PIL's decompression-bomb limit), each with why, so a user can fix the file instead
+    #: of guessing.
     skip_reasons: dict[Path, str] = field(default_factory=dict)
     #: Linked folders and files not followed because they loop back into the image folder or reach
     #: images already counted (see the module docstring).
     ignored: list[Path] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[Path]:
+        """The skipped files, in the order they were met."""
+        return list(self.skip_reasons)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -322,4 +325,4 @@ def load_image_folder(
         images = [np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array for array in images]
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     data = ImageData(tensor, torch.tensor(labels, dtype=torch.long))
-    return FolderImages(root, names, data, list(skipped), skipped, ignored)
+    return FolderImages(root, names, data, skipped, ignored)

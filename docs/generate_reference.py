@@ -184,11 +184,7 @@ def render_hooks() -> str:
             row = [f"`{field_name}`", _cell(_type(info.annotation)), default, _cell(info.description or "")]
             parts.append("| " + " | ".join(row) + " |\n")
     for result in (interfaces.PoisonedTrainingSet, interfaces.InversionResult, interfaces.PurificationResult):
-        parts.append(f"\n### `{result.__name__}`\n\n{_doc(result)}\n\n")
-        comments = _field_comments(result)
-        for f in dataclasses.fields(result):
-            note = f": {comments[f.name]}" if f.name in comments else ""
-            parts.append(f"- `{f.name}: {_type(f.type)}`{note}\n")
+        parts.append(f"\n### `{result.__name__}`\n\n{_doc(result)}\n\n{_dataclass_fields(result)}")
     parts.append(_data_types())
     parts.append(_public_functions())
     parts.append(_conformance_kit())
@@ -223,12 +219,7 @@ def _data_types() -> str:
         "from `backdoor_toolkit`.\n"
     ]
     for cls in (bdtk.ImageData, bdtk.DataSpec, bdtk.DefenseData):
-        parts.append(f"\n### `{cls.__name__}`\n\n{_doc(cls)}\n\n")
-        comments = _field_comments(cls)
-        for f in dataclasses.fields(cls):
-            note = f": {comments[f.name]}" if f.name in comments else ""
-            parts.append(f"- `{f.name}: {_type(f.type)}`{note}\n")
-        parts.append(_methods(cls))
+        parts.append(f"\n### `{cls.__name__}`\n\n{_doc(cls)}\n\n{_dataclass_fields(cls)}{_methods(cls)}")
     for model in (bdtk.StrictConfig, bdtk.AttackConfig, bdtk.FineTuneConfig):
         parts.append(f"\n### `{model.__name__}`\n\n{_doc(model)}\n\n")
         parts.append(_config_table(model) if model.model_fields else "(no fields of its own)\n")
@@ -246,8 +237,7 @@ def _conformance_kit() -> str:
     for name in sorted(kit.__all__, key=str.lower):
         value = getattr(kit, name)
         if inspect.isfunction(value):
-            block = f"```python\n{_signature(value)}\n```"
-            parts.append(f"\n### `{name}`\n\n{block}\n\n{_first_paragraph(value)}\n")
+            parts.append(_function_entry(name, value))
         elif isinstance(value, type):
             parts.append(f"\n### `{name}`\n\n{' '.join(_doc(value).split())}\n")
         elif isinstance(value, dict):  # functions by key: their names, not their memory addresses
@@ -258,9 +248,25 @@ def _conformance_kit() -> str:
     from backdoor_toolkit.plugins import PluginInfo, Source
 
     for cls in (PluginInfo, Source):
-        parts.append(f"\n### `{cls.__name__}` (from `check_distribution`)\n\n{_doc(cls)}\n\n")
-        parts += [f"- `{f.name}: {_type(f.type)}`\n" for f in dataclasses.fields(cls)]
+        parts.append(
+            f"\n### `{cls.__name__}` (from `check_distribution`)\n\n{_doc(cls)}\n\n{_dataclass_fields(cls)}"
+        )
     return "".join(parts)
+
+
+def _dataclass_fields(cls: Any) -> str:
+    """One line per field of a dataclass: name, type and the `# comment` its source gives it."""
+    comments = _field_comments(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        note = f": {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"- `{f.name}: {_type(f.type)}`{note}\n")
+    return "".join(lines)
+
+
+def _function_entry(name: str, fn: Any) -> str:
+    """A function's heading, signature and the first paragraph of its docstring."""
+    return f"\n### `{name}`\n\n```python\n{_signature(fn)}\n```\n\n{_first_paragraph(fn)}\n"
 
 
 def _field_comments(cls: Any) -> dict[str, str]:
@@ -286,8 +292,7 @@ def _public_functions() -> str:
         fn = getattr(backdoor_toolkit, name)
         if not inspect.isfunction(fn):
             continue
-        first = _doc(fn).split("\n\n")[0]
-        parts.append(f"\n### `{name}`\n\n```python\n{_signature(fn)}\n```\n\n{' '.join(first.split())}\n")
+        parts.append(_function_entry(name, fn))
     return "".join(parts)
 
 

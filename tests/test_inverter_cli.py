@@ -36,6 +36,11 @@ FAST = ["--steps", "2", "--set", "batch_size=4", "--set", "neural-cleanse.eval_i
 Register = Callable[..., str]
 
 
+def inspect_file(model_file: Path, out: Path) -> list[str]:
+    """`bdtk inspect` of the tiny model file on the tiny data, on the CPU, writing into `out`."""
+    return ["inspect", str(model_file), "--model", "small-cnn", *TINY, "--device", "cpu", "--out", str(out)]
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -232,17 +237,7 @@ def test_option_o_still_works_with_a_deprecation_notice(model_file: Path, tmp_pa
 
 def test_an_option_and_set_giving_one_field_two_values_are_refused(model_file: Path, tmp_path: Path) -> None:
     """`--steps 2 --set steps=5` ran with 2 and dropped the --set in silence (even an invalid one)."""
-    base = [
-        "inspect",
-        str(model_file),
-        "--model",
-        "small-cnn",
-        *TINY,
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path),
-    ]
+    base = inspect_file(model_file, tmp_path)
     for given, field in (
         (["--steps", "2", "--set", "steps=5"], "steps"),
         (["--steps", "2", "--set", "steps=nan"], "steps"),
@@ -329,18 +324,7 @@ def test_flags_of_several_inverters_are_summed_up_and_no_flag_names_the_all_to_a
     bdtk_register: Register, model_file: Path, tmp_path: Path
 ) -> None:
     bdtk_register(EchoInverter, QuietInverter)
-    args = [
-        "inspect",
-        str(model_file),
-        "--model",
-        "small-cnn",
-        *TINY,
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path),
-        "--force",
-    ]
+    args = [*inspect_file(model_file, tmp_path), "--force"]
     both = runner.invoke(
         app,
         [
