@@ -181,6 +181,31 @@ def test_bad_input_gets_one_clear_message(args: list[str], message: str) -> None
     assert __import__("re").search(message, result.output.replace("\n", " ")), result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["benchmark", "--seed", "-1"], "Invalid value for '--seed'.* benchmark --help"),
+        (["benchmark", "--sed", "1"], "No such option: --sed.*--seed"),
+        (["benchmak"], "No such command 'benchmak'.*benchmark"),
+        (["plugins", "show"], "Missing argument.* plugins show --help"),
+        (["inspect", "--threshold", "abc"], "Invalid value for '--threshold'"),
+    ],
+)
+def test_usage_errors_are_one_line_like_every_other_bad_input(args: list[str], message: str) -> None:
+    """Click's own errors (parsing, types, ranges) read like bdtk's: one `Error:` line, exit 2."""
+    result = runner.invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert __import__("re").search(message, lines[0]), result.output
+
+
+def test_help_and_a_bare_bdtk_still_show_the_help() -> None:
+    assert runner.invoke(app, ["benchmark", "--help"]).exit_code == 0
+    bare = runner.invoke(app, [])
+    assert "Usage" in bare.output and "benchmark" in bare.output
+
+
 def test_malformed_config_file(tmp_path: Path) -> None:
     bad = tmp_path / "run.toml"
     bad.write_text("model = [unclosed")

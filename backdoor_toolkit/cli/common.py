@@ -8,19 +8,66 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from ..config import SEED_MAX, check_threads
 from ..console import console
 from ..errors import BdtkError, ConfigError
 from ..training import torch_threads
 
+try:  # typer vendors click from 0.2x on; its exceptions are the ones its commands raise
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The `bdtk` group, whose usage errors (an unknown option, a value out of range) are printed as
+    one `Error:` line like every other bad input, instead of click's usage line, hint and box."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `bdtk` alone: the help, as asked for
+                exc.show()
+                sys.exit(exc.exit_code)
+            line = escape(usage_error_line(exc))
+            console.print(f"[bold red]Error:[/] {line}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            console.print("[yellow]Aborted.[/]")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def usage_error_line(exc: click_exceptions.ClickException) -> str:
+    """Click's message on one line, with where to read the command's options."""
+    line = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click_exceptions.UsageError) and ctx is not None:
+        line += f" (see `{ctx.command_path} --help`)"
+    return line
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="bdtk: attack, inspect and purify backdoored image classifiers; benchmark defenses.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
