@@ -1,9 +1,11 @@
-"""Trigger inverters (Neural Cleanse, blend inversion) and the NC-unlearning purifier."""
+"""Trigger inverters (Neural Cleanse, blend inversion, periodic-signal inversion) and the NC-unlearning
+purifier."""
 
 from backdoor_toolkit import hookimpl
 
 from .blend import BlendInversion
 from .neural_cleanse import NeuralCleanse
+from .periodic import PeriodicInversion
 from .unlearning import NCUnlearning
 
 
@@ -11,6 +13,7 @@ from .unlearning import NCUnlearning
 def register_inverters(register):  # type: ignore[no-untyped-def]
     register(NeuralCleanse)
     register(BlendInversion)
+    register(PeriodicInversion)
 
 
 @hookimpl
