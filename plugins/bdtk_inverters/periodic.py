@@ -29,7 +29,8 @@ reach at all, and a bisection on log amplitude finds each such class's smallest 
 Per class the smallest amplitude over all patterns is kept; a class no pattern reaches counts as
 `max_amplitude`. The outlier test is Neural Cleanse's MAD on log amplitudes with blend inversion's
 effect size (`max_ratio` of the median); when most classes are unreachable the median is the cap
-and a class is flagged when its amplitude is at most `max_ratio` × `max_amplitude`.
+and a class is flagged when its amplitude is at most `max_ratio` × `max_amplitude` (0.25 at the
+defaults).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class PeriodicInversionConfig(StrictConfig):
         default=2.0, gt=0, le=100, description="Anomaly index above which a below-median class is flagged"
     )
     max_ratio: float = Field(
-        default=0.6,
+        default=0.5,
         gt=0,
         le=1,
         description="A flagged class's amplitude must also be at most this share of the median class's",

@@ -349,6 +349,11 @@ class MCLDef(Purifier):
             description="The authors' recipe (Yue et al. 2022): contrastive loss alone, lr 0.1 step "
             "schedule, 20 epochs, trigger stamped after augmentation, full Neural Cleanse scan",
         ),
+        "global": Preset(
+            values={"inverter": ["neural-cleanse:k-arm", "periodic-inversion"], "inverter_config": {}},
+            description="The default with periodic-signal inversion beside Neural Cleanse's scan, their "
+            "flags united: finds low-frequency whole-image triggers (SIG) without being told the target",
+        ),
     }
 
     def __init__(self, config: StrictConfig, seed: int = 0, device: torch.device | None = None) -> None:
