@@ -131,7 +131,7 @@ def test_known_target_and_class_subset(model_file: Path, tmp_path: Path) -> None
                 "--inverter",
                 "blnd-inversion",
             ],
-            "Unknown inverter 'blnd-inversion'. Did you mean 'blend-inversion'?",
+            "Unknown inverter 'blnd-inversion'. Did you mean 'blend-inversion'",
         ),
         (
             [
@@ -352,3 +352,15 @@ def test_flags_of_several_inverters_are_summed_up_and_no_flag_names_the_all_to_a
         "detectable by an outlier test: when every class is a target, no class stands out." in text
     )
     assert json.loads((tmp_path / "inspect.json").read_text())["inverter"] == "quiet-inverter"
+
+
+def test_periodic_inversion_shows_its_signals_and_draws_them(model_file: Path, tmp_path: Path) -> None:
+    args = [*inspect_file(model_file, tmp_path), "--inverter", "periodic-inversion"]
+    result = runner.invoke(app, [*args, "--set", "phases=2", "--set", "search_images=32"])
+    assert result.exit_code == 0, result.output
+    text = one_line(result.output)
+    assert "Trigger inversion by periodic-inversion" in text
+    assert "amplitude" in text and "periods, phase" in text
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    assert report["inverter"] == "periodic-inversion" and len(report["mask_norms"]) == 10
+    assert (tmp_path / "triggers.png").stat().st_size > 0
